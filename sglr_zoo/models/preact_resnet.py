@@ -1,0 +1,115 @@
+"""PreAct ResNet for 32x32 images (He et al. 2016; the PreActResNet-18 of Rice et al. 2020 and AWP)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from sglr_zoo.models.layers import InputNormalization
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """PreAct ResNet with a 3x3 stem and no max-pool; takes [0, 1] images and normalises inside."""
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (2, 2, 2, 2),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.normalize = InputNormalization(mean, std)
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        stages, in_chs = [], widths[0]
+        for i, (depth, width) in enumerate(zip(layers, widths)):
+            blocks = [PreActBlock(in_chs if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1) for b in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            in_chs = width
+        self.stages = nn.Sequential(*stages)
+        self.bn = nn.BatchNorm2d(in_chs)
+        self.num_features = in_chs
+        self.fc = nn.Linear(in_chs, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = F.dropout(x, self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs) -> PreActResNet:
+    return build_model_with_cfg(PreActResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1", "classifier": "fc", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "preactresnet18_cifar.untrained": _cfg(),
+    "preactresnet10_slim_cifar.untrained": _cfg(),
+    "preactresnet_tiny_cifar.untrained": _cfg(),
+})
+
+
+@register_model
+def preactresnet18_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """PreActResNet-18 for CIFAR (11.2M parameters)."""
+    return _create_preact_resnet("preactresnet18_cifar", pretrained, layers=(2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def preactresnet10_slim_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """PreActResNet-10 at half width (1.2M parameters): the CPU quickstart model."""
+    return _create_preact_resnet(
+        "preactresnet10_slim_cifar", pretrained, layers=(1, 1, 1, 1), widths=(32, 64, 128, 256), **kwargs)
+
+
+@register_model
+def preactresnet_tiny_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """A tiny PreAct ResNet for tests."""
+    return _create_preact_resnet("preactresnet_tiny_cifar", pretrained, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), **kwargs)

@@ -1,0 +1,123 @@
+"""Wide ResNet for 32x32 images (Zagoruyko & Komodakis 2016; the WRN-34-10 of TRADES, MART and AWP)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from sglr_zoo.models.layers import InputNormalization
+
+
+class WideBasicBlock(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, 1, bias=False)
+        self.drop_rate = drop_rate
+        self.shortcut = None if in_chs == out_chs else nn.Conv2d(in_chs, out_chs, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        # As in the reference WRN: a projection shortcut takes the pre-activated input.
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = F.relu(self.bn2(self.conv1(out)))
+        out = F.dropout(out, self.drop_rate, self.training)
+        return self.conv2(out) + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen with a 3x3 stem; takes [0, 1] images and normalises inside."""
+
+    def __init__(
+        self,
+        depth: int = 34,
+        widen: int = 10,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.num_classes = num_classes
+        self.normalize = InputNormalization(mean, std)
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.stages = nn.Sequential(*[
+            nn.Sequential(*[
+                WideBasicBlock(widths[i] if b == 0 else widths[i + 1], widths[i + 1], (1 if i == 0 else 2) if b == 0 else 1,
+                               drop_rate)
+                for b in range(n)
+            ])
+            for i in range(3)
+        ])
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.num_features = widths[3]
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_wide_resnet(variant: str, pretrained: bool = False, **kwargs) -> WideResNet:
+    return build_model_with_cfg(WideResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1", "classifier": "fc", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "wrn34_10_cifar.untrained": _cfg(),
+    "wrn28_10_cifar.untrained": _cfg(),
+    "wrn_tiny_cifar.untrained": _cfg(),
+})
+
+
+@register_model
+def wrn34_10_cifar(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-34-10 for CIFAR (46.2M parameters)."""
+    return _create_wide_resnet("wrn34_10_cifar", pretrained, depth=34, widen=10, **kwargs)
+
+
+@register_model
+def wrn28_10_cifar(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-28-10 for CIFAR (36.5M parameters)."""
+    return _create_wide_resnet("wrn28_10_cifar", pretrained, depth=28, widen=10, **kwargs)
+
+
+@register_model
+def wrn_tiny_cifar(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-10-1: a tiny Wide ResNet for tests."""
+    return _create_wide_resnet("wrn_tiny_cifar", pretrained, depth=10, widen=1, **kwargs)
