@@ -35,7 +35,7 @@ def format_fraction(value: Fraction) -> str | int | float:
     """The YAML form of a fraction: an int, a short decimal, or `p/q`."""
     if value.denominator == 1:
         return value.numerator
-    if float(value) == float(str(float(value))) and len(str(float(value))) <= 8:
+    if Fraction(str(float(value))) == value and len(str(float(value))) <= 8:  # only when the decimal is exact
         return float(value)
     return f"{value.numerator}/{value.denominator}"
 
@@ -155,7 +155,8 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
-        _check(all(0 < m <= self.epochs for m in self.milestones), "milestones", "must lie in [1, epochs]")
+        _check(self.name != "multistep" or all(0 < m <= self.epochs for m in self.milestones), "milestones",
+               "must lie in [1, epochs] for the multistep schedule")
         _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
         _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
         _check(0 < self.peak_at < 1, "peak_at", "must be in (0, 1)")
@@ -169,9 +170,12 @@ class EvalConfig:
     steps: int = 10
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     batch_size: int = 256
+    final_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # run on the exports at the end
+    final_n: int = 1000  # first n test examples for the final evaluation
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "n", "must be >= 1")
+        _check(self.final_n >= 1, "final_n", "must be >= 1")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.every >= 1, "every", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -190,6 +194,7 @@ class RunConfig:
     compile: bool = False
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch when several processes train
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     max_steps: int | None = None  # stop after this many steps (smoke tests); None = the full schedule
     num_workers: int = 0
