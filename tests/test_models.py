@@ -1,0 +1,141 @@
+"""Our timm-registered CIFAR architectures, normalisation inside the model, and model folders."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import sglr_zoo  # noqa: F401  (registers our architectures)
+from sglr_zoo.errors import UserError
+from sglr_zoo.models import Normalized, create_model, is_sglr_arch, load_pretrained, save_pretrained, unwrap_timm
+
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
+
+# Every registered `*_cifar` arch with its parameter count at 10 classes (the published sizes for the big ones).
+PARAMS = {
+    "wrn34_10_cifar": 46.2e6,
+    "wrn28_10_cifar": 36.5e6,
+    "preactresnet18_cifar": 11.2e6,
+    "resnet18_cifar": 11.2e6,
+    "preactresnet10_slim_cifar": 1.23e6,
+    "wrn_tiny_cifar": None,
+    "preactresnet_tiny_cifar": None,
+    "resnet_tiny_cifar": None,
+}
+SMALL = [name for name, n in PARAMS.items() if n is None or n < 2e6]
+TINY = [name for name, n in PARAMS.items() if n is None]  # one per family
+
+
+def test_every_cifar_arch_is_listed():
+    assert set(timm.list_models("*_cifar")) == set(PARAMS)
+    assert all(is_sglr_arch(name) for name in PARAMS)
+    assert not is_sglr_arch("resnet18") and not is_sglr_arch("not_a_model")
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_parameter_count(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    count = sum(p.numel() for p in model.parameters())
+    expected = PARAMS[name]
+    if expected is None:
+        assert count < 200_000
+    else:
+        assert count == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits.logsumexp(1).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert model.get_classifier().out_features == 7
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_normalisation_inside_the_model(name):
+    torch.manual_seed(0)
+    normed = timm.create_model(name, mean=MEAN, std=STD).eval()
+    plain = timm.create_model(name).eval()
+    state = normed.state_dict()
+    assert not any(key.endswith(("mean", "std")) and "normalize" in key for key in state)  # non-persistent buffers
+    plain.load_state_dict(state)  # strict: the same keys with or without normalisation
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normed(x), plain((x - mean) / std))
+    assert not torch.allclose(normed(x), plain(x))
+
+
+def test_create_model_ours_normalises_inside():
+    model = create_model("resnet_tiny_cifar", 5, mean=MEAN, std=STD)
+    assert not isinstance(model, Normalized)
+    assert model.normalize.enabled and model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_create_model_wraps_a_stock_timm_model():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, mean=MEAN, std=STD).eval()
+    assert isinstance(model, Normalized) and model.num_classes == 10
+    assert not any("normalize" in key for key in model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), unwrap_timm(model)((x - mean) / std))
+    assert not isinstance(create_model("test_resnet", 10), Normalized)  # no mean/std: no wrapper
+
+
+def test_vit_at_32px():
+    model = create_model("vit_tiny_patch16_224", 10, mean=MEAN, std=STD, img_size=32)
+    assert isinstance(model, Normalized)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["not_a_model", "wrn34_10_cifarr"])
+def test_unknown_arch(arch):
+    with pytest.raises(UserError, match=arch) as info:
+        create_model(arch, 10)
+    assert "model.arch" in str(info.value)
+
+
+@pytest.mark.parametrize("arch, stock", [("preactresnet_tiny_cifar", False), ("test_resnet", True)])
+def test_save_and_load_pretrained(tmp_path, arch, stock):
+    torch.manual_seed(0)
+    model = create_model(arch, 7, mean=MEAN, std=STD).eval()
+    x = torch.rand(2, 3, 32, 32)
+    expected = model(x)
+    folder = save_pretrained(model, tmp_path / "model", label_names=list("abcdefg"))
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors"}
+
+    loaded = load_pretrained(f"local-dir:{folder}")
+    assert isinstance(loaded, Normalized) == stock
+    assert not loaded.training
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+    bare = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert not isinstance(bare, Normalized)
+    if stock:  # timm's convention: the stock model expects inputs normalised with its pretrained_cfg mean/std
+        mean = torch.tensor(bare.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(bare.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        torch.testing.assert_close(bare((x - mean) / std), expected)
+    else:  # ours normalise inside and record identity mean/std
+        assert tuple(bare.pretrained_cfg["mean"]) == (0.0, 0.0, 0.0)
+        torch.testing.assert_close(bare(x), expected, rtol=0, atol=0)
+
+    # A new head for fine-tuning: the backbone is kept, the classifier re-initialised.
+    tuned = load_pretrained(f"local-dir:{folder}", num_classes=3)
+    assert tuned(x).shape == (2, 3)
+    inner, original = unwrap_timm(tuned), unwrap_timm(model)
+    assert inner.get_classifier().out_features == 3
+    first = next(iter(original.state_dict()))
+    torch.testing.assert_close(inner.state_dict()[first], original.state_dict()[first])
+
+
+def test_load_pretrained_rejects_a_folder_without_weights(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        load_pretrained(f"local-dir:{tmp_path}")
