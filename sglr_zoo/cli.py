@@ -20,7 +20,58 @@ def _train(args: argparse.Namespace) -> None:
 def _list(args: argparse.Namespace) -> None:
     import timm
 
-    print("\n".join(timm.list_models("*_cifar")))
+    from sglr_zoo.zoo import list_models
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ("name", "arch", "dataset", "threat", "eps", "clean %", "AA %", "weights")
+    rows = [header] + [(r.name, r.arch, r.dataset, r.threat, r.eps, percent(r.clean), percent(r.autoattack),
+                        "yes" if r.weights else "no") for r in list_models()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\nweights marked 'no' are not published yet: `sglr_zoo.load(NAME)` names the recipe that trains them.")
+    print("\narchitectures (timm.create_model):")
+    print("\n".join(f"  {name}" for name in timm.list_models("*_cifar")))
+
+
+def _push(args: argparse.Namespace) -> None:
+    from sglr_zoo.hub import push
+
+    upload = push(args.run_or_folder, args.repo_id, which=args.which, results=args.results, private=args.private,
+                  revision=args.revision, create_pr=args.create_pr, dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(upload.files)} files to {args.repo_id}" + (f"@{args.revision}" if args.revision else "") + ":")
+    for path, size in upload.files:
+        print(f"  {size:>12,d}  {path}")
+    print(f"model.safetensors sha256: {upload.sha256}")
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+    else:
+        print(f"done: {upload.url}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sglr_zoo.hub import export_folder, write_zoo_cards
+
+    if args.zoo_cards:
+        written = write_zoo_cards(args.runs_dir, args.out or "model_cards")
+        print("\n".join(str(path) for path in written) or f"no zoo runs found under {args.runs_dir}/")
+        return
+    if not args.run_or_folder or not args.out:
+        raise UserError("give RUN_OR_FOLDER and --out DIR (or --zoo-cards)")
+    folder = export_folder(args.run_or_folder, args.out, which=args.which, results=args.results, repo_id=args.repo_id)
+    print("\n".join(str(path) for path in sorted(folder.iterdir())))
+
+
+def _export_robustbench(args: argparse.Namespace) -> None:
+    import json
+
+    from sglr_zoo.hub import export_robustbench
+
+    entry = export_robustbench(args.run_or_folder, args.out, which=args.which, results=args.results)
+    print(f"wrote {args.out}" if args.out else json.dumps(entry, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list the architectures and zoo models")
     listing.set_defaults(func=_list)
+
+    def checkpoint_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", help="a run directory (runs/NAME) or a model folder")
+        sub.add_argument("--which", choices=("best", "last"), default="best",
+                         help="which export of a run (default best)")
+        sub.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
+
+    push = commands.add_parser("push", help="upload a run's model with its model card to the Hugging Face Hub",
+                               description="Export weights, config, model card, recipe and results and upload them "
+                                           "with huggingface_hub (token from HF_TOKEN or `hf auth login`).")
+    checkpoint_args(push)
+    push.add_argument("--repo-id", required=True, help="ORG/NAME, e.g. sglr-zoo/wrn34_10_cifar.sglr_linf8_c10")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
+    push.set_defaults(func=_push)
+
+    export = commands.add_parser("export", help="write a Hub-ready model folder (weights, config, model card, ...)",
+                                 description="Write a folder loadable with `timm.create_model('local-dir:OUT')`; "
+                                             "with --zoo-cards, write model_cards/<name>.md for zoo runs that exist.")
+    export.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?", help="a run directory or a model folder")
+    export.add_argument("--out", help="the new folder (with --zoo-cards: the cards folder, default model_cards)")
+    export.add_argument("--which", choices=("best", "last"), default="best",
+                        help="which export of a run (default best)")
+    export.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
+    export.add_argument("--repo-id", help="the Hub repo the card should point to")
+    export.add_argument("--zoo-cards", action="store_true", help="write cards for every zoo entry whose run exists")
+    export.add_argument("--runs-dir", default="runs", help="where the zoo runs are (with --zoo-cards)")
+    export.set_defaults(func=_export)
+
+    robustbench = commands.add_parser("export-robustbench", help="write a RobustBench model_info JSON",
+                                      description="Numbers come from the results JSON; AutoAttack must have been run.")
+    checkpoint_args(robustbench)
+    robustbench.add_argument("--out", help="the JSON file to write (default: print it)")
+    robustbench.set_defaults(func=_export_robustbench)
     return parser
 
 
