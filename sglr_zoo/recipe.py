@@ -227,9 +227,9 @@ class Recipe:
 
     @property
     def start_epoch(self) -> int:
-        """The 1-based epoch from which SGLR uses refined labels (fractions resolved against epochs)."""
+        """The 1-based epoch from which SGLR uses refined labels; a fraction f < 1 means epoch round(f * epochs)."""
         start = self.method.start_epoch
-        return round(start * self.schedule.epochs) + 1 if start < 1 else int(start)
+        return max(1, round(start * self.schedule.epochs)) if start < 1 else int(start)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-safe dict (fractions written as `p/q`)."""

@@ -29,6 +29,7 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.models import create_model, save_pretrained
 from sglr_zoo.objectives import build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, save_recipe
+from sglr_zoo.zoo import locate
 
 COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s",
            "train_clean_acc", "train_pgd_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc"]
@@ -167,7 +168,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         if epochs:
             acc.plot(epochs, values, marker=".", label=label)
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    acc.legend()
+    if acc.lines:
+        acc.legend()
     grad.plot(*series("grad_norm"), marker=".")
     grad.set(xlabel="epoch", ylabel="mean gradient norm", title="gradient norm of the training loss")
     fig.tight_layout()
@@ -189,7 +191,11 @@ def _format_row(row: dict) -> str:
 def train(recipe: Recipe, *, command: str = "") -> Path:
     """Trains the recipe's model and returns the run directory."""
     run_dir = Path(recipe.run.output_dir) / (recipe.run.name or "run")
-    accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision,
+    # Under torchrun on a machine without GPUs, accelerate goes multi-process (gloo) only with cpu=True; without it
+    # every process would train alone, all writing the same run directory.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision, cpu=multi_cpu,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     _check_hardware(recipe, accelerator)
     set_seed(recipe.run.seed)
@@ -199,8 +205,9 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,
                                                num_workers=recipe.run.num_workers)
 
+    pretrained = locate(recipe.model.pretrained) if recipe.model.pretrained else None
     model = create_model(recipe.model.arch, splits.num_classes, mean=recipe.model.mean, std=recipe.model.std,
-                         drop_rate=recipe.model.drop_rate, pretrained=recipe.model.pretrained, **recipe.model.kwargs)
+                         drop_rate=recipe.model.drop_rate, pretrained=pretrained, **recipe.model.kwargs)
     if recipe.run.sync_batchnorm and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format

@@ -108,8 +108,8 @@ def resolve_folder(path: Path) -> Path:
                     "with best/ or last/ exports (written by `sglr-zoo train`)")
 
 
-def load(name_or_id: str, *, device: str | torch.device | None = None) -> nn.Module:
-    """Returns an eval-mode model taking [0, 1] images.
+def locate(name_or_id: str) -> str:
+    """The `local-dir:FOLDER` holding a model's weights: downloads and checks Hub weights, resolves run dirs.
 
     Accepts a zoo name (`sglr-zoo list`), `hf-hub:ORG/NAME[@rev]`, `local-dir:PATH`, or a plain path to a
     model folder or run directory. Hub weights must be safetensors and are checked against their sha256.
@@ -120,21 +120,25 @@ def load(name_or_id: str, *, device: str | torch.device | None = None) -> nn.Mod
             raise UserError(f"{entry.name}: weights not published yet ({entry.repo_id} has not been uploaded). "
                             f"Train them with `sglr-zoo train {entry.recipe}` and load the run directory, "
                             f"e.g. sglr_zoo.load('runs/{Path(entry.recipe).stem}')")
-        model = load_pretrained(f"local-dir:{download(entry.repo_id, entry.revision, sha256=entry.sha256)}")
-    elif name_or_id.startswith("hf-hub:"):
+        return f"local-dir:{download(entry.repo_id, entry.revision, sha256=entry.sha256)}"
+    if name_or_id.startswith("hf-hub:"):
         repo_id, _, revision = name_or_id.removeprefix("hf-hub:").partition("@")
-        model = load_pretrained(f"local-dir:{download(repo_id, revision or None)}")
-    elif name_or_id.startswith("local-dir:"):
-        model = load_pretrained(name_or_id)
-    elif Path(name_or_id).exists():
-        model = load_pretrained(f"local-dir:{resolve_folder(Path(name_or_id))}")
-    else:
-        close = difflib.get_close_matches(name_or_id, list(ZOO), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        if not close and name_or_id.count("/") == 1:
-            hint = f"; for a Hub repo write 'hf-hub:{name_or_id}'"
-        raise UserError(f"cannot load {name_or_id!r}: not a zoo name, an existing path, 'hf-hub:ORG/NAME' or "
-                        f"'local-dir:PATH'{hint}. See `sglr-zoo list`")
+        return f"local-dir:{download(repo_id, revision or None)}"
+    if name_or_id.startswith("local-dir:"):
+        return name_or_id
+    if Path(name_or_id).exists():
+        return f"local-dir:{resolve_folder(Path(name_or_id))}"
+    close = difflib.get_close_matches(name_or_id, list(ZOO), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    if not close and name_or_id.count("/") == 1:
+        hint = f"; for a Hub repo write 'hf-hub:{name_or_id}'"
+    raise UserError(f"cannot load {name_or_id!r}: not a zoo name, an existing path, 'hf-hub:ORG/NAME' or "
+                    f"'local-dir:PATH'{hint}. See `sglr-zoo list`")
+
+
+def load(name_or_id: str, *, device: str | torch.device | None = None) -> nn.Module:
+    """Returns an eval-mode model taking [0, 1] images, from anything `locate` accepts."""
+    model = load_pretrained(locate(name_or_id))
     return model.to(device) if device is not None else model
 
 

@@ -117,8 +117,8 @@ def test_overrides_win_over_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("start, epochs, expected", [
-    (0.45, 200, 91),
-    (0.5, 10, 6),
+    (0.45, 200, 90),  # shared/SGLR.md: 0.45 = epoch 90 of 200
+    (0.5, 10, 5),
     (0, 200, 1),
     (90, 200, 90),
     (201, 200, 201),  # never refine (epochs + 1)

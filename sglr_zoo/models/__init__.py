@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
@@ -62,7 +64,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, label_names: list[s
     A stock timm model inside a `Normalized` wrapper is saved bare, its normalisation recorded as the
     pretrained_cfg mean/std (as timm does); our architectures normalise inside and record mean 0 / std 1.
     """
-    inner = unwrap_timm(model)
+    # A contiguous copy: safetensors refuses channels_last weights.
+    inner = copy.deepcopy(unwrap_timm(model)).to(memory_format=torch.contiguous_format)
     if isinstance(model, Normalized):
         mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
     else:
