@@ -17,6 +17,19 @@ def _train(args: argparse.Namespace) -> None:
     train(recipe, command=args.command)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from sglr_zoo.evaluate import evaluate_model, format_results, save_results
+
+    results = evaluate_model(
+        args.model, dataset=args.dataset, split=args.split, n=args.n, device=args.device, threat=args.threat,
+        eps=args.eps, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], batch_size=args.batch_size,
+        seed=args.seed, autoattack_version=args.autoattack_version,
+        autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
+        state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command)
+    print(format_results(results))
+    print(f"wrote {save_results(results, args.out)}")
+
+
 def _list(args: argparse.Namespace) -> None:
     import timm
 
@@ -84,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cifar10.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. schedule.epochs=10 run.seed=1")
     train.set_defaults(func=_train)
+
+    ev = commands.add_parser("eval", help="clean and robust accuracy (PGD, CW, AutoAttack) with sanity checks",
+                             description="Evaluate on the first N examples of a split, in order, and write one "
+                                         "results JSON (the only source of the numbers on model cards).")
+    ev.add_argument("model", help="a model folder, run directory, local-dir:PATH or hf-hub:ORG/NAME")
+    ev.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id or local folder (SGLR_ZOO_DATA is honoured)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--threat", choices=["linf", "l2"], default="linf")
+    ev.add_argument("--eps", default=None, help="e.g. 8/255 (the linf default) or 0.5 (the l2 default)")
+    ev.add_argument("--attacks", default="clean,pgd20,cw20,autoattack",
+                    help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack")
+    ev.add_argument("--n", type=int, default=1000, help="number of examples (the first n of the split)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--out", default="results.json", help="where to write the results JSON")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--autoattack-version", choices=["standard", "rand", "custom"], default="standard")
+    ev.add_argument("--autoattack-attacks", default=None, metavar="apgd-ce,...",
+                    help="sub-attacks for --autoattack-version custom: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
+    ev.add_argument("--state-path", default=None, metavar="FILE",
+                    help="AutoAttack progress file; rerun with the same file to resume a killed run")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--bf16-quick", action="store_true", help="bf16 autocast for our PGD/CW only (never AutoAttack)")
+    ev.set_defaults(func=_eval)
 
     listing = commands.add_parser("list", help="list the architectures and zoo models")
     listing.set_defaults(func=_list)

@@ -141,8 +141,7 @@ def collect(run_or_folder: str | Path, *, which: str = "best",
             results: str | Path | dict[str, Any] | None = None) -> ModelSource:
     """Finds the weights, recipe, run record and results of a run directory or a model folder.
 
-    `results` defaults to the run's `results.json` (`results_last.json` for `which="last"`) or the
-    folder's own `results.json`.
+    `results` defaults to the `results.json` the trainer's final evaluation wrote next to the weights.
     """
     path = Path(run_or_folder)
     if which not in ("best", "last"):
@@ -172,9 +171,8 @@ def collect(run_or_folder: str | Path, *, which: str = "best",
     elif results is not None:
         source.results = read_results(results)
     else:
-        names = ("results_last.json",) if source.which == "last" and run_dir else ("results.json",)
-        found = next((f for n in names if (f := source.file(n)) is not None), None)
-        source.results = read_results(found) if found else None
+        found = folder / "results.json"
+        source.results = read_results(found) if found.is_file() else None
     if source.results and source.results.get("arch") not in (None, source.arch):
         raise UserError(f"results are for {source.results['arch']!r} but the weights in {folder} are "
                         f"{source.arch!r}: pass the matching results file with --results")

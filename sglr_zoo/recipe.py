@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,6 +177,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.n >= 1, "n", "must be >= 1")
         _check(self.final_n >= 1, "final_n", "must be >= 1")
+        _check(all(re.fullmatch(r"clean|autoattack|(pgd|cw)[1-9][0-9]*", a) for a in self.final_attacks),
+               "final_attacks", "each must be clean, autoattack, pgd<steps> or cw<steps> (e.g. pgd20)")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.every >= 1, "every", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory) -> Path:
     (run / "run.json").write_text(json.dumps({
         "sglr_zoo_version": "0.1.0", "git_commit": "0" * 40, "command": "sglr-zoo train test.yaml", "seed": 0,
         "best_epoch": 3, "last_epoch": 4, "class_names": [f"class{i}" for i in range(10)], "num_examples_train": 64}))
-    (run / "results.json").write_text(json.dumps(TEST_RESULTS))
+    (run / "best" / "results.json").write_text(json.dumps(TEST_RESULTS))
     (run / "metrics.csv").write_text("epoch,loss\n1,2.0\n")
     (run / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n test")
     return run
@@ -116,7 +116,7 @@ def test_card_metadata_and_numbers_come_from_the_results(run_dir, tmp_path):
 def test_card_without_results_says_not_evaluated(run_dir, tmp_path):
     from huggingface_hub import ModelCard
 
-    out = export_folder(run_dir, tmp_path / "export", which="last")  # the run has no results_last.json
+    out = export_folder(run_dir, tmp_path / "export", which="last")  # last/ has no results.json
     card = ModelCard.load(out / "README.md")
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "Not evaluated" in card.content and "**last** checkpoint, from epoch 4" in card.content
