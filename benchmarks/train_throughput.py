@@ -50,7 +50,7 @@ def ours_img_per_s(arch: str, variant: str, method: str, batch: int, pgd_steps: 
         "attack": {"steps": pgd_steps},
         "method": {"name": method, "start_epoch": 1},
         "schedule": {"epochs": 2, "name": "constant"},
-        "eval": {"n": 16, "steps": 1, "every": 100},
+        "eval": {"n": 16, "steps": 1, "every": 100, "final_attacks": ["clean"], "final_n": 16},
         "run": {"output_dir": str(work / "runs"), "name": "bench", "batch_size": batch,
                 "mixed_precision": "bf16" if "bf16" in variant else "no", "channels_last": "cl" in variant.split("_"),
                 "checkpoint_every": 100},

@@ -25,7 +25,8 @@ def _eval(args: argparse.Namespace) -> None:
         eps=args.eps, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], batch_size=args.batch_size,
         seed=args.seed, autoattack_version=args.autoattack_version,
         autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
-        state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command)
+        state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command,
+        weights=args.weights)
     print(format_results(results))
     print(f"wrote {save_results(results, args.out)}")
 
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="clean and robust accuracy (PGD, CW, AutoAttack) with sanity checks",
                              description="Evaluate on the first N examples of a split, in order, and write one "
                                          "results JSON (the only source of the numbers on model cards).")
-    ev.add_argument("model", help="a model folder, run directory, local-dir:PATH or hf-hub:ORG/NAME")
+    ev.add_argument("model", help="a zoo name, model folder, run directory, local-dir:PATH, hf-hub:ORG/NAME, "
+                                  "or a timm architecture with --weights")
+    ev.add_argument("--weights", metavar="FILE.safetensors", help="a state dict for the architecture named as MODEL")
     ev.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id or local folder (SGLR_ZOO_DATA is honoured)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--threat", choices=["linf", "l2"], default="linf")

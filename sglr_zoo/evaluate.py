@@ -234,9 +234,12 @@ def evaluate_model(
     split: str = "test",
     n: int = 1000,
     device: str | torch.device | None = None,
+    weights: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Loads a model (`sglr_zoo.zoo.load`) and the first n examples of a split, in order, and runs `evaluate`.
+
+    With `weights` (a .safetensors file), `model_id` is a timm architecture name.
 
     options: the keyword arguments of `evaluate` (threat, eps, attacks, seed, state_path, command, ...).
     """
@@ -247,12 +250,12 @@ def evaluate_model(
     if n < 1:
         raise UserError(f"--n {n}: evaluate at least one example")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = zoo.load(model_id, device=device)
     splits = load_splits(DataConfig(dataset=dataset, test_split=split, n_test=n, n_train=1))
+    model = zoo.load(model_id, weights=weights, num_classes=splits.num_classes, device=device)
     image_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 32, 32))[-1]
     images = to_float(splits.test.images, image_size)
     return evaluate(model, images, splits.test.labels, num_classes=splits.num_classes, device=device,
-                    model_name=model_id, dataset=dataset, split=split, source=splits.source,
+                    model_name=f"{model_id} + {weights}" if weights else model_id, dataset=dataset, split=split, source=splits.source,
                     which=f"first {len(splits.test)} of the split in order", **options)
 
 

@@ -251,14 +251,16 @@ def write_card(run_or_folder: str | Path, path: str | Path, *, which: str = "bes
 def write_zoo_cards(runs_dir: str | Path = "runs", out_dir: str | Path = MODEL_CARDS) -> list[Path]:
     """Writes `<name>.md` (and `<name>.results.json` when evaluated) for each zoo entry whose run exists.
 
-    A zoo entry's run is `runs_dir/<recipe file stem>` (the default run name of its recipe).
+    A zoo entry's run is `runs_dir/<recipe file stem>` (the default run name of its recipe); its `best/` export
+    is used when the run kept a validation split, else `last/`.
     """
     written = []
     for entry in ZOO.values():
         run = Path(runs_dir) / Path(entry.recipe).stem
-        if not (run / "best" / "config.json").is_file():
+        which = "best" if (run / "best" / "config.json").is_file() else "last"
+        if not (run / which / "config.json").is_file():
             continue
-        source = collect(run)
+        source = collect(run, which=which)
         card = Path(out_dir) / f"{entry.name}.md"
         card.parent.mkdir(parents=True, exist_ok=True)
         render_card(source, repo_id=entry.repo_id, name=entry.name).save(card)

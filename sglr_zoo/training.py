@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -198,6 +199,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """The recipe as flat `section.key` scalars, as trackers' hyper-parameter tables want them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, bool)) else str(value)
+    return flat
+
+
 def _format_row(row: dict) -> str:
     def cell(key: str, width: int = 6) -> str:
         value = row.get(key)
@@ -233,7 +245,9 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
     # every process would train alone, all writing the same run directory.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision, cpu=multi_cpu,
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(run_dir),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     _check_hardware(recipe, accelerator)
     set_seed(recipe.run.seed)
@@ -277,6 +291,7 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
 
+    accelerator.init_trackers("tensorboard", config=_flat(recipe.to_dict()))
     steps_per_epoch = len(train_loader)
     attack = recipe.attack
     global_step = state.epoch * steps_per_epoch

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import load_pretrained
+from sglr_zoo.models import load_pretrained, load_weights
 
 __all__ = ["ZOO", "ZooEntry", "ZooRow", "download", "list_models", "load", "resolve_folder"]
 
@@ -136,9 +136,14 @@ def locate(name_or_id: str) -> str:
                     f"'local-dir:PATH'{hint}. See `sglr-zoo list`")
 
 
-def load(name_or_id: str, *, device: str | torch.device | None = None) -> nn.Module:
-    """Returns an eval-mode model taking [0, 1] images, from anything `locate` accepts."""
-    model = load_pretrained(locate(name_or_id))
+def load(name_or_id: str, *, weights: str | Path | None = None, num_classes: int | None = None,
+         device: str | torch.device | None = None) -> nn.Module:
+    """Returns an eval-mode model taking [0, 1] images, from anything `locate` accepts, or from a timm
+    architecture name plus a `.safetensors` state dict (`weights`, with `num_classes`)."""
+    if weights is not None:
+        model = load_weights(name_or_id, weights, num_classes or 10)
+    else:
+        model = load_pretrained(locate(name_or_id))
     return model.to(device) if device is not None else model
 
 

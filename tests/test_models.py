@@ -139,3 +139,18 @@ def test_save_and_load_pretrained(tmp_path, arch, stock):
 def test_load_pretrained_rejects_a_folder_without_weights(tmp_path):
     with pytest.raises(UserError, match="config.json"):
         load_pretrained(f"local-dir:{tmp_path}")
+
+
+def test_load_weights_from_a_safetensors_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_model("resnet_tiny_cifar", 5).eval()
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.safetensors", num_classes=5)
+    x = torch.rand(2, 3, 32, 32)
+    assert not loaded.training and torch.equal(loaded(x), source(x))
+    with pytest.raises(UserError, match="does not fit"):
+        sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.safetensors", num_classes=7)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(UserError, match="safetensors"):
+        sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.pt", num_classes=5)

@@ -13,8 +13,8 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.models import cifar_resnet, preact_resnet, wide_resnet  # noqa: F401  (registers the models)
 from sglr_zoo.models.layers import InputNormalization, Normalized
 
-__all__ = ["InputNormalization", "Normalized", "create_model", "is_sglr_arch", "load_pretrained", "save_pretrained",
-           "unwrap_timm"]
+__all__ = ["InputNormalization", "Normalized", "create_model", "is_sglr_arch", "load_pretrained", "load_weights",
+           "save_pretrained", "unwrap_timm"]
 IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
@@ -92,3 +92,24 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
     if not is_sglr_arch(model.pretrained_cfg.get("architecture", "")) and (mean, std) != (IDENTITY_MEAN, IDENTITY_STD):
         model = Normalized(model, mean, std)
     return model.eval() if eval_mode else model
+
+
+def load_weights(arch: str, weights: str | Path, num_classes: int) -> nn.Module:
+    """A timm architecture with a state dict from a `.safetensors` file, loaded strictly, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(weights)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UserError(f"--weights {path}: give an existing .safetensors file (pickled checkpoints are not loaded)")
+    model = create_model(arch, num_classes)
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:
+        raise UserError(f"--weights {path}: not a readable safetensors file ({error})") from None
+    try:
+        unwrap_timm(model).load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"--weights {path} does not fit {arch} with {num_classes} classes: "
+                        f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}") from None
+    return model.eval()

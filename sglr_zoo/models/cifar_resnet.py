@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import InputNormalization
+from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
 
 
 class BasicBlock(nn.Module):
@@ -28,7 +28,7 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierHead, nn.Module):
     """ResNet with a 3x3 stride-1 stem and no max-pool; takes [0, 1] images and normalises inside."""
 
     def __init__(
@@ -43,7 +43,7 @@ class CifarResNet(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.drop_rate = drop_rate
+        self.head_drop_rate = drop_rate
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -56,39 +56,20 @@ class CifarResNet(nn.Module):
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(F.relu(self.bn1(self.conv1(self.normalize(x)))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = F.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     return build_model_with_cfg(CifarResNet, variant, pretrained, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1", "classifier": "fc", **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "resnet18_cifar.untrained": _cfg(),
-    "resnet_tiny_cifar.untrained": _cfg(),
+    "resnet18_cifar.untrained": cifar_cfg((4, 4)),
+    "resnet_tiny_cifar.untrained": cifar_cfg((4, 4)),
 })
 
 

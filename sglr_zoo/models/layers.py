@@ -1,10 +1,11 @@
-"""Input normalisation inside the model, so every model takes images in [0, 1]."""
+"""Shared parts of our CIFAR models: input normalisation inside the model (inputs in [0, 1]), the classifier head."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,3 +36,35 @@ class Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.normalize(x))
+
+
+class ClassifierHead:
+    """timm's classifier API for our CIFAR models: global average pool, dropout, `self.fc`."""
+
+    fc: nn.Linear
+    num_features: int
+    head_drop_rate: float = 0.0
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = F.dropout(x, self.head_drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def cifar_cfg(pool_size: tuple[int, int], **kwargs) -> dict:
+    """A pretrained_cfg for 32x32 inputs taken in [0, 1] (normalisation, if any, is inside the model)."""
+    return {
+        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": pool_size, "crop_pct": 1.0,
+        "interpolation": "bilinear", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1",
+        "classifier": "fc", **kwargs,
+    }

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import InputNormalization
+from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
 
 
 class PreActBlock(nn.Module):
@@ -31,7 +31,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(ClassifierHead, nn.Module):
     """PreAct ResNet with a 3x3 stem and no max-pool; takes [0, 1] images and normalises inside."""
 
     def __init__(
@@ -46,7 +46,7 @@ class PreActResNet(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.drop_rate = drop_rate
+        self.head_drop_rate = drop_rate
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         stages, in_chs = [], widths[0]
@@ -59,40 +59,21 @@ class PreActResNet(nn.Module):
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = F.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs) -> PreActResNet:
     return build_model_with_cfg(PreActResNet, variant, pretrained, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1", "classifier": "fc", **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "preactresnet18_cifar.untrained": _cfg(),
-    "preactresnet10_slim_cifar.untrained": _cfg(),
-    "preactresnet_tiny_cifar.untrained": _cfg(),
+    "preactresnet18_cifar.untrained": cifar_cfg((4, 4)),
+    "preactresnet10_slim_cifar.untrained": cifar_cfg((4, 4)),
+    "preactresnet_tiny_cifar.untrained": cifar_cfg((4, 4)),
 })
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import InputNormalization
+from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
 
 
 class WideBasicBlock(nn.Module):
@@ -31,7 +31,7 @@ class WideBasicBlock(nn.Module):
         return self.conv2(out) + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(ClassifierHead, nn.Module):
     """WRN-depth-widen with a 3x3 stem; takes [0, 1] images and normalises inside."""
 
     def __init__(
@@ -69,39 +69,21 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_wide_resnet(variant: str, pretrained: bool = False, **kwargs) -> WideResNet:
     return build_model_with_cfg(WideResNet, variant, pretrained, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1", "classifier": "fc", **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "wrn34_10_cifar.untrained": _cfg(),
-    "wrn28_10_cifar.untrained": _cfg(),
-    "wrn_tiny_cifar.untrained": _cfg(),
+    "wrn34_10_cifar.untrained": cifar_cfg((8, 8)),
+    "wrn28_10_cifar.untrained": cifar_cfg((8, 8)),
+    "wrn_tiny_cifar.untrained": cifar_cfg((8, 8)),
 })
 
 
