@@ -445,7 +445,7 @@ def _results_section(source: ModelSource) -> str:
     warning = (f"\n\n**Sanity checks failed:** {'; '.join(failed)}. Treat these numbers with care."
                if failed else "")
     return (f"## Results\n\nAccuracy (%) on {results['n_examples']} examples of the {_dataset_split(results)} split "
-            f"({results.get('examples', 'examples not recorded')}).\n\n"
+            f"({results.get('which', 'examples not recorded')}).\n\n"
             f"| evaluation | threat model | accuracy (%) |\n|---|---|---|\n{table}{warning}")
 
 
@@ -464,7 +464,7 @@ def _measurement_section(source: ModelSource) -> str:
     wall = f"; wall time {results['wall_time_s']:.0f} s" if isinstance(results.get("wall_time_s"), (int, float)) else ""
     return (f"## How the numbers were measured\n\n"
             f"Evaluated by the sglr_zoo evaluator on {results['n_examples']} examples "
-            f"({results.get('examples', 'not recorded')}), seed {results.get('seed', 'not recorded')}{wall}, "
+            f"({results.get('which', 'not recorded')}), seed {results.get('seed', 'not recorded')}{wall}, "
             f"with:\n\n```\n{results['command']}\n```\n\n"
             f"Attack settings:\n\n```yaml\n{attacks}\n```\n\n"
             f"Sanity checks (gradient masking and evaluation bugs):\n{sanity}\n\n"
@@ -477,7 +477,7 @@ def _checkpoint_section(source: ModelSource) -> str:
     if source.which is None:
         return "## Checkpoint\n\nWhich epoch of its run this checkpoint comes from was not recorded."
     best, last = run.get("best_epoch"), run.get("last_epoch")
-    rule = ("the `best` checkpoint is the epoch the trainer selected by its per-epoch PGD robust accuracy; the "
+    rule = ("the `best` checkpoint is the epoch with the highest PGD accuracy on the held-out validation split; the "
             "`last` checkpoint is the final epoch")
     return (f"## Checkpoint\n\nThis is the **{source.which}** checkpoint, from epoch {source.epoch} "
             f"(of {epochs if epochs else 'an unrecorded number of'} scheduled epochs; best epoch {best}, last "

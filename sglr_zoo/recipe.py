@@ -33,11 +33,13 @@ def parse_fraction(value: Any) -> Fraction:
 
 
 def format_fraction(value: Fraction) -> str | int | float:
-    """The YAML form of a fraction: an int, a short decimal, or `p/q`."""
+    """The YAML form of a fraction: an int, a short decimal, `k/255` (pixel units) or `p/q`."""
     if value.denominator == 1:
         return value.numerator
-    if Fraction(str(float(value))) == value and len(str(float(value))) <= 8:  # only when the decimal is exact
+    if Fraction(str(float(value))) == value and len(str(float(value))) <= 8:
         return float(value)
+    if 255 % value.denominator == 0 and value.denominator % 17 == 0:  # pixel units: 3/255, not 1/85
+        return f"{value * 255}/255"
     return f"{value.numerator}/{value.denominator}"
 
 

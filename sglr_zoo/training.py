@@ -268,6 +268,7 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
                                 start_epoch=recipe.start_epoch, model=model).to(accelerator.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                                 weight_decay=recipe.optim.weight_decay, nesterov=recipe.optim.nesterov)
+    plain_model = model  # uncompiled, sharing the parameters: what checkpoints export
     if recipe.run.compile:
         model = torch.compile(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -355,7 +356,7 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
         if splits.val is not None and row.get("val_pgd_acc", -1) > state.best_val_pgd:
             state.best_val_pgd, state.best_epoch = row["val_pgd_acc"], epoch
             if accelerator.is_main_process:
-                save_pretrained(raw_model, run_dir / "best", label_names=splits.train.class_names)
+                save_pretrained(plain_model, run_dir / "best", label_names=splits.train.class_names)
         if accelerator.is_main_process:
             _write_metrics(run_dir, state.history)
             plot_curves(state.history, run_dir / "curves.png")
@@ -364,11 +365,11 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
         if last_epoch:
             break
 
-    checksums = replica_checksums(accelerator, raw_model, objective)
+    checksums = replica_checksums(accelerator, plain_model, objective)
     if any(row != checksums[0] for row in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums}")
     if accelerator.is_main_process:
-        save_pretrained(raw_model, run_dir / "last", label_names=splits.train.class_names)
+        save_pretrained(plain_model, run_dir / "last", label_names=splits.train.class_names)
         run_info = {"sglr_zoo_version": sglr_zoo.__version__, "git_commit": _git_commit(), "command": command,
                     "seed": recipe.run.seed, "last_epoch": state.epoch, "best_epoch": state.best_epoch or None,
                     "best_val_pgd_acc": state.best_val_pgd if state.best_epoch else None,

@@ -37,7 +37,7 @@ ARCH = "preactresnet_tiny_cifar"
 TEST_RESULTS = {  # made-up test values, not measurements
     "schema": "sglr_zoo.results/1", "model": "test-run/best", "arch": ARCH, "dataset": "cifar10", "split": "test",
     "source": "local-dir:test", "threat": "linf", "eps": "8/255", "n_examples": 16,
-    "examples": "TEST VALUES: first 16 test images", "clean_accuracy": 81.25,
+    "which": "TEST VALUES: first 16 test images", "clean_accuracy": 81.25,
     "robust_accuracy": {"pgd20": 47.5, "autoattack": 43.75},
     "attacks": {"pgd20": {"steps": 20, "step_size": "2/255", "version": "sglr_zoo-test"},
                 "autoattack": {"version": "standard", "package": "pyautoattack-test"}},
@@ -172,11 +172,18 @@ def test_zoo_table_and_list(capsys):
     for entry in ZOO.values():
         assert timm.is_model(entry.arch) and entry.repo_id.startswith(f"sglr-zoo/{entry.arch}.")
         assert entry.recipe.startswith("recipes/") and entry.recipe.endswith(".yaml")
-        assert not entry.published and entry.results is None  # nothing uploaded, no numbers typed
+        assert not entry.published  # nothing uploaded yet
+        results_file = REPO / "model_cards" / f"{entry.name}.results.json"  # numbers only from evaluator files
+        assert entry.results == (json.loads(results_file.read_text()) if results_file.is_file() else None)
+        assert entry.results is None or entry.results["arch"] == entry.arch
     assert ZOO["quickstart-sglr"].arch == "preactresnet10_slim_cifar"
     assert ZOO["wrn34-sglr"].repo_id == "sglr-zoo/wrn34_10_cifar.sglr_linf8_c10"
     rows = list_models()
-    assert len(rows) == len(ZOO) and all(r.clean is None and r.weights is False for r in rows)
+    assert len(rows) == len(ZOO) and all(r.weights is False for r in rows)
+    for row in rows:  # the table's numbers are the evaluator's, or absent
+        results = ZOO[row.name].results
+        assert row.clean == (results["clean_accuracy"] if results else None)
+        assert row.autoattack == (results["robust_accuracy"].get("autoattack") if results else None)
     cli.main(["list"])
     printed = capsys.readouterr().out
     assert "wrn34-sglr" in printed and "quickstart-sglr" in printed and "wrn34_10_cifar" in printed

@@ -89,6 +89,7 @@ def test_parse_fraction_rejects(value):
     (Fraction(1, 2), 0.5),
     (Fraction(3), 3),
     (Fraction(1, 3), "1/3"),
+    (Fraction(3, 255), "3/255"),
 ])
 def test_format_fraction(value, expected):
     assert format_fraction(value) == expected
