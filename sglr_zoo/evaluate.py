@@ -278,11 +278,11 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(results, dict):
         raise UserError(f"{path}: expected a JSON object written by `sglr-zoo eval`")
+    if results.get("schema", SCHEMA) != SCHEMA:
+        raise UserError(f"{path}: schema {results['schema']!r} is not {SCHEMA!r}; re-run `sglr-zoo eval`")
     missing = [key for key in REQUIRED_KEYS if key not in results]
     if missing:
         raise UserError(f"{path}: not a {SCHEMA} results file: missing key {missing[0]!r}")
-    if results["schema"] != SCHEMA:
-        raise UserError(f"{path}: schema {results['schema']!r} is not {SCHEMA!r}; re-run `sglr-zoo eval`")
     return results
 
 

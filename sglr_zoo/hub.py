@@ -19,16 +19,14 @@ from typing import Any, NamedTuple
 import yaml
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.evaluate import load_results
 from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, is_sglr_arch
-from sglr_zoo.recipe import Recipe, load_recipe
+from sglr_zoo.recipe import Recipe, format_fraction, load_recipe
 from sglr_zoo.zoo import MODEL_CARDS, WEIGHTS_NAME, ZOO
 
-__all__ = ["ModelSource", "Upload", "collect", "export_folder", "export_robustbench", "push", "read_results",
+__all__ = ["ModelSource", "Upload", "collect", "export_folder", "export_robustbench", "push",
            "render_card", "robustbench_entry", "write_card", "write_zoo_cards"]
 
-RESULTS_SCHEMA = "sglr_zoo.results/1"
-REQUIRED_RESULT_KEYS = ("schema", "threat", "eps", "n_examples", "clean_accuracy", "robust_accuracy", "attacks",
-                        "versions", "command")
 ATTACK_LABELS = {"pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
 THREAT_LABELS = {"linf": "Linf", "l2": "L2"}
 PAPER_EPOCHS = 200  # the schedule of the SGLR paper and the authors' code (shared/SGLR.md)
@@ -67,23 +65,6 @@ ARCH_LABELS = {"wrn34_10_cifar": "WideResNet-34-10", "wrn28_10_cifar": "WideResN
                "preactresnet10_slim_cifar": "PreActResNet-10 (half width)"}
 DATASETS = {"cifar10": ("CIFAR-10", "uoft-cs/cifar10"), "cifar100": ("CIFAR-100", "uoft-cs/cifar100")}
 RUN_FILES = ("recipe.yaml", "run.json", "metrics.csv", "curves.png")  # copied next to the weights when present
-
-
-def read_results(path: str | Path) -> dict[str, Any]:
-    """Reads an evaluator results JSON, checking its schema and required keys."""
-    path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"results file {path} not found (written by the evaluator, `sglr-zoo eval`)") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(results, dict) or results.get("schema") != RESULTS_SCHEMA:
-        raise UserError(f"{path}: not an evaluator results file (expected schema {RESULTS_SCHEMA!r})")
-    missing = [key for key in REQUIRED_RESULT_KEYS if key not in results]
-    if missing:
-        raise UserError(f"{path}: results lack {', '.join(missing)}; re-run the evaluator")
-    return results
 
 
 @dataclass
@@ -127,7 +108,7 @@ class ModelSource:
     def eps(self) -> str | None:
         if self.results:
             return str(self.results["eps"])
-        return _fraction(self.recipe.attack.eps) if self.recipe else None
+        return str(format_fraction(self.recipe.attack.eps)) if self.recipe else None
 
     def file(self, name: str) -> Path | None:
         """A run file (recipe.yaml, run.json, ...) next to the weights or in the run directory."""
@@ -169,10 +150,10 @@ def collect(run_or_folder: str | Path, *, which: str = "best",
     if isinstance(results, dict):
         source.results = results
     elif results is not None:
-        source.results = read_results(results)
+        source.results = load_results(results)
     else:
         found = folder / "results.json"
-        source.results = read_results(found) if found.is_file() else None
+        source.results = load_results(found) if found.is_file() else None
     if source.results and source.results.get("arch") not in (None, source.arch):
         raise UserError(f"results are for {source.results['arch']!r} but the weights in {folder} are "
                         f"{source.arch!r}: pass the matching results file with --results")
@@ -374,10 +355,6 @@ def _run_name(source: ModelSource) -> str | None:
     if source.recipe and source.recipe.run.name:
         return source.recipe.run.name
     return source.run_dir.name if source.run_dir else None
-
-
-def _fraction(value: Any) -> str:
-    return f"{value.numerator}/{value.denominator}" if hasattr(value, "denominator") else str(value)
 
 
 def _threat_text(source: ModelSource) -> str:

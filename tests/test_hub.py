@@ -26,7 +26,8 @@ import torch
 import sglr_zoo
 from sglr_zoo import cli
 from sglr_zoo.errors import UserError
-from sglr_zoo.hub import collect, export_folder, export_robustbench, read_results, robustbench_entry, write_zoo_cards
+from sglr_zoo.evaluate import load_results
+from sglr_zoo.hub import collect, export_folder, export_robustbench, robustbench_entry, write_zoo_cards
 from sglr_zoo.models import create_model, load_pretrained, save_pretrained
 from sglr_zoo.recipe import Recipe, save_recipe
 from sglr_zoo.zoo import ZOO, list_models
@@ -43,7 +44,8 @@ TEST_RESULTS = {  # made-up test values, not measurements
                 "autoattack": {"version": "standard", "package": "pyautoattack-test"}},
     "sanity": {"clean_vs_attack": {"passed": True, "detail": "robust <= clean"}}, "seed": 0,
     "versions": {"torch": "test", "timm": "test", "sglr_zoo": "test", "pyautoattack": "test"},
-    "wall_time_s": 12.0, "command": "sglr-zoo eval runs/test --n 16",
+    "wall_time_s": 12.0, "command": "sglr-zoo eval runs/test --n 16", "worst_case_accuracy": 43.75,
+    "autoattack_per_attack": {}, "device": "cpu", "attack_seconds": {}, "created": "TEST",
 }
 
 
@@ -129,7 +131,7 @@ def test_results_must_match_the_weights(run_dir):
     bad = run_dir.parent / "bad.json"
     bad.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(UserError, match="schema"):
-        read_results(bad)
+        load_results(bad)
 
 
 def test_robustbench_entry(run_dir, tmp_path, capsys):
