@@ -227,6 +227,30 @@ def evaluate(
     return results
 
 
+def attack_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str,
+                   threat: Threat = "linf", eps: Fraction | str | float | None = None, batch_size: int = 256,
+                   device: str | torch.device | None = None, seed: int | None = None) -> torch.Tensor:
+    """Per example, True where the model classifies the image correctly and still does under `attack`.
+
+    The evaluator's own measurement, for callers such as the trainer's per-epoch monitoring: "clean", or our
+    "pgd<steps>" / "cw<steps>" (step eps/4, random start) run in fp32 with the model in eval mode on the
+    clean-correct points only. `seed` seeds the random start (None keeps the global generator's state).
+    """
+    eps = _parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
+    quick = _parse_attacks([attack])
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    images, labels = images.cpu(), labels.cpu()
+    with model_mode(model, "eval"), _fp32(device):
+        correct = _predict(model, images, batch_size, device) == labels
+        if attack == "clean" or eps == 0:
+            return correct
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss, steps = quick[attack]
+        return _quick_attack(model, images, labels, correct, loss=loss, steps=steps, threat=threat, eps=eps,
+                             batch_size=batch_size, device=device, bf16=False, progress=False, desc=attack)
+
+
 def evaluate_model(
     model_id: str,
     *,
