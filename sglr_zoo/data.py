@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from sglr_zoo.errors import UserError
@@ -18,6 +20,8 @@ from sglr_zoo.recipe import DataConfig
 DATA_ENV = "SGLR_ZOO_DATA"  # a folder holding local copies of Hub datasets, named by the id's last part
 IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
+PATH_COLUMNS = ("image", "path", "file", "filename", "filepath", "image_path", "img")  # CSV-of-paths datasets
+HOLDOUT_SEED = 0  # the held-out test split carved from train must not change with the run's seed
 
 
 @dataclass
@@ -57,6 +61,20 @@ class Splits:
     num_classes: int
     source: str  # where the data was actually read from
 
+    @property
+    def n_train(self) -> int:
+        """Training examples actually used (after n_train and val_size)."""
+        return len(self.train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val) if self.val is not None else 0
+
+    @property
+    def n_test(self) -> int:
+        """Test examples actually used (after n_test)."""
+        return len(self.test)
+
 
 def resolve_source(dataset: str) -> str:
     """A local path if `dataset` is one, or if $SGLR_ZOO_DATA holds a copy of the Hub id; else the Hub id."""
@@ -88,6 +106,42 @@ def _load_dataset_dict(source: str):
                         "folder with a local copy, or give a local path") from None
 
 
+def _csv_files(source: str) -> dict[str, str]:
+    """A CSV-of-paths dataset's files by split: FILE.csv is the train split; a folder's SPLIT.csv files are theirs."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".csv":
+        return {"train": str(path)}
+    return {f.stem: str(f) for f in sorted(path.glob("*.csv"))} if path.is_dir() else {}
+
+
+def _load_csv(files: dict[str, str], cfg: DataConfig):
+    """CSV files with an image path column (relative to the CSV's folder) and a label column (names or ints)."""
+    import datasets
+
+    dataset = datasets.load_dataset("csv", data_files=files)
+    columns = dataset[next(iter(files))].column_names
+    image_column = _find_column(columns, cfg.image_column, PATH_COLUMNS, "image_column")
+    label_column = _find_column(columns, cfg.label_column, LABEL_COLUMNS, "label_column")
+    for split, file in files.items():
+        root = Path(file).parent
+        dataset[split] = dataset[split].map(lambda row: {image_column: str(root / str(row[image_column]))})
+    dataset = dataset.cast_column(image_column, datasets.Image())
+    if any(dataset[split].features[label_column].dtype in ("string", "large_string") for split in dataset):
+        # One class list for every split (class_encode_column would number each split on its own).
+        names = sorted({str(v) for split in dataset for v in dataset[split][label_column]})
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+    return dataset
+
+
+def _hold_out(train, fraction: float, label_column: str):
+    """Train and a held-out test part: stratified by class where every class can give one, with a fixed seed."""
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=HOLDOUT_SEED, stratify_by_column=label_column)
+    except ValueError:  # labels are not a ClassLabel, or a class is too small to stratify
+        parts = train.train_test_split(test_size=fraction, seed=HOLDOUT_SEED)
+    return parts["train"], parts["test"]
+
+
 def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], key: str) -> str:
     if wanted is not None:
         if wanted not in columns:
@@ -99,12 +153,30 @@ def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     raise UserError(f"data.{key}: cannot guess the column among {', '.join(columns)}; name it in the recipe")
 
 
+def _open_image(item: dict, row: int) -> np.ndarray:
+    """One encoded image (`datasets.Image(decode=False)`: bytes and/or path) as RGB uint8; the file named if bad."""
+    try:
+        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        where = item.get("path") or f"row {row}"
+        raise UserError(f"data.dataset: cannot read image {where} ({error}); remove or replace the file") from None
+
+
 def _decode(split, image_column: str, label_column: str, image_size: int) -> ImageSet:
-    """Decodes every image once to RGB uint8; images of mixed sizes are resized to image_size."""
+    """Decodes every image once to RGB uint8; mixed sizes, and images larger than image_size, are resized to it."""
+    import datasets
+
     feature = split.features[label_column]
     class_names = list(getattr(feature, "names", None) or [])
-    images = [np.asarray(img.convert("RGB")) for img in split[image_column]]
-    if len({img.shape for img in images}) > 1:
+    dtype = str(getattr(feature, "dtype", type(feature).__name__))
+    if not dtype.startswith(("int", "uint")):  # float labels would be truncated into classes without a word
+        raise UserError(f"data.label_column: column {label_column!r} holds {dtype} values; labels must be integer "
+                        "class indices (0, 1, ...) or class names in a ClassLabel column")
+    encoded = split.cast_column(image_column, datasets.Image(decode=False))[image_column]
+    images = [_open_image(item, row) for row, item in enumerate(encoded)]
+    shapes = {img.shape for img in images}
+    if len(shapes) > 1 or any(h > image_size or w > image_size for h, w, _ in shapes):
         images = [np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BILINEAR)) for img in images]
     array = np.stack(images).transpose(0, 3, 1, 2)
     labels = torch.as_tensor(np.asarray(split[label_column]), dtype=torch.int64)
@@ -114,16 +186,29 @@ def _decode(split, image_column: str, label_column: str, image_size: int) -> Ima
 def load_splits(cfg: DataConfig) -> Splits:
     """Loads train (minus a held-out validation tail), optional validation and test splits."""
     source = resolve_source(cfg.dataset)
-    dataset = _load_dataset_dict(source)
-    for key in ("train_split", "test_split"):
+    csv_files = _csv_files(source)
+    dataset = _load_csv(csv_files, cfg) if csv_files else _load_dataset_dict(source)
+    # A dataset without a test split (an image folder of classes, one CSV) gets one held out from train.
+    carve = cfg.test_split == "test" and cfg.test_split not in dataset and cfg.train_split in dataset
+    for key in ("train_split",) if carve else ("train_split", "test_split"):
         if getattr(cfg, key) not in dataset:
             raise UserError(f"data.{key}: split {getattr(cfg, key)!r} does not exist in {source}; "
                             f"available: {', '.join(dataset)}")
     columns = dataset[cfg.train_split].column_names
-    image_column = _find_column(columns, cfg.image_column, IMAGE_COLUMNS, "image_column")
+    image_column = _find_column(columns, cfg.image_column, PATH_COLUMNS if csv_files else IMAGE_COLUMNS,
+                                "image_column")
+    if cfg.label_column is None and not set(LABEL_COLUMNS) & set(columns) and Path(source).is_dir():
+        # `datasets` drops the label of an image folder with a single class sub-folder.
+        raise UserError(f"data.dataset: {source} has no label column: an image folder needs one sub-folder per "
+                        "class, and at least two classes (other data: name the column in data.label_column)")
     label_column = _find_column(columns, cfg.label_column, LABEL_COLUMNS, "label_column")
 
     train_split = dataset[cfg.train_split]
+    if carve:
+        train_split, test_split = _hold_out(train_split, cfg.holdout_fraction, label_column)
+        source = f"{source} (test: {cfg.holdout_fraction:g} of {cfg.train_split} held out, seed {HOLDOUT_SEED})"
+    else:
+        test_split = dataset[cfg.test_split]
     n_keep = len(train_split) - cfg.val_size
     if n_keep < 1:
         raise UserError(f"data.val_size: {cfg.val_size} leaves no training data (train has {len(train_split)})")
@@ -132,14 +217,36 @@ def load_splits(cfg: DataConfig) -> Splits:
         val = _decode(train_split.select(range(n_keep, len(train_split))), image_column, label_column, cfg.image_size)
     train_rows = range(min(n_keep, cfg.n_train or n_keep))
     train = _decode(train_split.select(train_rows), image_column, label_column, cfg.image_size)
-    test_split = dataset[cfg.test_split]
     test_rows = range(min(len(test_split), cfg.n_test or len(test_split)))
     test = _decode(test_split.select(test_rows), image_column, label_column, cfg.image_size)
 
-    num_classes = cfg.num_classes or len(train.class_names) or int(train.labels.max()) + 1
-    if int(train.labels.max()) >= num_classes:
-        raise UserError(f"data.num_classes: labels go up to {int(train.labels.max())} but num_classes is {num_classes}")
-    return Splits(train, val, test, num_classes, source)
+    train_split_labels = np.asarray(train_split[label_column])  # all of them: a subset may miss the top class
+    num_classes = cfg.num_classes or len(train.class_names) or int(train_split_labels.max()) + 1
+    splits = Splits(train, val, test, num_classes, source)
+    _check_labels(splits, train_split_labels, cfg)
+    return splits
+
+
+def _check_labels(splits: Splits, train_split_labels: np.ndarray, cfg: DataConfig) -> None:
+    """Labels in [0, num_classes) on every split, before any training; two classes at least; subset sizes met."""
+    for name, part in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        if part is None or not len(part):
+            continue
+        low, high = int(part.labels.min()), int(part.labels.max())
+        if low < 0:
+            raise UserError(f"data.dataset: the {name} split holds the label {low}; labels must be class indices "
+                            f"in [0, {splits.num_classes})")
+        if high >= splits.num_classes:
+            raise UserError(f"data.num_classes: the {name} split holds the label {high} but num_classes is "
+                            f"{splits.num_classes}; raise data.num_classes or fix the labels")
+    classes = np.unique(train_split_labels)
+    if len(classes) < 2:  # one class: every prediction is right, and "100%" means nothing
+        raise UserError(f"data.dataset: the training split {cfg.train_split!r} holds a single class "
+                        f"({classes.tolist()}); a classifier needs examples of at least 2 classes")
+    for key, asked, used in (("n_train", cfg.n_train, splits.n_train), ("n_test", cfg.n_test, splits.n_test)):
+        if asked is not None and asked > used:
+            warnings.warn(f"data.{key}: {asked} examples asked for, but only {used} are available; using {used}",
+                          stacklevel=3)
 
 
 def to_float(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import types
 import typing
@@ -14,22 +16,26 @@ from typing import Any, Literal
 import yaml
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.schedule import parse_budget
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few kB; a bigger file is a mistake, refused before it is parsed
+_MAX_DEPTH = 32  # nesting levels (recipes use 3); PyYAML's composer recurses once per level
+_HUGE_EXPONENT = re.compile(r"[eE][-+]?0*[0-9]{4,}")  # Fraction("1e99999") would build a 10**99999 integer
 
 
 def parse_fraction(value: Any) -> Fraction:
-    """Reads `8/255`, `0.5`, `2` (str, int or float) into an exact fraction."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}")
-    if isinstance(value, (int, Fraction)):
-        return Fraction(value)
-    if isinstance(value, float):
-        return Fraction(str(value))
-    if isinstance(value, str):
-        try:
-            return Fraction(value.replace(" ", ""))
-        except ValueError:
-            pass
-    raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}")
+    """Reads `8/255`, `0.5`, `2` (str, int or float) into an exact fraction that is finite as a float too."""
+    huge_exponent = isinstance(value, str) and _HUGE_EXPONENT.search(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)) or huge_exponent:
+        raise ValueError(f"expected a finite number or a fraction like 8/255, got {value!r}")
+    try:
+        # str(float) is the shortest decimal that reads back as the float: 0.1 becomes 1/10.
+        result = Fraction(value.replace(" ", "") if isinstance(value, str) else str(value) if isinstance(value, float)
+                          else value)
+        float(result)  # 1e400 has no float
+    except (ValueError, ZeroDivisionError, OverflowError):  # nan, inf, 1/0, text
+        raise ValueError(f"expected a finite number or a fraction like 8/255, got {value!r}") from None
+    return result
 
 
 def format_fraction(value: Fraction) -> str | int | float:
@@ -47,7 +53,7 @@ def format_fraction(value: Fraction) -> str | int | float:
 class DataConfig:
     """Where the images come from and how they are fed."""
 
-    dataset: str = "uoft-cs/cifar10"  # Hub id, local parquet folder or image folder
+    dataset: str = "uoft-cs/cifar10"  # Hub id, local parquet folder, image folder or CSV of image paths
     image_column: str | None = None  # found automatically when None
     label_column: str | None = None
     train_split: str = "train"
@@ -58,8 +64,10 @@ class DataConfig:
     image_size: int = 32
     augment: bool = True  # random crop (pad 4) and horizontal flip
     num_classes: int | None = None  # read from the dataset when None
+    holdout_fraction: float = 0.1  # of train, held out (stratified, fixed seed) as the test split when there is none
 
     def __post_init__(self) -> None:
+        _check(0 < self.holdout_fraction < 1, "holdout_fraction", "must be in (0, 1)")
         _check(self.n_train is None or self.n_train >= 1, "n_train", "must be >= 1 or null")
         _check(self.n_test is None or self.n_test >= 1, "n_test", "must be >= 1 or null")
         _check(self.val_size >= 0, "val_size", "must be >= 0")
@@ -117,6 +125,7 @@ class MethodConfig:
     teacher: Literal["predictions", "weights"] = "predictions"
     teacher_decay: float = 0.999  # EMA decay of the weight teacher
     beta: float = 6.0  # TRADES KL weight
+    bank_dtype: Literal["auto", "float32", "float16"] = "auto"  # soft-label storage; auto = float16 above 256 MiB
 
     def __post_init__(self) -> None:
         _check(0 <= self.alpha < 1, "alpha", "must be in [0, 1)")
@@ -155,9 +164,19 @@ class ScheduleConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     peak_at: float = 0.25  # onecycle: fraction of the run spent rising to lr
+    steps: int | None = None  # total optimiser steps, the schedule stretched over them; None = epochs x the data
+    budget: str | float | None = None  # e.g. 8m or 480 (s): the trainer sizes epochs and steps to fit (see schedule.py)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
+        if self.budget is not None:
+            try:
+                parse_budget(self.budget)
+            except ValueError as error:
+                raise _CheckFailed("budget", str(error)) from None
+            _check(self.name != "multistep", "budget", "needs a cosine, onecycle or constant schedule (multistep "
+                   "milestones are epochs, which the budget decides)")
         _check(self.name != "multistep" or all(0 < m <= self.epochs for m in self.milestones), "milestones",
                "must lie in [1, epochs] for the multistep schedule")
         _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
@@ -194,12 +213,17 @@ class RunConfig:
     name: str | None = None  # run directory name; the recipe file's stem when None
     seed: int = 0
     batch_size: int = 128  # global batch size, split over processes
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None = take the accelerate config's
-    channels_last: bool = False
-    compile: bool = False
+    # The speed levers: `auto` = what sglr_zoo.hardware measured fastest on this kind of device (bf16 only where
+    # the device computes it natively); explicit values win.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
+    compile: Literal["auto"] | bool = "auto"  # torch.compile
+    threads: Literal["auto"] | int = "auto"  # CPU threads per process
+    keep_freed_memory: Literal["auto"] | bool = "auto"  # glibc malloc keeps freed memory (fewer page faults on CPU)
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch when several processes train
+    buffer_sync: Literal["broadcast", "average"] = "broadcast"  # BatchNorm statistics at epoch ends: rank 0's or the mean
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     max_steps: int | None = None  # stop after this many steps (smoke tests); None = the full schedule
     num_workers: int = 0
@@ -210,6 +234,31 @@ class RunConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.threads == "auto" or self.threads >= 1, "threads", "must be auto or >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """Adapting a pretrained backbone to new data (sglr_zoo.finetune); off while `backbone` is null.
+
+    Clean fine-tuning is `attack.eps: 0` with any method; otherwise the recipe's method and attack apply.
+    """
+
+    backbone: str | None = None  # zoo name, hf-hub:ORG/NAME[@rev], local-dir:PATH, run dir, or timm name.tag
+    backbone_sha256: str | None = None  # of its model.safetensors: checked when given, recorded when null
+    backbone_revision: str | None = None  # Hub commit of an hf-hub backbone: used when given, recorded when null
+    mode: Literal["linear_probe", "full", "partial"] = "full"
+    unfreeze: int = 1  # partial: the last N stages of the model's feature_info train, with all layers after them
+    backbone_lr_scale: float = 1.0  # learning rate of the trainable backbone parameters, relative to optim.lr
+    head: Literal["auto", "reset", "keep"] = "auto"  # auto: reset unless the label names match the backbone's
+
+    def __post_init__(self) -> None:
+        _check(self.unfreeze >= 1, "unfreeze", "must be >= 1 (the number of last stages that train)")
+        _check(self.backbone_lr_scale > 0, "backbone_lr_scale", "must be > 0 (use mode: linear_probe to freeze)")
+        _check(self.backbone is not None or (self.mode == "full" and self.head == "auto"), "backbone",
+               "name the backbone to fine-tune (a zoo name, hf-hub:ORG/NAME, local-dir:PATH or a run directory)")
+        _check(self.backbone_sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.backbone_sha256) is not None,
+               "backbone_sha256", "must be 64 lowercase hex digits (sha256sum of model.safetensors)")
 
 
 @dataclass
@@ -224,8 +273,11 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        _check(self.model.pretrained is None or self.finetune.backbone is None, "model.pretrained",
+               "give the backbone once: finetune.backbone (model.pretrained is its older, shorter form)")
         if self.method.start_epoch >= 1:
             _check(self.method.start_epoch <= self.schedule.epochs + 1, "method.start_epoch",
                    f"must be <= epochs + 1 = {self.schedule.epochs + 1} (or a fraction < 1)")
@@ -279,6 +331,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except UserError as error:
                 errors.append(error)
+        if len(errors) > 1:  # name every accepted form, not only the first one tried
+            accepted = " or ".join(_describe(option) for option in options if option is not type(None))
+            raise UserError(f"{where}: expected {accepted}, got {value!r}")
         raise errors[0]
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -293,31 +348,50 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
+        _check_finite(value, where)
         return dict(value)
-    if hint is Fraction:
+    if hint in (Fraction, float):
         try:
-            return parse_fraction(value)
+            number = parse_fraction(value)
         except ValueError as error:
             raise UserError(f"{where}: {error}") from None
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(parse_fraction(value))
-        except ValueError:
-            pass
+        return number if hint is Fraction else float(number)
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    name = getattr(hint, "__name__", str(hint))
-    raise UserError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    return "true or false" if hint is bool else getattr(hint, "__name__", str(hint))
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuses inf and nan anywhere in a free-form value (such as model.kwargs), and keys that are not names."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise UserError(f"{where}: key {key!r} must be a name (a string)")
+            _check_finite(item, f"{where}.{key}")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates the annotations' text (`from __future__ import annotations`): once
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         prefix = f"{where}." if where else ""
         raise UserError(f"unknown key {prefix}{unknown[0]!s}; allowed keys{' in ' + where if where else ''}: "
@@ -334,14 +408,112 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise UserError(f"{key}: {error}") from None
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a recipe may not use (anchors, tags, duplicate keys, deep nesting)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalars, no anchors, aliases or tags, and duplicate keys refused.
+
+    Only `true`/`false` are booleans (`no` stays a string), `010` is ten, and aliases are refused while parsing, so
+    a "billion laughs" file fails before anything is expanded.
+    """
+
+    yaml_implicit_resolvers: dict = {}  # filled below with the 1.2 core schema only (no 1.1 yes/no, octal, dates)
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if event.anchor is not None:  # both &anchor and *alias
+            raise _Refused(problem="anchors and aliases (&name, *name) are not allowed in recipes; write the value out",
+                           problem_mark=event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise _Refused(problem=f"tags ({event.tag}) are not allowed in recipes", problem_mark=event.start_mark)
+        if self.depth >= _MAX_DEPTH:
+            raise _Refused(problem=f"nested more than {_MAX_DEPTH} levels deep", problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag != "tag:yaml.org,2002:str":
+                raise _Refused(problem=f"key {key_node.value!r} must be a name; quote it if it is one",
+                               problem_mark=key_node.start_mark)
+            if key_node.value in lines:
+                raise _Refused(problem=f"duplicate key {key_node.value!r} (first on line {lines[key_node.value]})",
+                               problem_mark=key_node.start_mark)
+            lines[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+        try:
+            return int(text[2:] if base != 10 else text, base)  # int("010") is 10: no 1.1 octal
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise _Refused(problem=f"the number {text[:20]}... is too long", problem_mark=node.start_mark) from None
+
+
+# https://yaml.org/spec/1.2.2/#1032-tag-resolution
+for _tag, _pattern, _first in [
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
+    ("float", r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+     list("-+.0123456789")),
+]:
+    _StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(rf"(?:{_pattern})\Z"), _first)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 readers or our 1.2 loader would read as something else (`no`, `1e3`)."""
+
+
+for _first, _resolvers in _StrictLoader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        _Dumper.add_implicit_resolver(_tag, _regexp, [_first])
+
+
+def _parse_yaml(text: str) -> Any:
+    """Parses one YAML document with `_StrictLoader`; raises yaml.YAMLError."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(", ".join(filter(None, (error.context, error.problem))).split())
+        return f"{where}: {problem}" if isinstance(error, _Refused) else f"malformed YAML ({where}): {problem}"
+    if isinstance(error, yaml.reader.ReaderError):
+        return f"malformed YAML: character {error.character:#x} at position {error.position} is not allowed"
+    return f"malformed YAML: {' '.join(str(error).split())}"
+
+
 def _set_override(tree: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise UserError(f"override {override!r}: write it as key.sub=value, e.g. schedule.epochs=10")
     key, raw = override.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = _parse_yaml(raw) if raw else None
+    except _Refused as error:
+        raise UserError(f"override {override!r}: {error.problem}") from None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML (`run.name=a: b: c`): the text as written
     node = tree
     *parents, leaf = key.strip().split(".")
     for part in parents:
@@ -354,34 +526,89 @@ def _set_override(tree: dict[str, Any], override: str) -> None:
 def from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
     """Builds a recipe from a plain dict plus `key.sub=value` overrides (which win)."""
     tree = _deep_copy(data)
-    for override in overrides:
-        _set_override(tree, override)
     try:
+        for override in overrides:
+            _set_override(tree, override)
         return _build(Recipe, tree, "")
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Loads a YAML recipe; unknown keys, wrong types and bad values are errors naming file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file {path} not found; see recipes/ for examples")
+def _read_yaml(path: Path, base_of: Path | None = None) -> dict[str, Any]:
+    """One recipe file (the base named in `base_of`), strictly parsed: a non-empty UTF-8 mapping of limited size."""
+    name = f"{base_of}: base file {path}" if base_of else f"recipe file {path}"
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open("rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fix = f"`base:` is relative to {base_of.parent}" if base_of else "see recipes/ for examples"
+        raise UserError(f"{name} not found; {fix}") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise UserError(f"{name} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a short YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8") from None
+    try:
+        data = _parse_yaml(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: malformed YAML{line}: {getattr(error, 'problem', error)}") from None
-    recipe = from_dict(data, overrides, source=str(path))
+        raise UserError(f"{path}: {_yaml_problem(error)}") from None
+    if data is None or data == {}:
+        raise UserError(f"{path}: the file states no recipe; write sections such as `model:` and `schedule:` "
+                        "(see recipes/ for examples)")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (data:, model:, ...), "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The file's tree on top of its `base:` chain (mappings merge deeply, lists and scalars replace) and the bases."""
+    tree = _read_yaml(path, base_of=chain[-1] if chain else None)
+    if "base" not in tree:
+        return tree, []
+    base = tree.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{path}: base: expected a recipe file relative to {path.parent}, got {base!r}")
+    base_path = path.parent / base
+    chain = (*chain, path)
+    try:
+        cycle = any(base_path.resolve() == p.resolve() for p in chain)
+    except (OSError, ValueError, RuntimeError):  # a bad name or a symlink loop: reading it below says so
+        cycle = False
+    if cycle:
+        raise UserError(f"{path}: base {base} leads back to {base_path} "
+                        f"({' -> '.join(str(p) for p in (*chain, base_path))}); remove the cycle")
+    base_tree, bases = _resolve(base_path, chain)
+    return _merge(base_tree, tree), [base_path, *bases]
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings else value
+    return merged
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Loads a YAML recipe and its `base:` chain; bad YAML, keys, types and values are errors naming file and key."""
+    path = Path(path)
+    tree, bases = _resolve(path)
+    source = f"{path} (base {', '.join(map(str, bases))})" if bases else str(path)
+    recipe = from_dict(tree, overrides, source=source)
     if recipe.run.name is None:
         recipe.run.name = path.stem
     return recipe
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Writes the resolved recipe as YAML."""
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    """Writes the resolved recipe as YAML: every key expanded, no `base:`."""
+    from sglr_zoo.rundir import write_atomic
+
+    write_atomic(Path(path), yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False).encode())
 
 
 def _deep_copy(data: Any) -> Any:

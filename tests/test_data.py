@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,15 @@ def test_tiny_parquet(tiny, tiny_dataset):
     (dict(n_test=100), 64, 0, 32),
 ])
 def test_val_and_subsets(tiny, tiny_dataset, cfg, n_train, n_val, n_test):
-    splits = load_splits(DataConfig(dataset=str(tiny_dataset), **cfg))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = load_splits(DataConfig(dataset=str(tiny_dataset), **cfg))
     assert (len(splits.train), len(splits.val or []), len(splits.test)) == (n_train, n_val, n_test)
+    assert (splits.n_train, splits.n_val, splits.n_test) == (n_train, n_val, n_test)  # the real counts, for cards
+    # Asking for more than a split holds is a warning that names the key and the count used.
+    for key, used in (("n_train", n_train), ("n_test", n_test)):
+        warned = [str(w.message) for w in caught if f"data.{key}" in str(w.message)]
+        assert len(warned) == (cfg.get(key, 0) > used) and all(f"using {used}" in m for m in warned), warned
     # Train and test subsets are the first examples; validation is the END of train.
     assert torch.equal(splits.train.images, tiny.train.images[:n_train])
     assert torch.equal(splits.train.labels, tiny.train.labels[:n_train])
@@ -187,3 +195,87 @@ def test_real_cifar10(cifar10, real_cifar10):
     assert cifar10.train.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     assert cifar10.train.images[0, :, 0, 0].tolist() == [59, 62, 63]
     assert cifar10.train.class_names[:3] == ["airplane", "automobile", "bird"]
+
+
+def _labelled_dataset(folder: Path, train: list, test: list, feature=None) -> Path:
+    """A parquet dataset of tiny 8x8 images with the given label values and label feature (default int64)."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"img": datasets.Image(), "label": feature or datasets.Value("int64")})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, labels in (("train", train), ("test", test)):
+        images = [Image.new("RGB", (8, 8), (20 * i, 0, 0)) for i in range(len(labels))]
+        data = datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+        data.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def _class_label(n: int):
+    import datasets
+
+    return datasets.ClassLabel(names=[f"c{i}" for i in range(n)])
+
+
+def _value(dtype: str):
+    import datasets
+
+    return datasets.Value(dtype)
+
+
+# (name, train labels, test labels, label feature (None: int64), DataConfig keys, fragments of the message)
+BAD_LABELS = [
+    ("negative train label", [0, 1, -1, 1], [0, 1], None, {}, ["train split", "label -1"]),
+    ("unlabelled test split", [0, 1, 0, 1], [0, -1], _class_label(2), {}, ["test split", "label -1"]),
+    ("negative validation label", [0, 1, 0, 1, 1, -1], [0, 1], None, dict(val_size=2),
+     ["validation split", "label -1"]),
+    ("test label beyond the train labels", [0, 1, 2, 0], [0, 5], None, {},
+     ["data.num_classes", "test split", "label 5", "num_classes is 3"]),
+    ("test label beyond num_classes", [0, 1, 2, 0], [0, 7], _class_label(10), dict(num_classes=3),
+     ["data.num_classes", "test split", "label 7"]),
+    ("validation label beyond num_classes", [0, 1, 0, 1, 9], [0, 1], None, dict(val_size=1, num_classes=2),
+     ["data.num_classes", "validation split", "label 9"]),
+    ("float labels", [0.0, 1.0, 0.0, 1.0], [0.0, 1.0], _value("float32"), {}, ["data.label_column", "float32"]),
+    ("fractional labels", [0.5, 1.5, 0.2, 1.0], [0.0, 1.0], _value("float64"), {}, ["data.label_column", "float64"]),
+    ("text labels", ["0", "1", "0", "1"], ["0", "1"], _value("string"), {}, ["data.label_column", "string"]),
+    ("boolean labels", [True, False, True, False], [True, False], _value("bool"), {}, ["data.label_column", "bool"]),
+    ("a single class", [3, 3, 3, 3], [3, 3], None, {}, ["single class", "[3]", "at least 2"]),
+    ("a single class of two names", [0, 0, 0, 0], [0, 1], _class_label(2), {}, ["single class"]),
+]
+
+
+@pytest.mark.parametrize("train, test, feature, cfg, fragments", [b[1:] for b in BAD_LABELS],
+                         ids=[b[0] for b in BAD_LABELS])
+def test_bad_labels(tmp_path, train, test, feature, cfg, fragments):
+    folder = _labelled_dataset(tmp_path / "data", train, test, feature)
+    with pytest.raises(UserError) as info:
+        load_splits(DataConfig(dataset=str(folder), image_size=8, **cfg))
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_good_labels_pass(tmp_path):
+    """The checks let ordinary data through: int labels of several widths, a ClassLabel, a subset of one class."""
+    for dtype in ("int8", "int32", "uint8", "int64"):
+        folder = _labelled_dataset(tmp_path / dtype, [0, 1, 2, 1], [2, 0], _value(dtype))
+        splits = load_splits(DataConfig(dataset=str(folder), image_size=8))
+        assert splits.num_classes == 3 and splits.train.labels.tolist() == [0, 1, 2, 1]
+    # The class count is a property of the training split; a quick run on its first example is allowed.
+    assert load_splits(DataConfig(dataset=str(folder), image_size=8, n_train=1)).n_train == 1
+
+
+def test_bad_test_label_stops_the_cli_before_training(tmp_path, capsys):
+    from sglr_zoo.cli import main
+
+    folder = _labelled_dataset(tmp_path / "data", [0, 1, 0, 1], [0, 4])
+    recipe = tmp_path / "bad_labels.yaml"
+    recipe.write_text(f"data:\n  dataset: {folder}\n  image_size: 8\nmodel:\n  arch: preactresnet_tiny_cifar\n"
+                      f"run:\n  output_dir: {tmp_path / 'runs'}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(recipe)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("sglr-zoo train: error: ") and "test split holds the label 4" in lines[-1]
+    assert not list((tmp_path / "runs").rglob("checkpoints/*"))  # stopped before any training step
