@@ -6,16 +6,26 @@
       metrics.csv        one row per epoch
       curves.png         train vs test robust accuracy and the gradient norm per epoch
       checkpoints/       epoch_NNNN/ (complete) and .partial_epoch_NNNN/ (being written)
-      best/, last/       model exports (model.safetensors + config.json, timm's layout) and their results.json
-      .lock              held while a process trains here
+      best/, last/       model exports (model.safetensors + config.json, timm's layout), their results.json and
+                         autoattack_state.json (the final evaluation's progress)
+      .lock              flock'ed while a process trains here; holds that process's pid and host
       finished.json      written last: the run is complete
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from sglr_zoo.errors import UserError
 
 EXPORTS = ("best", "last")
 CHECKPOINT_PATTERN = re.compile(r"epoch_(\d{4,})")
@@ -66,10 +76,7 @@ class RunDir:
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (half-written ones are never named epoch_NNNN)."""
-        if not self.checkpoints.is_dir():
-            return []
-        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.fullmatch(p.name)]
-        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
+        return checkpoint_dirs(self.checkpoints)
 
     def export(self, which: str) -> Path:
         """The `best/` or `last/` model folder."""
@@ -79,11 +86,22 @@ class RunDir:
 
     def results(self, which: str) -> Path:
         """The final evaluation's results next to an export's weights."""
-        return self.export(which) / "results.json"
+        return ModelFolder(self.export(which)).results
+
+    def autoattack_state(self, which: str) -> Path:
+        """The final evaluation's AutoAttack progress for an export: a killed evaluation resumes from it."""
+        return self.export(which) / "autoattack_state.json"
 
     def exports(self) -> list[str]:
         """The exports present (holding config.json), best first."""
-        return [which for which in EXPORTS if (self.export(which) / "config.json").is_file()]
+        return [which for which in EXPORTS if ModelFolder(self.export(which)).config.is_file()]
+
+    @classmethod
+    def of_export(cls, folder: str | Path) -> tuple[RunDir, str] | None:
+        """The run and "best" or "last" when `folder` is one of a run's exports (the run has run.json), else None."""
+        folder = Path(folder)
+        run = cls(folder.parent)
+        return (run, folder.name) if folder.name in EXPORTS and run.run_info.is_file() else None
 
     def is_run(self) -> bool:
         """True when this looks like a run directory written by the trainer."""
@@ -96,3 +114,145 @@ class RunDir:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:
             return path.name
+
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """The `epoch_NNNN` folders in a run's checkpoints/ folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_epoch)
+
+
+def checkpoint_epoch(folder: Path) -> int:
+    """The epoch in a checkpoint folder's name (`epoch_0012` -> 12)."""
+    return int(CHECKPOINT_PATTERN.fullmatch(folder.name).group(1))
+
+
+class WriteFailed(UserError):
+    """A file could not be written; the message names it, and says so when the disk is full."""
+
+    def __init__(self, path: Path, error: OSError):
+        reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+        reason = reasons.get(error.errno, error.strerror or str(error))
+        super().__init__(f"could not write {path}: {reason}")
+        self.path = path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes the entries of `folder` durable: a rename is only kept over a crash once its directory is synced."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # some network filesystems cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to a temporary name beside `path`, fsyncs it, renames it to `path` and fsyncs the folder:
+    a crash leaves the old file or the new one, never part of one. Raises WriteFailed naming `path`."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, path)
+        fsync_dir(path.parent)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise WriteFailed(path, error) from error
+
+
+class RunLock:
+    """One run per directory: an exclusive `flock` on RUN/.lock, held until `release()` or the process ends.
+
+    The kernel drops a flock when its holder dies, however it dies, so the lock of a killed run is simply taken
+    over. The file stays (removing it would race with the next run opening it); its content, the holder's pid and
+    host, only serves the error message.
+    """
+
+    # A train() call that raised still holds its lock until its frame is collected; a new call in the same process
+    # takes that lock over instead of refusing (accelerate allows one training per process at a time anyway).
+    _held: ClassVar[dict[str, RunLock]] = {}
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def acquire(cls, run: RunDir) -> RunLock:
+        """Locks `run` (creating its folder), or raises UserError naming the process that holds it."""
+        path = run.lock
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            key = os.path.realpath(path)
+            if key in cls._held:
+                cls._held[key].release()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise WriteFailed(path, error) from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UserError(f"{run.root} is in use by another run ({holder}): one run per directory. Wait for it to "
+                            f"end, or pick another run.name or run.output_dir") from None
+        lock = cls(path, fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        except OSError as error:
+            lock.release()
+            raise WriteFailed(path, error) from error
+        cls._held[key] = lock
+        return lock
+
+    def release(self) -> None:
+        """Unlocks the directory (closing the file drops the flock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._held.pop(os.path.realpath(self.path), None)
+
+
+def _read_holder(fd: int) -> str:
+    """`pid N on host H` from a lock file, or what is known when it cannot be read (the holder may be writing it)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(holder['pid'])} on host {str(holder['host'])[:255]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet written its pid"
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A model in timm's layout (config.json + model.safetensors) and the evaluator's results.json beside it."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    def is_model(self) -> bool:
+        return self.config.is_file() and self.weights.is_file()

@@ -1,0 +1,499 @@
+"""Training checkpoints that load no pickle, and the rules for (re)starting a run in a directory.
+
+A checkpoint is a folder of safetensors and JSON files, written and read by us (accelerate's `save_state` writes
+pickles and loads them with `weights_only=False`):
+
+    checkpoints/epoch_NNNN/
+      model.safetensors           the model's weights and buffers (the unwrapped, uncompiled model)
+      objective.safetensors       the objective's state: SGLR's soft-label bank, a weight teacher
+      optimizer.json/.safetensors the optimizer's state dict: its structure in JSON, its tensors in safetensors
+      scaler.json                 fp16's gradient scaler, when there is one
+      state.json                  epoch, global step, best epoch, metrics history
+      recipe.json                 the resolved recipe
+      rng_R.json                  process R's random states: torch CPU (and CUDA), python `random`, numpy
+      manifest.json               written last: each file's size and sha256
+
+It is written into `.partial_epoch_NNNN/` (each file through a temporary name, fsynced), the manifest last, and
+the folder is renamed to `epoch_NNNN/` and its parent fsynced: a crash at any point leaves the previous checkpoint
+intact. Loading opens only the files the manifest lists, only `.safetensors` and `.json`, each checked against its
+size and sha256 before it is parsed; anything else in the folder (a planted `custom_checkpoint_0.pkl`) is never
+opened.
+
+`open_run` applies the directory rules before training: one run per directory (RunLock), a finished run is not
+rerun, `resume: never` does not start over a directory holding checkpoints, and a resumed run keeps its recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+import numpy as np
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from torch import nn
+
+from sglr_zoo.errors import UserError
+from sglr_zoo.recipe import Recipe, from_dict
+from sglr_zoo.rundir import RunDir, RunLock, WriteFailed, checkpoint_dirs, checkpoint_epoch, fsync_dir, write_atomic
+
+FORMAT = "sglr-zoo-checkpoint/1"
+MANIFEST = "manifest.json"
+SAFE_SUFFIXES = (".safetensors", ".json")
+MODEL, OBJECTIVE, STATE, RECIPE = "model.safetensors", "objective.safetensors", "state.json", "recipe.json"
+TENSOR, INT_KEYS = "__tensor__", "__int_keys__"  # markers in the JSON half of a tensor tree
+
+# Recipe keys a resumed run may change: where the run lives, how often it saves, how it is evaluated, and speed
+# levers that leave the math alone. Any other difference would silently mix two recipes in one run.
+RESUMABLE_CHANGES = ("run.resume", "run.max_steps", "run.num_workers", "run.compile", "run.channels_last",
+                     "run.threads", "run.keep_freed_memory", "run.output_dir", "run.name", "run.checkpoint_every",
+                     "run.keep_checkpoints", "eval.", "optim.lr", "optim.grad_clip")  # the last two: after divergence
+_MESSAGE_BYTES = 4096  # the longest error the main process shares with the others
+
+
+class Stateful(Protocol):
+    """The run state kept in state.json (training's RunState): a JSON-ready dict out, the same dict back in."""
+
+    epoch: int
+    global_step: int
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ---- tensors and JSON ----------------------------------------------------------------------------------------
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, indent=1).encode()
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    # Contiguous CPU copies: safetensors refuses shared or strided (channels_last) storage.
+    return safetensors.torch.save({k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                                   for k, t in tensors.items()})
+
+
+def split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A nested state dict as JSON, each tensor moved into `tensors` and replaced by `{"__tensor__": key}`.
+
+    Integer keys (an optimizer's per-parameter state) are kept as `{"__int_keys__": {...}}`: JSON would turn them
+    into strings, and torch's `load_state_dict` would then silently match no parameter.
+    """
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value
+        return {TENSOR: key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and k not in (TENSOR, INT_KEYS) for k in value):
+            return {k: split_tensors(v, tensors) for k, v in value.items()}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in value):
+            return {INT_KEYS: {str(k): split_tensors(v, tensors) for k, v in value.items()}}
+        raise TypeError(f"a checkpoint can only hold dicts with all-string or all-integer keys, not {list(value)}")
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")
+
+
+def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `split_tensors`; raises KeyError for a tensor that `tensors` lacks."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        if set(value) == {INT_KEYS}:
+            return {int(k): join_tensors(v, tensors) for k, v in value[INT_KEYS].items()}
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states, as JSON."""
+    version, internal, gauss_next = random.getstate()
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": {"key": key.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores `rng_state()`'s output; raises KeyError, TypeError, ValueError or RuntimeError when it is malformed."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(i) for i in internal), gauss_next))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", np.array(numpy["key"], dtype=np.uint32), int(numpy["pos"]),
+                         int(numpy["has_gauss"]), float(numpy["cached_gaussian"])))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and "cuda" in state:
+        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- reading a checkpoint ------------------------------------------------------------------------------------
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckpointReader:
+    """Reads a checkpoint's files through its manifest: listed, safe formats, sizes and sha256 verified."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        path = folder / MANIFEST
+        try:
+            manifest = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: not a complete checkpoint (one written by an older sglr-zoo holds "
+                            "pickles, which are never loaded)") from None
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path}: not a readable manifest ({error})") from None
+        if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+                and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("epoch"), int)):
+            raise UserError(f"{path}: not a {FORMAT} manifest")
+        files = manifest["files"]
+        for name, record in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise UserError(f"{path}: {name!r} is not a file name in the checkpoint folder")
+            if not name.endswith(SAFE_SUFFIXES):
+                raise UserError(f"{path}: lists {name}, which is not one of the safe formats "
+                                f"({', '.join(SAFE_SUFFIXES)}); the checkpoint is refused")
+            if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+                    and isinstance(record.get("size"), int)):
+                raise UserError(f"{path}: the entry for {name} needs sha256 and size")
+        self.epoch: int = manifest["epoch"]
+        self.num_processes: int = manifest.get("num_processes", 1)
+        self.files: dict[str, dict] = files
+
+    def unlisted(self) -> list[str]:
+        """Files in the folder that the manifest does not list: never opened."""
+        return sorted(p.name for p in self.folder.iterdir() if p.name not in self.files and p.name != MANIFEST)
+
+    def read(self, name: str) -> bytes:
+        """A listed file's bytes, after checking its size and sha256."""
+        record = self.files.get(name)
+        if record is None:
+            raise UserError(f"{self.folder / MANIFEST}: does not list {name}; the checkpoint is incomplete")
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise UserError(f"{path}: cannot be read ({error.strerror or error})") from None
+        if len(data) != record["size"] or _sha256(data) != record["sha256"]:
+            raise UserError(f"{path}: its size or sha256 differs from the manifest's: the file is corrupt or was "
+                            "replaced; the checkpoint is refused")
+        return data
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as error:
+            raise UserError(f"{self.folder / name}: not valid JSON ({error})") from None
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return safetensors.torch.load(self.read(name))
+        except safetensors.SafetensorError as error:
+            raise UserError(f"{self.folder / name}: not a valid safetensors file ({error})") from None
+
+    def tree(self, stem: str) -> Any:
+        """A state dict saved as `stem.json` + `stem.safetensors`."""
+        tensors = self.tensors(f"{stem}.safetensors") if f"{stem}.safetensors" in self.files else {}
+        try:
+            return join_tensors(self.json(f"{stem}.json"), tensors)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{self.folder / stem}.json: names a tensor that {stem}.safetensors lacks "
+                            f"({error})") from None
+
+    def verify(self) -> None:
+        """Reads and checks every listed file."""
+        for name in self.files:
+            self.read(name)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint in a run's checkpoints/ folder whose manifest verifies (every file's size and sha256);
+    a newer one that does not verify is skipped with a warning naming the reason."""
+    for candidate in reversed(checkpoint_dirs(folder)):
+        try:
+            CheckpointReader(candidate).verify()
+        except UserError as error:
+            warnings.warn(f"skipping checkpoint {candidate}: {error}", stacklevel=2)
+            continue
+        return candidate
+    return None
+
+
+def _load_into(module: nn.Module, reader: CheckpointReader, name: str) -> None:
+    try:
+        module.load_state_dict(reader.tensors(name))
+    except RuntimeError as error:  # missing, unexpected or mis-shaped keys
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"{reader.folder / name} does not fit this recipe's {name.split('.')[0]}: {first}") from None
+
+
+# ---- writing a checkpoint ------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue bit for bit: weights, objective, optimizer, run state,
+    recipe and every process's random states. The main process writes the shared files, each process its own RNG.
+
+    Args:
+        accelerator: the run's Accelerator (process index, barriers, fp16's gradient scaler).
+        run: the run directory.
+        model: the unwrapped, uncompiled model (its parameters are the trained ones).
+        objective: the objective (SGLR's bank and teacher are its state dict).
+        optimizer: the optimizer.
+        state: the run state (epoch, global step, ...), saved as JSON.
+        recipe: the resolved recipe.
+    """
+
+    def __init__(self, accelerator: Accelerator, run: RunDir, *, model: nn.Module, objective: nn.Module,
+                 optimizer: torch.optim.Optimizer, state: Stateful, recipe: Recipe):
+        self.accelerator, self.run, self.model, self.objective = accelerator, run, model, objective
+        self.optimizer, self.state, self.recipe = optimizer, state, recipe
+
+    def save(self, epoch: int) -> Path:
+        """Writes `checkpoints/epoch_NNNN` atomically, then keeps the newest `run.keep_checkpoints` up to it.
+
+        A failed write raises UserError naming the file (and that the disk is full when it is) and the newest
+        intact checkpoint; the half-written folder is removed.
+        """
+        accelerator, partial, final = self.accelerator, self.run.partial_checkpoint(epoch), self.run.checkpoint(epoch)
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+                partial.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            write_atomic(partial / f"rng_{accelerator.process_index}.json", _json_bytes(rng_state()))
+            if accelerator.is_main_process:
+                self._write_shared(partial)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                files = {p.name: {"sha256": _sha256(data := p.read_bytes()), "size": len(data)}
+                         for p in sorted(partial.iterdir()) if not p.name.startswith(".")}
+                manifest = {"format": FORMAT, "epoch": epoch, "global_step": self.state.global_step,
+                            "num_processes": accelerator.num_processes, "files": files}
+                write_atomic(partial / MANIFEST, _json_bytes(manifest))
+                fsync_dir(partial)
+                shutil.rmtree(final, ignore_errors=True)  # one of this epoch that did not verify (resumed before it)
+                partial.rename(final)
+                fsync_dir(final.parent)
+                rotate_checkpoints(self.run, epoch, self.recipe.run.keep_checkpoints)
+        except OSError as error:
+            self._fail(partial, WriteFailed(Path(error.filename or partial), error))
+        except WriteFailed as error:
+            self._fail(partial, error)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write_shared(self, partial: Path) -> None:
+        write_atomic(partial / MODEL, _tensor_bytes(self.model.state_dict()))
+        write_atomic(partial / OBJECTIVE, _tensor_bytes(self.objective.state_dict()))
+        self._write_tree(partial, "optimizer", self.optimizer.state_dict())
+        if self.accelerator.scaler is not None:
+            self._write_tree(partial, "scaler", self.accelerator.scaler.state_dict())
+        write_atomic(partial / STATE, _json_bytes(self.state.state_dict()))
+        write_atomic(partial / RECIPE, _json_bytes(self.recipe.to_dict()))
+
+    @staticmethod
+    def _write_tree(partial: Path, stem: str, value: Any) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        tree = split_tensors(value, tensors)
+        if tensors:
+            write_atomic(partial / f"{stem}.safetensors", _tensor_bytes(tensors))
+        write_atomic(partial / f"{stem}.json", _json_bytes(tree))
+
+    def _fail(self, partial: Path, error: WriteFailed) -> NoReturn:
+        shutil.rmtree(partial, ignore_errors=True)  # frees what it took on a full disk
+        intact = latest_checkpoint(self.run.checkpoints)
+        where = (f"the newest intact checkpoint is {intact}: `run.resume: auto` continues from it" if intact else
+                 "there is no intact checkpoint yet")
+        raise UserError(f"{error}; {where}") from error
+
+    def load(self, folder: Path) -> None:
+        """Restores a checkpoint written by `save` into the model, objective, optimizer, run state and this process's
+        random states. Only the manifest's files are read, each verified; files it does not list are never opened."""
+        reader = CheckpointReader(folder)
+        if self.accelerator.is_main_process and (unlisted := reader.unlisted()):
+            warnings.warn(f"{folder}: ignoring {', '.join(unlisted)}: not in its {MANIFEST} (never opened)",
+                          stacklevel=2)
+        _load_into(self.model, reader, MODEL)
+        _load_into(self.objective, reader, OBJECTIVE)
+        try:
+            self.optimizer.load_state_dict(reader.tree("optimizer"))
+            if self.accelerator.scaler is not None and "scaler.json" in reader.files:
+                self.accelerator.scaler.load_state_dict(reader.tree("scaler"))
+            self.state.load_state_dict(reader.json(STATE))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise UserError(f"{folder}: its optimizer or run state does not fit this recipe ({error!r})") from None
+        rng_file = f"rng_{self.accelerator.process_index}.json"
+        if rng_file not in reader.files:
+            warnings.warn(f"{folder} was written by {reader.num_processes} processes: process "
+                          f"{self.accelerator.process_index} keeps its fresh random state", stacklevel=2)
+            return
+        try:
+            set_rng_state(reader.json(rng_file))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a byte out of range
+            raise UserError(f"{folder / rng_file}: not a random state ({error!r})") from None
+
+
+def rotate_checkpoints(run: RunDir, epoch: int, keep: int) -> None:
+    """Deletes all but the newest `keep - 1` checkpoints before `epoch` (just written, always kept). Newer ones
+    (left unverifiable by a crash; the run resumed before them) are left for this run to overwrite: rotation never
+    trades the checkpoint just written for another."""
+    older = [c for c in checkpoint_dirs(run.checkpoints) if checkpoint_epoch(c) < epoch]
+    for folder in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(folder)
+
+
+# ---- (re)starting a run in its directory -----------------------------------------------------------------------
+
+def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[RunLock | None, Path | None]:
+    """Takes the run directory for this run and says which checkpoint to resume from (None: start afresh).
+
+    The main process locks RUN/.lock for the whole run (one run per directory) and applies the directory's rules;
+    every process gets its decision, so all of them stop with the same UserError when it refuses:
+    a finished run is not rerun; `run.resume: never` does not start over checkpoints; `auto` resumes from the
+    newest checkpoint that verifies; a folder is resumed only when it is this run's newest; and a resumed run's
+    recipe may differ from its checkpoint's only in RESUMABLE_CHANGES.
+
+    Returns:
+        the lock (main process only; release it with `finish_run`) and the checkpoint folder or None.
+    """
+    lock = None
+
+    def decide() -> int:
+        nonlocal lock
+        lock = RunLock.acquire(run)
+        try:
+            return _resume_epoch(run, recipe)
+        except UserError:
+            lock.release()
+            raise
+
+    epoch = _decided_by_main(accelerator, decide)
+    if epoch == 0:
+        return lock, None
+    return lock, run.checkpoint(epoch) if recipe.run.resume == "auto" else Path(recipe.run.resume)
+
+
+def finish_run(accelerator: Accelerator, run: RunDir, lock: RunLock | None, state: Stateful, recipe: Recipe) -> None:
+    """Marks the run finished (RUN/finished.json) and unlocks it: the last thing a run does. Uses no collective
+    (the process group may have ended)."""
+    if accelerator.is_main_process:
+        write_atomic(run.finished, _json_bytes({"epoch": state.epoch, "global_step": state.global_step,
+                                                "epochs": recipe.schedule.epochs, "max_steps": recipe.run.max_steps}))
+        lock.release()
+
+
+def _decided_by_main(accelerator: Accelerator, decide: Callable[[], int]) -> int:
+    """Runs `decide` on the main process and gives its result, or its UserError, to every process."""
+    code, message = 0, b""
+    if accelerator.is_main_process:
+        try:
+            code = decide()
+        except UserError as error:
+            code, message = -1, str(error).encode()[:_MESSAGE_BYTES]
+    if accelerator.num_processes > 1:
+        header = broadcast(torch.tensor([code, len(message)], dtype=torch.int64, device=accelerator.device))
+        text = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        text[:len(message)] = torch.tensor(list(message), dtype=torch.uint8)
+        text = broadcast(text.to(accelerator.device)).cpu()
+        code = int(header[0])
+        message = bytes(text[:int(header[1])].tolist())
+    if code < 0:
+        raise UserError(message.decode(errors="replace"))
+    return code
+
+
+def _resume_epoch(run: RunDir, recipe: Recipe) -> int:
+    """The epoch of the checkpoint to resume from, 0 to start afresh; raises UserError when the directory's rules
+    refuse this run."""
+    _refuse_if_finished(run, recipe)
+    found = run.checkpoint_dirs()
+    mode = recipe.run.resume
+    elsewhere = "pick another run.name or run.output_dir"
+    if mode == "never":
+        if found:
+            raise UserError(f"run.resume: never, but {run.checkpoints} holds checkpoints ({found[-1].name}): "
+                            f"{elsewhere}, or delete {run.root}, or resume it with run.resume: auto")
+        return 0
+    if mode == "auto":
+        folder = latest_checkpoint(run.checkpoints)
+        if folder is None:
+            if found:
+                raise UserError(f"run.resume: auto, but no checkpoint in {run.checkpoints} verifies (warnings above "
+                                f"say why): {elsewhere}, or delete {run.checkpoints} to start over")
+            return 0
+    else:
+        folder = Path(mode)
+        if not folder.is_dir():
+            raise UserError(f"run.resume: checkpoint folder {folder} not found; use auto, never or a folder")
+        if found and folder.resolve() != found[-1].resolve():
+            raise UserError(f"run.resume: {folder}: {run.checkpoints} already holds this run's checkpoints up to "
+                            f"{found[-1].name}, which run.resume: auto continues; to continue from {folder} "
+                            f"instead, {elsewhere}")
+    reader = CheckpointReader(folder)
+    if mode != "auto":  # latest_checkpoint verified it already
+        reader.verify()
+    _check_same_recipe(reader, recipe)
+    return reader.epoch
+
+
+def _refuse_if_finished(run: RunDir, recipe: Recipe) -> None:
+    """A finished run is not rerun, unless it stopped at run.max_steps and the new recipe asks for more steps."""
+    if not run.finished.is_file():
+        return
+    try:
+        done = json.loads(run.finished.read_bytes())
+        epoch, global_step = int(done["epoch"]), int(done["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{run.finished}: not a finished-run marker ({error!r}); delete it if the run did not "
+                        "finish") from None
+    max_steps = recipe.run.max_steps
+    if epoch < recipe.schedule.epochs and (max_steps is None or max_steps > global_step):
+        return  # it stopped at its max_steps; this recipe trains on
+    which = (run.exports() or ["last"])[0]
+    raise UserError(f"{run.root} already finished (epoch {epoch}, step {global_step}; {run.finished.name}): it is "
+                    f"neither trained nor evaluated again. To evaluate it again: `sglr-zoo eval "
+                    f"{run.export(which)} --dataset {recipe.data.dataset} --out results.json`; to train anew, pick "
+                    "another run.name or run.output_dir")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":  # model.kwargs is one value
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_recipe(reader: CheckpointReader, recipe: Recipe) -> None:
+    saved = from_dict(reader.json(RECIPE), source=str(reader.folder / RECIPE)).to_dict()
+    before, now = _flat(saved), _flat(recipe.to_dict())
+    changed = [key for key in sorted(before.keys() | now.keys())
+               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        details = ", ".join(f"{key} ({before.get(key)!r} -> {now.get(key)!r})" for key in changed[:6])
+        raise UserError(f"run.resume: the recipe differs from the one {reader.folder} was trained with in "
+                        f"{details}{' ...' if len(changed) > 6 else ''}; a resumed run may change only "
+                        f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_CHANGES)}. Restore those "
+                        "keys, or train anew under another run.name or run.output_dir")
