@@ -1,47 +1,21 @@
 """Robustness evaluation: clean accuracy, our quick PGD/CW and the reference AutoAttack, with sanity checks.
 
-Every number a model card shows comes from the one results object written here (`save_results`). Its keys
-(schema "sglr_zoo.results/1"; accuracies are percentages over all n examples):
-
-    schema              "sglr_zoo.results/1"
-    model               the model id as given (path, local-dir:, hf-hub:, zoo name)
-    arch                model.pretrained_cfg["architecture"], or null
-    dataset, split      the dataset id and split as given; source: where the data was read from
-    threat, eps         "linf" | "l2"; eps as an exact fraction string ("8/255", "1/2")
-    n_examples, which   how many examples and which ones ("first n of the split in order")
-    clean_accuracy      percent
-    robust_accuracy     {attack: percent}, e.g. {"pgd20": 45.1, "cw20": 44.0, "autoattack": 41.2}
-    worst_case_accuracy percent correct under every attack run (per example), or null if none ran
-    autoattack_per_attack  {sub-attack: {"robust_accuracy": percent after it (cumulative), "seconds": s}}
-    attacks             {attack: settings}; AutoAttack's holds its version and every sub-attack's settings
-    sanity              {check: {"passed": true | false | null (not run), "detail": str}} for the checks
-                        eval_mode (eval mode, two forward passes agree), input_gradients (not zero for most
-                        examples), autoattack_le_pgd, large_eps (pgd20 at 64/255 or L2 8 on <= 100 examples
-                        must reach <= 5%), square_vs_white_box (Square adds <= 0.2 points after the white-box ones)
-    seed, device        the seed of every attack; the device it ran on
-    versions            {"python", "torch", "timm", "sglr_zoo", "pyautoattack", "git"}
-    wall_time_s         seconds for the whole evaluation; attack_seconds: {"clean" | attack: seconds}
-    command             the command line (CLI) or the `command=` given to the Python API
-    created             UTC time, ISO 8601
-
-Attacks run in fp32 (TF32 and autocast off) with the model in eval mode, each on the points it can still
-break: our PGD/CW on the clean-correct points, AutoAttack's sub-attacks on the points that survived the
-previous ones. AutoAttack is pyautoattack (Croce & Hein's code); we drive its sub-attacks batch by batch
-(the batching its own loop uses) so that per-attack numbers are kept and a killed run resumes from a state
-file: pyautoattack 0.2.0's own `state_path` cannot be read back (it stores the attack set as a string and
-its resume branch uses an unset variable).
+`evaluate` measures a model on given images and returns a `sglr_zoo.results.Results` (its JSON file is described
+there): every number a model card shows comes from one. `evaluate_model` first loads a model id and the first n
+examples of a dataset split. Attacks run in fp32 (TF32 and autocast off) with the model in eval mode, each on the
+points it can still break: our PGD/CW on the clean-correct points, AutoAttack's sub-attacks
+(`sglr_zoo.autoattack`) on the points that survived the previous ones. The checks are in `sglr_zoo.sanity`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import platform
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -50,72 +24,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sglr_zoo import sanity
 from sglr_zoo.attacks import Threat, model_mode, pgd
+from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
 from sglr_zoo.recipe import parse_fraction
+from sglr_zoo.results import Provenance, Results, percent
 
-SCHEMA = "sglr_zoo.results/1"
-STATE_SCHEMA = "sglr_zoo.autoattack_state/1"
-REQUIRED_KEYS = ("schema", "model", "arch", "dataset", "split", "source", "threat", "eps", "n_examples", "which",
-                 "clean_accuracy", "robust_accuracy", "worst_case_accuracy", "autoattack_per_attack", "attacks",
-                 "sanity", "seed", "device", "versions", "wall_time_s", "attack_seconds", "command", "created")
+__all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
+           "evaluate", "evaluate_model", "format_results", "load_results", "make_autoattack", "save_results"]
+
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw20", "autoattack")
 DEFAULT_EPS = {"linf": Fraction(8, 255), "l2": Fraction(1, 2)}
-LARGE_EPS = {"linf": Fraction(64, 255), "l2": Fraction(8)}  # robust accuracy must fall to near 0 here
-AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-NEAR_ZERO = 5.0  # percent: the large-eps sanity bound
-SQUARE_TOLERANCE = 0.2  # percentage points Square may add after the white-box attacks (AutoAttack's check_square_sr)
+# evaluate()'s keywords before provenance= grouped them, still accepted (deprecated): old name -> Provenance field.
+LEGACY_PROVENANCE = {"model_name": "model", "dataset": "dataset", "split": "split", "source": "source",
+                     "which": "which", "command": "command"}
 
-
-def make_autoattack(
-    model: nn.Module,
-    *,
-    threat: Threat,
-    eps: float,
-    version: str = "standard",
-    attacks: Sequence[str] | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> Any:
-    """The reference AutoAttack object: `standard` or `rand` versions, or `custom` with a list of sub-attacks."""
-    from pyautoattack import AutoAttack
-
-    if version not in ("standard", "rand", "custom"):
-        raise UserError(f"AutoAttack version {version!r}: choose standard, rand or custom")
-    if (version == "custom") != bool(attacks):
-        raise UserError("AutoAttack: give a list of sub-attacks (--autoattack-attacks) exactly when the version "
-                        f"is custom (got version {version!r}, attacks {list(attacks or [])})")
-    unknown = sorted(set(attacks or []) - set(AUTOATTACK_NAMES))
-    if unknown:
-        raise UserError(f"AutoAttack: unknown sub-attack {unknown[0]!r}; choose from {', '.join(AUTOATTACK_NAMES)}")
-    aa = AutoAttack(model, attacks=list(attacks) if attacks else None, device=str(device), eps=eps,
-                    norm={"linf": "Linf", "l2": "L2"}[threat], seed=seed, version=version)
-    aa.verbose = False  # its log counts per call, i.e. per batch here; our progress bars count the whole run
-    return aa
-
-
-def autoattack_settings(aa: Any) -> dict[str, Any]:
-    """Version, sub-attacks and each sub-attack's settings, read off the AutoAttack object."""
-    subs = {}
-    for name in aa.attacks_to_run:
-        if name in ("apgd-ce", "apgd-dlr"):
-            subs[name] = {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts, "eot_iter": aa.apgd.eot_iter}
-        elif name == "apgd-t":
-            a = aa.apgd_targeted
-            subs[name] = {"n_iter": a.n_iter, "n_restarts": a.n_restarts, "n_target_classes": a.n_target_classes}
-        elif name in ("fab", "fab-t"):
-            subs[name] = {"n_iter": aa.fab.n_iter, "n_restarts": 1 if name == "fab-t" else aa.fab.n_restarts}
-            if name == "fab-t":
-                subs[name]["n_target_classes"] = aa.fab.n_target_classes
-        else:
-            subs[name] = {"n_queries": aa.square.n_queries, "p_init": aa.square.p_init,
-                          "n_restarts": aa.square.n_restarts}
-    return {"implementation": f"pyautoattack {package_version('pyautoattack')}", "version": aa.version,
-            "norm": aa.norm, "seed": aa.seed, "sub_attacks": subs, "precision": "fp32"}
+# The results object's own methods, under the names this module has always exported.
+load_results, save_results, format_results = Results.load, Results.save, Results.summary
 
 
 def evaluate(
@@ -135,13 +64,9 @@ def evaluate(
     device: str | torch.device | None = None,
     bf16_quick: bool = False,
     progress: bool = False,
-    model_name: str | None = None,
-    dataset: str | None = None,
-    split: str | None = None,
-    source: str | None = None,
-    which: str = "the given images, in order",
-    command: str | None = None,
-) -> dict[str, Any]:
+    provenance: Provenance | None = None,
+    **legacy_provenance: str | None,
+) -> Results:
     """Clean and robust accuracy of `model` on float images in [0, 1], plus sanity checks: the results object.
 
     Args:
@@ -153,13 +78,14 @@ def evaluate(
         device: defaults to the model's device. The model is moved there and put in eval mode for the
             evaluation (its train/eval modes are restored afterwards).
         bf16_quick: bf16 autocast for our PGD/CW steps only (verdicts and AutoAttack stay fp32).
-        model_name, dataset, split, source, which, command: recorded in the results as given.
+        provenance: what is evaluated and how it was asked for, recorded as given (local paths made
+            relative, see `sglr_zoo.results.public_path`). The old keywords model_name, dataset, split, source,
+            which and command still work and are deprecated.
     """
     started = time.time()
-    if threat not in DEFAULT_EPS:
-        raise UserError(f"threat {threat!r}: choose linf or l2")
-    eps = _parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
-    quick = _parse_attacks(attacks)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    provenance = _provenance(provenance, legacy_provenance)
+    eps, quick = _check_options(threat, eps, attacks, batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     _check_inputs(model, images, labels)
     images, labels = images.cpu(), labels.cpu()
@@ -167,64 +93,63 @@ def evaluate(
     aa = None
     if "autoattack" in attacks:  # built first: bad options fail before any work
         aa = make_autoattack(model, threat=threat, eps=float(eps), version=autoattack_version,
-                             attacks=autoattack_attacks, seed=seed, device=device)
-    n = len(labels)
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    results: dict[str, Any] = {
-        "schema": SCHEMA, "model": model_name, "arch": arch,
-        "dataset": dataset, "split": split, "source": source, "threat": threat, "eps": _fraction_str(eps),
-        "n_examples": n, "which": which, "clean_accuracy": None, "robust_accuracy": {}, "worst_case_accuracy": None,
-        "autoattack_per_attack": {}, "attacks": {}, "sanity": {}, "seed": seed, "device": str(device),
-        "versions": _versions(), "wall_time_s": None, "attack_seconds": {}, "command": command,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    sanity = results["sanity"]
+                             attacks=autoattack_attacks, seed=seed, device=device, num_classes=num_classes)
+    settings: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    flags: dict[str, torch.Tensor] = {}
+    per_attack = {}
     with model_mode(model, "eval"), _fp32(device):
         if any(module.training for module in model.modules()):
             raise UserError("the model stays in train mode after model.eval() (a module overrides train()); "
                             "evaluation would use batch statistics")
-        sanity["eval_mode"] = _check_eval_mode(model, images[:batch_size].to(device), num_classes, labels)
+        eval_mode = sanity.eval_mode(model, images[:batch_size].to(device), labels, num_classes)
 
         clock = time.time()
         correct = _predict(model, images, batch_size, device) == labels
-        results["clean_accuracy"] = _percent(correct)
-        results["attack_seconds"]["clean"] = time.time() - clock
-        robust_flags = {}
+        seconds["clean"] = time.time() - clock
         for name, (loss, steps) in quick.items():
             clock = time.time()
             torch.manual_seed(seed)
-            robust_flags[name] = correct if eps == 0 else _quick_attack(
+            flags[name] = correct if eps == 0 else _quick_attack(
                 model, images, labels, correct, loss=loss, steps=steps, threat=threat, eps=eps, batch_size=batch_size,
                 device=device, bf16=bf16_quick, progress=progress, desc=name)
-            results["attacks"][name] = {
+            settings[name] = {
                 "implementation": "sglr_zoo.attacks.pgd", "loss": loss, "steps": steps,
                 "step_size": _fraction_str(eps / 4), "random_start": True, "restarts": 1,
                 "precision": "bf16 autocast (verdict fp32)" if bf16_quick else "fp32"}
-            results["attack_seconds"][name] = time.time() - clock
+            seconds[name] = time.time() - clock
         if aa is not None:
             clock = time.time()
-            results["attacks"]["autoattack"] = autoattack_settings(aa)
+            settings["autoattack"] = autoattack_settings(aa)
             if eps == 0:
-                robust_flags["autoattack"] = correct
+                flags["autoattack"] = correct
             else:
                 key = {"threat": threat, "eps": _fraction_str(eps), **autoattack_settings(aa),
                        "data_sha256": _fingerprint([images, labels]),
                        "model_sha256": _fingerprint(model.state_dict().values())}
-                robust_flags["autoattack"], results["autoattack_per_attack"] = _run_autoattack(
+                flags["autoattack"], per_attack = run_autoattack(
                     aa, images, labels, correct, batch_size=batch_size, state_path=state_path, key=key,
                     progress=progress)
-            results["attack_seconds"]["autoattack"] = time.time() - clock
+            seconds["autoattack"] = time.time() - clock
 
-        results["robust_accuracy"] = {name: _percent(flags) for name, flags in robust_flags.items()}
-        if robust_flags:
-            results["worst_case_accuracy"] = _percent(torch.stack(list(robust_flags.values())).all(0))
-        sanity["input_gradients"] = _check_gradients(model, images[:100].to(device), labels[:100].to(device))
-        sanity["autoattack_le_pgd"] = _check_autoattack_le_pgd(results["robust_accuracy"])
-        sanity["large_eps"] = _check_large_eps(model, images[:100], labels[:100], threat=threat, seed=seed,
-                                               batch_size=batch_size, device=device, progress=progress)
-        sanity["square_vs_white_box"] = _check_square(results["autoattack_per_attack"])
-    results["wall_time_s"] = time.time() - started
-    return results
+        robust = {name: _percent(robust_flags) for name, robust_flags in flags.items()}
+        checked = min(len(labels), sanity.CHECK_EXAMPLES)
+        checks = {
+            "eval_mode": eval_mode,
+            "input_gradients": sanity.input_gradients(model, images[:checked].to(device), labels[:checked].to(device)),
+            "autoattack_le_pgd": sanity.autoattack_le_pgd(robust),
+            "large_eps": sanity.large_eps(
+                _large_eps_accuracy(model, images[:checked], labels[:checked], threat=threat, seed=seed,
+                                    batch_size=batch_size, device=device, progress=progress), threat, checked),
+            "square_vs_white_box": sanity.square_vs_white_box(per_attack),
+        }
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return Results(
+        provenance=provenance, arch=arch, threat=threat, eps=_fraction_str(eps), n_examples=len(labels),
+        clean_accuracy=_percent(correct), robust_accuracy=robust,
+        worst_case_accuracy=_percent(torch.stack(list(flags.values())).all(0)) if flags else None,
+        autoattack_per_attack=per_attack, attacks=settings, sanity=checks, seed=seed, device=str(device),
+        versions=_versions(), wall_time_s=time.time() - started, attack_seconds=seconds, created=created)
 
 
 def attack_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str,
@@ -236,8 +161,7 @@ def attack_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     "pgd<steps>" / "cw<steps>" (step eps/4, random start) run in fp32 with the model in eval mode on the
     clean-correct points only. `seed` seeds the random start (None keeps the global generator's state).
     """
-    eps = _parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
-    quick = _parse_attacks([attack])
+    eps, quick = _check_options(threat, eps, [attack], batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images, labels = images.cpu(), labels.cpu()
     with model_mode(model, "eval"), _fp32(device):
@@ -259,13 +183,14 @@ def evaluate_model(
     n: int = 1000,
     device: str | torch.device | None = None,
     weights: str | None = None,
+    command: str | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> Results:
     """Loads a model (`sglr_zoo.zoo.load`) and the first n examples of a split, in order, and runs `evaluate`.
 
     With `weights` (a .safetensors file), `model_id` is a timm architecture name.
 
-    options: the keyword arguments of `evaluate` (threat, eps, attacks, seed, state_path, command, ...).
+    options: the keyword arguments of `evaluate` (threat, eps, attacks, batch_size, seed, state_path, ...).
     """
     from sglr_zoo import zoo
     from sglr_zoo.data import load_splits, to_float
@@ -273,73 +198,50 @@ def evaluate_model(
 
     if n < 1:
         raise UserError(f"--n {n}: evaluate at least one example")
+    _check_options(options.get("threat", "linf"), options.get("eps"), options.get("attacks", DEFAULT_ATTACKS),
+                   options.get("batch_size", 256))  # before minutes of loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # n_train=1: only the test split is needed; the train split's first example is decoded for its class names.
     splits = load_splits(DataConfig(dataset=dataset, test_split=split, n_test=n, n_train=1))
     model = zoo.load(model_id, weights=weights, num_classes=splits.num_classes, device=device)
     image_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 32, 32))[-1]
     images = to_float(splits.test.images, image_size)
+    provenance = Provenance(model=f"{model_id} + {weights}" if weights else model_id, dataset=dataset, split=split,
+                            source=splits.source, which=f"first {len(splits.test)} of the split in order",
+                            command=command)
     return evaluate(model, images, splits.test.labels, num_classes=splits.num_classes, device=device,
-                    model_name=f"{model_id} + {weights}" if weights else model_id, dataset=dataset, split=split, source=splits.source,
-                    which=f"first {len(splits.test)} of the split in order", **options)
+                    provenance=provenance, **options)
 
 
-def save_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Writes the results object as JSON (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+def _provenance(provenance: Provenance | None, legacy: dict[str, str | None]) -> Provenance:
+    """`provenance`, or one built from the deprecated keywords; made fit to publish either way."""
+    unknown = sorted(set(legacy) - set(LEGACY_PROVENANCE))
+    if unknown:
+        raise TypeError(f"evaluate() got an unexpected keyword argument {unknown[0]!r}")
+    if legacy:
+        if provenance is not None:
+            raise TypeError("evaluate(): pass provenance= or the deprecated keywords "
+                            f"({', '.join(sorted(legacy))}), not both")
+        warnings.warn(f"evaluate({', '.join(f'{k}=' for k in legacy)}...) is deprecated: pass "
+                      "provenance=sglr_zoo.results.Provenance(model=..., dataset=..., split=..., source=..., "
+                      "which=..., command=...)", DeprecationWarning, stacklevel=3)
+        provenance = Provenance(**{LEGACY_PROVENANCE[key]: value for key, value in legacy.items()})
+    return (provenance or Provenance()).public()
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Reads a results object; raises UserError naming the file and the problem if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"results file {path} not found; write one with `sglr-zoo eval MODEL --out {path}`")
+def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Sequence[str],
+                   batch_size: int) -> tuple[Fraction, dict[str, tuple[str, int]]]:
+    """Checks the options every evaluation takes; returns eps and our quick attacks as {name: (loss, steps)}."""
+    if threat not in DEFAULT_EPS:
+        raise UserError(f"threat {threat!r}: choose linf or l2")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size {batch_size!r} (--batch-size): give a whole number of examples, at least 1")
     try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(results, dict):
-        raise UserError(f"{path}: expected a JSON object written by `sglr-zoo eval`")
-    if results.get("schema", SCHEMA) != SCHEMA:
-        raise UserError(f"{path}: schema {results['schema']!r} is not {SCHEMA!r}; re-run `sglr-zoo eval`")
-    missing = [key for key in REQUIRED_KEYS if key not in results]
-    if missing:
-        raise UserError(f"{path}: not a {SCHEMA} results file: missing key {missing[0]!r}")
-    return results
-
-
-def format_results(results: dict[str, Any]) -> str:
-    """A short human-readable summary: accuracies, seconds and the sanity checks."""
-    seconds = results["attack_seconds"]
-    data = f"{results['dataset']} [{results['split']}]" if results["dataset"] else "the given images"
-    lines = [f"{results['model'] or 'model'} on {data}, n={results['n_examples']}, "
-             f"{results['threat']} eps={results['eps']}",
-             f"  {'clean':<12}{results['clean_accuracy']:7.2f}%"]
-    for name, accuracy in results["robust_accuracy"].items():
-        lines.append(f"  {name:<12}{accuracy:7.2f}%  ({seconds.get(name, 0):.1f} s)")
-    for name, step in results["autoattack_per_attack"].items():
-        lines.append(f"    after {name:<8}{step['robust_accuracy']:7.2f}%  ({step['seconds']:.1f} s)")
-    lines.append("sanity checks:")
-    for name, check in results["sanity"].items():
-        status = {True: "PASS", False: "FAIL", None: "not run"}[check["passed"]]
-        lines.append(f"  {status:<8}{name}: {check['detail']}")
-    return "\n".join(lines)
-
-
-def _parse_eps(eps: Fraction | str | float) -> Fraction:
-    try:
-        value = parse_fraction(eps)
+        value = parse_fraction(eps if eps is not None else DEFAULT_EPS[threat])
     except ValueError as error:
-        raise UserError(f"eps: {error}") from None
+        raise UserError(f"eps (--eps): {error}") from None
     if value < 0:
-        raise UserError(f"eps: must be >= 0, got {eps}")
-    return value
-
-
-def _parse_attacks(attacks: Sequence[str]) -> dict[str, tuple[str, int]]:
-    """Checks attack names; returns our quick attacks as {name: (loss, steps)}."""
+        raise UserError(f"eps (--eps): must be >= 0, got {eps}")
     quick = {}
     for name in attacks:
         match = re.fullmatch(r"(pgd|cw)(\d+)", name)
@@ -348,7 +250,7 @@ def _parse_attacks(attacks: Sequence[str]) -> dict[str, tuple[str, int]]:
         elif name not in ("clean", "autoattack"):
             raise UserError(f"unknown attack {name!r}; choose from clean, pgd<steps> (e.g. pgd20), cw<steps> "
                             "(e.g. cw20), autoattack")
-    return quick
+    return value, quick
 
 
 def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -390,7 +292,8 @@ def _fp32(device: torch.device) -> Iterator[None]:
 
 def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(batch.to(device)).argmax(1).cpu() for batch in images.split(batch_size)])
+        return torch.cat([sanity.logits_of(model, batch.to(device)).argmax(1).cpu()
+                          for batch in images.split(batch_size)])
 
 
 def _quick_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor, *,
@@ -398,7 +301,7 @@ def _quick_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                   bf16: bool, progress: bool, desc: str) -> torch.Tensor:
     """Our PGD (step eps/4, random start) on the candidate points only; True where the model stays correct."""
     robust = torch.zeros_like(candidates)
-    for index in tqdm(_batches(candidates, batch_size), desc=desc, disable=not progress):
+    for index in tqdm(batches(candidates, batch_size), desc=desc, disable=not progress):
         x, y = images[index].to(device), labels[index].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x_adv = pgd(model, x, y, threat=threat, eps=float(eps), step_size=float(eps / 4), steps=steps,
@@ -408,120 +311,18 @@ def _quick_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return robust
 
 
-def _run_autoattack(aa: Any, images: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, *, batch_size: int,
-                    state_path: str | Path | None, key: dict[str, Any], progress: bool
-                    ) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
-    """AutoAttack's loop (each sub-attack on the points still robust, in batches), saving state after each batch."""
-    n = len(labels)
-    state = {"schema": STATE_SCHEMA, "key": key, "robust": correct.tolist(), "attacked": {}, "seconds": {},
-             "per_attack": {}}
-    path = Path(state_path) if state_path is not None else None
-    if path is not None and path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("schema") != STATE_SCHEMA or saved.get("key") != key:
-            raise UserError(f"state file {path} belongs to a different evaluation (model, data, eps or AutoAttack "
-                            "settings differ); delete it or pass another --state-path")
-        state = saved
-    robust = torch.tensor(state["robust"], dtype=torch.bool)
-    sub_attacks = list(aa.attacks_to_run)
-    try:
-        for name in sub_attacks:
-            attacked = torch.tensor(state["attacked"].get(name, [False] * n), dtype=torch.bool)
-            aa.attacks_to_run = [name]
-            for index in tqdm(_batches(robust & ~attacked, batch_size), desc=f"autoattack {name}",
-                              disable=not progress):
-                clock = time.time()
-                _, predicted = aa.run_standard_evaluation(images[index], labels[index], batch_size=len(index))
-                robust[index] = predicted.cpu() == labels[index]
-                attacked[index] = True
-                state["robust"], state["attacked"][name] = robust.tolist(), attacked.tolist()
-                state["seconds"][name] = state["seconds"].get(name, 0.0) + time.time() - clock
-                _write_state(path, state)
-            state["per_attack"][name] = {"robust_accuracy": _percent(robust),
-                                         "seconds": state["seconds"].get(name, 0.0)}
-            _write_state(path, state)
-    finally:
-        aa.attacks_to_run = sub_attacks
-    return robust, state["per_attack"]
-
-
-def _write_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)  # atomic: a kill never leaves half a file
-
-
-def _check_eval_mode(model: nn.Module, x: torch.Tensor, num_classes: int | None,
-                     labels: torch.Tensor) -> dict[str, Any]:
-    """Checks the output shape (a UserError if wrong) and that two forward passes agree."""
-    with torch.no_grad():
-        first, second = model(x), model(x)
-    classes = num_classes or int(labels.max()) + 1
-    if first.dim() != 2 or (first.shape[1] != classes if num_classes else first.shape[1] < classes):
-        got = f"{first.shape[1]} logits" if first.dim() == 2 else f"logits of shape {tuple(first.shape[1:])}"
-        raise UserError(f"the model outputs {got} per image but the data has {classes} "
-                        "classes; evaluate a model trained on this dataset (or pick the matching --dataset)")
-    difference = (first - second).abs().max().item()
-    same = torch.allclose(first, second, rtol=1e-5, atol=1e-5)
-    return {"passed": same, "detail": f"eval mode; two forward passes differ by at most {difference:.2g}"
-            + ("" if same else ": a randomized model; use --autoattack-version rand")}
-
-
-def _check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Flags gradient masking: the cross-entropy's input gradient is exactly zero for most examples."""
-    x = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(x).float(), y, reduction="sum"), [x])
-    zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
-    passed = zero <= len(x) / 2
-    return {"passed": passed, "detail": f"{zero} of {len(x)} examples have an all-zero input gradient"
-            + ("" if passed else ": gradient masking, white-box attack numbers are unreliable")}
-
-
-def _check_autoattack_le_pgd(robust: dict[str, float]) -> dict[str, Any]:
-    pgd_name = next((name for name in robust if name.startswith("pgd")), None)
-    if "autoattack" not in robust or pgd_name is None:
-        return {"passed": None, "detail": "not run: needs both autoattack and a pgd attack"}
-    passed = robust["autoattack"] <= robust[pgd_name]
-    return {"passed": passed, "detail": f"autoattack {robust['autoattack']:.2f}% vs {pgd_name} {robust[pgd_name]:.2f}%"}
-
-
-def _check_large_eps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, threat: Threat, seed: int,
-                     batch_size: int, device: torch.device, progress: bool) -> dict[str, Any]:
-    """PGD-20 at a huge eps must break nearly everything, else the attack or the model is broken."""
-    eps = LARGE_EPS[threat]
+def _large_eps_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, threat: Threat, seed: int,
+                        batch_size: int, device: torch.device, progress: bool) -> float:
+    """PGD-20 accuracy at `sanity.LARGE_EPS`, for the check that it falls to near zero."""
     torch.manual_seed(seed)
     correct = _predict(model, images, batch_size, device) == labels
-    robust = _quick_attack(model, images, labels, correct, loss="ce", steps=20, threat=threat, eps=eps,
-                           batch_size=batch_size, device=device, bf16=False, progress=progress, desc="sanity large eps")
-    accuracy = _percent(robust)
-    return {"passed": accuracy <= NEAR_ZERO, "detail": f"pgd20 at eps {_fraction_str(eps)} on {len(labels)} "
-            f"examples: {accuracy:.2f}% (must be <= {NEAR_ZERO}%)"}
-
-
-def _check_square(per_attack: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The black-box Square attack must not break points that AutoAttack's white-box attacks left."""
-    names = list(per_attack)
-    if "square" not in names or names.index("square") == 0:
-        return {"passed": None, "detail": "not run: needs AutoAttack's per-attack results with square after a "
-                                          "white-box attack"}
-    before = per_attack[names[names.index("square") - 1]]["robust_accuracy"]
-    drop = before - per_attack["square"]["robust_accuracy"]
-    passed = drop <= SQUARE_TOLERANCE
-    return {"passed": passed, "detail": f"square lowered robust accuracy by {drop:.2f} points after the white-box "
-            f"attacks (allowed {SQUARE_TOLERANCE})" + ("" if passed else ": likely gradient masking")}
-
-
-def _batches(flags: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """The indices where flags is True, in order, in batches."""
-    index = flags.nonzero().flatten()
-    return list(index.split(batch_size)) if len(index) else []
+    return _percent(_quick_attack(model, images, labels, correct, loss="ce", steps=20, threat=threat,
+                                  eps=sanity.LARGE_EPS[threat], batch_size=batch_size, device=device, bf16=False,
+                                  progress=progress, desc="sanity large eps"))
 
 
 def _percent(flags: torch.Tensor) -> float:
-    return 100.0 * int(flags.sum()) / len(flags)
+    return percent(int(flags.sum()), len(flags))
 
 
 def _fraction_str(value: Fraction) -> str:

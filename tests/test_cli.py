@@ -44,13 +44,13 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return info.value.code, out, err
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+def assert_one_line_error(code: int, err: str, *fragments: str, command: str = "train") -> None:
     assert code == 2
     assert "Traceback" not in err
     # Libraries may draw progress bars on stderr before the error; the error itself is one last line.
     lines = err.strip().splitlines()
     assert sum("error:" in line for line in lines) == 1, err
-    assert lines[-1].startswith("sglr-zoo train: error: "), err
+    assert lines[-1].startswith(f"sglr-zoo {command}: error: "), err
     for fragment in fragments:
         assert fragment in lines[-1]
 
@@ -80,11 +80,6 @@ def test_bad_override(tmp_path, capsys):
     assert_one_line_error(code, err, "schedule.epochs", "key.sub=value")
 
 
-TRAINER_MISSING = not (REPO / "sglr_zoo" / "training.py").exists()
-needs_trainer = pytest.mark.xfail(TRAINER_MISSING, reason="trainer not landed", strict=False)
-
-
-@needs_trainer
 def test_dataset_without_images(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -94,7 +89,6 @@ def test_dataset_without_images(tmp_path, capsys):
     assert_one_line_error(code, err, "data.dataset", str(empty))
 
 
-@needs_trainer
 def test_unknown_architecture(tmp_path, capsys, tiny_dataset):
     path = tmp_path / "recipe.yaml"
     path.write_text(TINY_RECIPE.format(dataset=tiny_dataset, arch="resnet_tiny_cifar", output_dir=tmp_path / "runs"))
@@ -110,6 +104,29 @@ def test_subprocess_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"sglr-zoo train: error: recipe file {missing} not found; "
                                                   "see recipes/ for examples"]
+
+
+def test_eval_of_a_broken_model_folder_is_one_line(tmp_path, tiny_dataset):
+    from sglr_zoo.models import create_model, save_pretrained
+
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    (folder / "config.json").write_text("null")
+    result = subprocess.run([sys.executable, "-m", "sglr_zoo.cli", "eval", str(folder), "--dataset",
+                             str(tiny_dataset), "--n", "4", "--attacks", "clean", "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert_one_line_error(result.returncode, result.stderr, str(folder / "config.json"), "expected a JSON object",
+                          command="eval")
+
+
+def test_push_dry_run_states_the_visibility(tmp_path, capsys):
+    from sglr_zoo.models import create_model, save_pretrained
+
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    main(["push", str(folder), "--repo-id", "org/model", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "dry run: org/model would be a PUBLIC repo" in out and "(pass --private for a private repo)" in out
+    main(["push", str(folder), "--repo-id", "org/model", "--dry-run", "--private"])
+    assert "dry run: org/model would be a private repo if this push created it (--private)" in capsys.readouterr().out
 
 
 def test_list(capsys):

@@ -1,21 +1,29 @@
-"""Evaluation: every attack on tiny models, sanity checks, AutoAttack resume, the results JSON and `sglr-zoo eval`."""
+"""Evaluation: every attack on tiny models, sanity checks, AutoAttack resume, the results file and `sglr-zoo eval`."""
 
 from __future__ import annotations
 
 import json
+import re
 from fractions import Fraction
+from importlib.metadata import version as package_version
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from pyautoattack import AutoAttack
 from torch import nn
 
+from sglr_zoo import autoattack, sanity
 from sglr_zoo import evaluate as ev
 from sglr_zoo.attacks import pgd
 from sglr_zoo.cli import main
 from sglr_zoo.errors import UserError
 from sglr_zoo.models import create_model, save_pretrained
+from sglr_zoo.results import SCHEMA, AttackStep, Provenance, Results
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +36,8 @@ def one_thread():
 
 
 class LinearNet(nn.Module):
-    """A linear classifier with BatchNorm: AutoAttack runs in a blink, and eps 1/255 flips some of its answers."""
+    """A linear classifier with BatchNorm: AutoAttack runs in a blink, eps 1/255 flips some of its answers, and
+    being affine in eval mode its exact robust accuracy can be computed (`exact_robust`)."""
 
     def __init__(self, num_classes: int = 10, quantize: bool = False):
         super().__init__()
@@ -43,6 +52,12 @@ class LinearNet(nn.Module):
         return self.bn(self.fc(x.flatten(1)))
 
 
+class TupleNet(LinearNet):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(x)
+        return logits, logits.softmax(1)
+
+
 def _data(model: nn.Module, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images labelled with the model's own answers, a quarter of them wrong (clean accuracy 75%)."""
     generator = torch.Generator().manual_seed(1)
@@ -51,6 +66,24 @@ def _data(model: nn.Module, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         y = model.eval()(x).argmax(1)
     y[::4] = (y[::4] + 1) % 10
     return x, y
+
+
+def exact_robust(model: LinearNet, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per example, whether no image in the L-inf ball (within [0, 1]) changes the answer of the eval-mode affine
+    model: for each other class, the worst pixel of the box for the margin is its lower or upper end."""
+    bn = model.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight, bias = model.fc.weight * scale[:, None], (model.fc.bias - bn.running_mean) * scale + bn.bias
+    flat = x.flatten(1)
+    low, high = (flat - eps).clamp(0, 1), (flat + eps).clamp(0, 1)
+    robust = []
+    with torch.no_grad():
+        for i, label in enumerate(y.tolist()):
+            v = weight[label] - weight
+            margins = bias[label] - bias + torch.where(v > 0, v * low[i], v * high[i]).sum(1)
+            margins[label] = float("inf")
+            robust.append(bool((margins > 0).all()) and int(model.eval()(x[i:i + 1]).argmax()) == label)
+    return torch.tensor(robust)
 
 
 def test_autoattack_standard_settings():
@@ -62,11 +95,20 @@ def test_autoattack_standard_settings():
     assert (aa.fab.n_iter, aa.fab.n_restarts, aa.fab.n_target_classes) == (100, 1, 9)
     assert aa.square.n_queries == 5000
     settings = ev.autoattack_settings(aa)
-    assert settings["implementation"] == "pyautoattack 0.2.0"
+    assert settings["implementation"] == f"pyautoattack {autoattack.PYAUTOATTACK_VERSION}"
     assert settings["sub_attacks"]["apgd-t"] == {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9}
     assert settings["sub_attacks"]["square"]["n_queries"] == 5000
     rand = ev.make_autoattack(LinearNet(), threat="l2", eps=0.5, version="rand")
     assert (rand.norm, rand.attacks_to_run, rand.apgd.eot_iter) == ("L2", ["apgd-ce", "apgd-dlr"], 20)
+
+
+def test_pyautoattack_is_pinned_to_the_version_the_driver_reads(monkeypatch):
+    pins = re.findall(r'"(pyautoattack[^"]*)"', (REPO / "pyproject.toml").read_text())
+    assert pins == [f"pyautoattack=={autoattack.PYAUTOATTACK_VERSION}"]
+    assert package_version("pyautoattack") == autoattack.PYAUTOATTACK_VERSION
+    monkeypatch.setattr(autoattack, "package_version", lambda name: "0.3.0")
+    with pytest.raises(UserError, match=r"pyautoattack 0\.3\.0 is installed.*pip install pyautoattack==0\.2\.0"):
+        ev.make_autoattack(LinearNet(), threat="linf", eps=8 / 255)
 
 
 @pytest.mark.parametrize("version, attacks", [("standard", ["apgd-ce"]), ("custom", None), ("custom", ["pgd"])])
@@ -75,52 +117,70 @@ def test_autoattack_bad_options(version, attacks):
         ev.make_autoattack(LinearNet(), threat="linf", eps=8 / 255, version=version, attacks=attacks)
 
 
-def test_every_attack():
+def test_every_attack_reaches_the_exact_robust_accuracy_of_a_linear_model():
     model = LinearNet().train()
     x, y = _data(model)
+    exact = 100 * exact_robust(model, x, y, 1 / 255).float().mean().item()
     model.train()
-    results = ev.evaluate(model, x, y, eps="1/255", num_classes=10, batch_size=8, command="test")
+    results = ev.evaluate(model, x, y, eps="1/255", num_classes=10, batch_size=8,
+                          provenance=Provenance(command="test"))
     assert model.training and model.bn.training  # modes restored afterwards
-    assert set(results) == set(ev.REQUIRED_KEYS)
-    assert results["clean_accuracy"] == 75.0
-    assert set(results["robust_accuracy"]) == {"pgd20", "cw20", "autoattack"}
-    assert all(0 <= acc <= results["clean_accuracy"] for acc in results["robust_accuracy"].values())
-    assert results["worst_case_accuracy"] <= min(results["robust_accuracy"].values())
-    per_attack = results["autoattack_per_attack"]
+    assert results.clean_accuracy == 75.0
+    assert 0 < exact < results.clean_accuracy  # some points are provably robust, some breakable
+    # No attack can break a provably robust point, and on an affine model every one finds the others.
+    assert results.robust_accuracy == {"pgd20": exact, "cw20": exact, "autoattack": exact}
+    assert results.worst_case_accuracy == exact
+    per_attack = results.autoattack_per_attack
     assert list(per_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert all(step["seconds"] > 0 for step in per_attack.values())  # points survived to every sub-attack
-    assert results["attacks"]["pgd20"]["step_size"] == "1/1020" and results["eps"] == "1/255"
-    assert results["attacks"]["autoattack"]["version"] == "standard"
-    assert results["versions"]["pyautoattack"] == "0.2.0"
-    assert {name: check["passed"] for name, check in results["sanity"].items()} == {
+    assert all(step.seconds > 0 for step in per_attack.values())  # points survived to every sub-attack
+    assert results.attacks["pgd20"]["step_size"] == "1/1020" and results.eps == "1/255"
+    assert results.attacks["autoattack"]["version"] == "standard"
+    assert {name: check.passed for name, check in results.sanity.items()} == {
         "eval_mode": True, "input_gradients": True, "autoattack_le_pgd": True, "large_eps": True,
         "square_vs_white_box": True}
-    json.dumps(results)  # plain JSON types only
+    assert Results.from_dict(json.loads(json.dumps(results.to_dict()))) == results  # plain JSON, read back whole
     assert "sanity checks:" in ev.format_results(results)
 
 
-def test_quick_attacks_on_a_resnet_with_bf16():
-    model = create_model("preactresnet_tiny_cifar", 10)
-    x, y = _data(model, n=8)
-    results = ev.evaluate(model, x, y, attacks=["pgd5", "cw5"], bf16_quick=True, eps="4/255")
-    assert results["attacks"]["cw5"]["step_size"] == "1/255"
-    assert all(acc <= results["clean_accuracy"] for acc in results["robust_accuracy"].values())
-    assert results["sanity"]["autoattack_le_pgd"]["passed"] is None
+def test_bf16_quick_attacks_match_fp32():
+    model = LinearNet()
+    x, y = _data(model)
+    fp32 = ev.evaluate(model, x, y, attacks=["pgd5", "cw5"], eps="1/255")
+    bf16 = ev.evaluate(model, x, y, attacks=["pgd5", "cw5"], eps="1/255", bf16_quick=True)
+    assert bf16.robust_accuracy == fp32.robust_accuracy and fp32.robust_accuracy["cw5"] < fp32.clean_accuracy
+    assert bf16.attacks["cw5"]["precision"] == "bf16 autocast (verdict fp32)"
+    assert bf16.sanity["autoattack_le_pgd"].passed is None
+    resnet = create_model("preactresnet_tiny_cifar", 10)  # convolutions and BatchNorm under autocast
+    x, y = _data(resnet, n=8)
+    assert ev.evaluate(resnet, x, y, attacks=["pgd5"], bf16_quick=True, eps="4/255").attacks["pgd5"]["step_size"] \
+        == "1/255"
 
 
 def test_eps_zero_gives_clean_accuracy():
     model = LinearNet()
     x, y = _data(model)
     results = ev.evaluate(model, x, y, eps=0)
-    assert results["robust_accuracy"] == {"pgd20": 75.0, "cw20": 75.0, "autoattack": 75.0}
+    assert results.robust_accuracy == {"pgd20": 75.0, "cw20": 75.0, "autoattack": 75.0}
 
 
 def test_gradient_masking_is_flagged():
     model = LinearNet(quantize=True)
     x, y = _data(model)
     results = ev.evaluate(model, x, y, attacks=["clean", "pgd20"])
-    check = results["sanity"]["input_gradients"]
-    assert check["passed"] is False and "16 of 16" in check["detail"]
+    check = results.sanity["input_gradients"]
+    assert check.passed is False and "16 of 16" in check.detail
+
+
+def test_channels_last_images_are_accepted():
+    """pyautoattack's zero-gradient check (apgd-t) calls .view() on the input gradient: channels-last crashed it."""
+    model = LinearNet()
+    x, y = _data(model, n=8)
+    nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+    channels_last = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    options = dict(attacks=["autoattack"], eps="1/255", autoattack_version="custom", autoattack_attacks=["apgd-t"])
+    assert ev.evaluate(model, channels_last, y, **options).robust_accuracy == \
+        ev.evaluate(model, x, y, **options).robust_accuracy
 
 
 def test_autoattack_resume(tmp_path, monkeypatch):
@@ -141,8 +201,8 @@ def test_autoattack_resume(tmp_path, monkeypatch):
     interrupt_at = None
     reference = ev.evaluate(model, x, y, **options)
     total, calls[:] = len(calls), []
-    per_attack = reference["autoattack_per_attack"]
-    assert 0 < per_attack["apgd-t"]["robust_accuracy"] <= per_attack["apgd-ce"]["robust_accuracy"] < 75.0
+    per_attack = reference.autoattack_per_attack
+    assert 0 < per_attack["apgd-t"].robust_accuracy <= per_attack["apgd-ce"].robust_accuracy < 75.0
 
     state = tmp_path / "aa_state.json"
     interrupt_at = 4  # three batches done, killed in the fourth
@@ -152,15 +212,33 @@ def test_autoattack_resume(tmp_path, monkeypatch):
     interrupt_at, calls[:] = None, []
     resumed = ev.evaluate(model, x, y, state_path=state, **options)
     assert len(calls) == total - 3
-    assert resumed["robust_accuracy"] == reference["robust_accuracy"]
-    assert {k: v["robust_accuracy"] for k, v in resumed["autoattack_per_attack"].items()} == \
-        {k: v["robust_accuracy"] for k, v in per_attack.items()}
+    assert resumed.robust_accuracy == reference.robust_accuracy
+    assert {k: v.robust_accuracy for k, v in resumed.autoattack_per_attack.items()} == \
+        {k: v.robust_accuracy for k, v in per_attack.items()}
 
     calls[:] = []  # a finished state: nothing left to run
-    assert ev.evaluate(model, x, y, state_path=state, **options)["robust_accuracy"] == reference["robust_accuracy"]
+    assert ev.evaluate(model, x, y, state_path=state, **options).robust_accuracy == reference.robust_accuracy
     assert calls == []
     with pytest.raises(UserError, match="different evaluation"):
         ev.evaluate(model, x, y, state_path=state, **{**options, "eps": "2/255"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[: len(text) // 2], "unreadable"),
+    (lambda text: "[]", "not an AutoAttack state file"),
+    (lambda text: text.replace('"robust": [', '"robust": [true, ', 1), "corrupt"),
+    (lambda text: re.sub(r'"seconds": \{[^}]*\}', '"seconds": {"apgd-ce": "soon"}', text, count=1), "corrupt"),
+])
+def test_corrupt_state_file(tmp_path, damage, message):
+    model = LinearNet()
+    x, y = _data(model, n=4)
+    state = tmp_path / "aa_state.json"
+    options = dict(attacks=["autoattack"], eps="1/255", autoattack_version="custom", autoattack_attacks=["apgd-ce"],
+                   state_path=state)
+    ev.evaluate(model, x, y, **options)
+    state.write_text(damage(state.read_text()))
+    with pytest.raises(UserError, match=f"{re.escape(str(state))}.*{message}.*delete"):
+        ev.evaluate(model, x, y, **options)
 
 
 def test_pyautoattack_cannot_resume_its_own_state(tmp_path):
@@ -181,41 +259,116 @@ def test_pyautoattack_cannot_resume_its_own_state(tmp_path):
     ({"apgd-ce": 50.0, "apgd-t": 45.0, "square": 40.0}, False),
 ])
 def test_square_check(per_attack, passed):
-    steps = {name: {"robust_accuracy": acc, "seconds": 0.0} for name, acc in per_attack.items()}
-    assert ev._check_square(steps)["passed"] is passed
+    steps = {name: AttackStep(robust_accuracy=acc, seconds=0.0) for name, acc in per_attack.items()}
+    assert sanity.square_vs_white_box(steps).passed is passed
 
 
-def test_input_errors():
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: dict(images=x * 2 - 1), "range over"),
+    (lambda x, y: dict(images=(x * 255).to(torch.uint8)), "to_float"),
+    (lambda x, y: dict(attacks=["fgsm"]), "unknown attack"),
+    (lambda x, y: dict(num_classes=3), "3 classes"),
+    (lambda x, y: dict(batch_size=0), r"batch size 0 \(--batch-size\)"),
+    (lambda x, y: dict(eps="1/0"), r"eps \(--eps\).*1/0"),
+    (lambda x, y: dict(eps="-1/255"), r"eps \(--eps\): must be >= 0"),
+    (lambda x, y: dict(model=TupleNet()), "returns a tuple, not a logits tensor"),
+])
+def test_input_errors(change, message):
     model = LinearNet()
     x, y = _data(model, n=4)
-    with pytest.raises(UserError, match=r"range over"):
-        ev.evaluate(model, x * 2 - 1, y)
-    with pytest.raises(UserError, match="to_float"):
-        ev.evaluate(model, (x * 255).to(torch.uint8), y)
-    with pytest.raises(UserError, match="unknown attack"):
-        ev.evaluate(model, x, y, attacks=["fgsm"])
-    with pytest.raises(UserError, match="3 classes"):
-        ev.evaluate(model, x, y, num_classes=3)
+    arguments = {"model": model, "images": x, "labels": y, **change(x, y)}
+    with pytest.raises(UserError, match=message):
+        ev.evaluate(arguments.pop("model"), arguments.pop("images"), arguments.pop("labels"), **arguments)
+
+
+def test_a_normalising_model_must_be_wrapped():
+    model = LinearNet()
+    x, y = _data(model, n=4)
     model.pretrained_cfg = {"architecture": "resnet18", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     with pytest.raises(UserError, match="Normalized"):
         ev.evaluate(model, x, y)
 
 
-def test_results_round_trip_and_schema_errors(tmp_path):
+def test_old_provenance_keywords_still_work():
     model = LinearNet()
     x, y = _data(model, n=4)
-    results = ev.evaluate(model, x, y, attacks=["clean"], command="sglr-zoo eval test")
+    with pytest.warns(DeprecationWarning, match="provenance=sglr_zoo.results.Provenance"):
+        old = ev.evaluate(model, x, y, attacks=["clean"], model_name="run/best", dataset="uoft-cs/cifar10",
+                          split="test", which="first 4", command="python train.py")
+    assert old.provenance == Provenance(model="run/best", dataset="uoft-cs/cifar10", split="test", which="first 4",
+                                        command="python train.py")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'modle'"):
+        ev.evaluate(model, x, y, modle="x")
+
+
+def test_results_round_trip_and_no_local_paths(tmp_path):
+    model = LinearNet()
+    x, y = _data(model, n=4)
+    results = ev.evaluate(model, x, y, attacks=["clean"], provenance=Provenance(
+        model=str(tmp_path / "runs" / "test" / "best"), source=f"local-dir:{tmp_path}/data",
+        command=f"sglr-zoo eval {tmp_path}/runs/test/best model.pretrained={tmp_path}/x --n 4"))
+    assert results.provenance.model == "best" and results.provenance.source == "local-dir:data"
+    assert results.provenance.command == "sglr-zoo eval best model.pretrained=x --n 4"
     path = ev.save_results(results, tmp_path / "out" / "results.json")
+    assert str(tmp_path) not in path.read_text()
     assert ev.load_results(path) == results
-    del results["robust_accuracy"]
-    ev.save_results(results, path)
-    with pytest.raises(UserError, match=r"results\.json.*missing key 'robust_accuracy'"):
+    with pytest.warns(DeprecationWarning, match=r"results\.clean_accuracy"):
+        assert results["clean_accuracy"] == results.clean_accuracy  # the old dict access, for one more release
+    with pytest.warns(DeprecationWarning):
+        assert results["model"] == "best"
+
+
+def test_the_results_module_imports_no_torch():
+    """Readers of results (zoo table, cards, CLI listing) need no torch: only the standard library and our errors."""
+    import ast
+
+    import sglr_zoo.results
+
+    tree = ast.parse(Path(sglr_zoo.results.__file__).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules == {"__future__", "json", "math", "os", "re", "warnings", "dataclasses", "pathlib", "typing",
+                       "sglr_zoo.errors"}
+
+
+def test_reads_a_version_1_results_file():
+    """The schema moved provenance into one object (version 2); committed version-1 files still load."""
+    path = REPO / "model_cards" / "quickstart-sglr.results.json"
+    data = json.loads(path.read_text())
+    assert data["schema"] == "sglr_zoo.results/1"
+    results = Results.load(path)
+    assert results.provenance.model == data["model"] and results.provenance.which == data["which"]
+    assert results.clean_accuracy == data["clean_accuracy"] and results.robust_accuracy == data["robust_accuracy"]
+    assert results.autoattack_per_attack["square"] == AttackStep(**data["autoattack_per_attack"]["square"])
+    assert results.to_dict()["schema"] == SCHEMA
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("robust_accuracy"), "missing key 'robust_accuracy'"),
+    (lambda d: d.update(schema="other/9"), "schema 'other/9'"),
+    (lambda d: d.update(clean_accuracy=101.0), "key 'clean_accuracy' must be a percentage"),
+    (lambda d: d["robust_accuracy"].update(pgd20="high"), "robust_accuracy: key 'pgd20' must be a percentage"),
+    (lambda d: d["sanity"]["eval_mode"].update(passed="yes"), "sanity: eval_mode: key 'passed' must be true or false"),
+    (lambda d: d.update(threat="l1"), "key 'threat' must be 'linf' or 'l2'"),
+    (lambda d: d.update(n_examples=2.5), "key 'n_examples' must be a whole number"),
+    (lambda d: d.pop("provenance"), "missing key 'provenance'"),
+])
+def test_results_file_errors_name_the_file_and_key(tmp_path, edit, message):
+    model = LinearNet()
+    x, y = _data(model, n=4)
+    data = ev.evaluate(model, x, y, attacks=["clean", "pgd2"]).to_dict()
+    edit(data)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + message):
         ev.load_results(path)
-    ev.save_results({**results, "robust_accuracy": {}, "schema": "other/9"}, path)
-    with pytest.raises(UserError, match="schema 'other/9'"):
-        ev.load_results(path)
-    path.write_text("{]")
-    with pytest.raises(UserError, match="not valid JSON"):
+
+
+@pytest.mark.parametrize("text, message", [("{]", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_results_file_that_is_not_an_object(tmp_path, text, message):
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
         ev.load_results(path)
 
 
@@ -225,10 +378,30 @@ def test_cli_eval(tmp_path, tiny_dataset, capsys):
     main(["eval", str(folder), "--dataset", str(tiny_dataset), "--n", "8", "--batch-size", "4",
           "--attacks", "clean,pgd20,cw20", "--out", str(out), "--device", "cpu"])
     results = ev.load_results(out)
-    assert results["model"] == str(folder) and results["arch"] == "preactresnet_tiny_cifar"
-    assert results["n_examples"] == 8 and results["which"] == "first 8 of the split in order"
-    assert results["command"].startswith("sglr-zoo eval ") and results["source"] == str(tiny_dataset)
+    assert results.arch == "preactresnet_tiny_cifar"
+    assert results.n_examples == 8 and results.provenance.which == "first 8 of the split in order"
+    # The paths given are outside the working directory: only their last component is recorded.
+    assert results.provenance.model == "model" and results.provenance.source == tiny_dataset.name
+    assert results.provenance.command == ("sglr-zoo eval model --dataset tiny_cifar --n 8 --batch-size 4 --attacks "
+                                          "clean,pgd20,cw20 --out results.json --device cpu")
+    assert str(tmp_path) not in out.read_text() and str(tiny_dataset.parent) not in out.read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--batch-size", "0"], "batch size 0 (--batch-size)"),
+    (["--eps", "1/0"], "eps (--eps)"),
+    (["--n", "0"], "--n 0"),
+    (["--attacks", "clean,fgsm"], "unknown attack 'fgsm'"),
+])
+def test_cli_eval_bad_options(tmp_path, tiny_dataset, capsys, option, message):
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(folder), "--dataset", str(tiny_dataset), "--out", str(tmp_path / "r.json"), *option])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(error)
+    assert error[-1].startswith("sglr-zoo eval: error: ") and message in error[-1]
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_cli_eval_wrong_num_classes(tmp_path, tiny_dataset, capsys):
@@ -273,10 +446,10 @@ def test_pgd20_matches_torchattacks_on_cifar10(real_cifar10):
     x_adv = attack(x, y)
     with torch.no_grad():
         theirs = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
-    print(f"clean {ours['clean_accuracy']:.1f}%, pgd20 ours {ours['robust_accuracy']['pgd20']:.1f}%, "
+    print(f"clean {ours.clean_accuracy:.1f}%, pgd20 ours {ours.robust_accuracy['pgd20']:.1f}%, "
           f"torchattacks {theirs:.1f}%")
-    assert ours["clean_accuracy"] >= 20 and theirs >= 5  # the model learnt something robust
-    assert abs(ours["robust_accuracy"]["pgd20"] - theirs) <= 1.0
+    assert ours.clean_accuracy >= 20 and theirs >= 5  # the model learnt something robust
+    assert abs(ours.robust_accuracy["pgd20"] - theirs) <= 1.0
 
 
 def test_autoattack_driver_matches_one_library_call():
@@ -287,4 +460,15 @@ def test_autoattack_driver_matches_one_library_call():
     aa = ev.make_autoattack(model.eval(), threat="linf", eps=float(Fraction(1, 255)), version="standard")
     _, predicted = aa.run_standard_evaluation(x, y, batch_size=8)
     library = 100 * (predicted == y).float().mean().item()
-    assert ours["robust_accuracy"]["autoattack"] == pytest.approx(library)
+    assert ours.robust_accuracy["autoattack"] == pytest.approx(library)
+
+
+def test_autoattack_on_fewer_than_ten_classes():
+    """AutoAttack's targeted attacks default to 9 target classes; with 5 classes they must target the 4 others."""
+    torch.manual_seed(0)
+    model = create_model("preactresnet_tiny_cifar", 5).eval()
+    images, labels = torch.rand(6, 3, 32, 32), torch.arange(6) % 5
+    results = ev.evaluate(model, images, labels, attacks=["clean", "autoattack"], num_classes=5)
+    subs = results.attacks["autoattack"]["sub_attacks"]
+    assert subs["apgd-t"]["n_target_classes"] == subs["fab-t"]["n_target_classes"] == 4
+    assert results.robust_accuracy["autoattack"] <= results.clean_accuracy

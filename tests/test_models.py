@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -145,12 +150,105 @@ def test_load_weights_from_a_safetensors_state_dict(tmp_path):
     from safetensors.torch import save_file
 
     source = create_model("resnet_tiny_cifar", 5).eval()
-    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    loaded = sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.safetensors", num_classes=5)
+    weights = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(weights))
+    loaded = sglr_zoo.load("resnet_tiny_cifar", weights=weights, num_classes=5)
     x = torch.rand(2, 3, 32, 32)
     assert not loaded.training and torch.equal(loaded(x), source(x))
-    with pytest.raises(UserError, match="does not fit"):
-        sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.safetensors", num_classes=7)
+    with pytest.raises(UserError, match=f"{weights}: the classifier fc has 5 outputs but the data has 7 classes"):
+        sglr_zoo.load("resnet_tiny_cifar", weights=weights, num_classes=7)  # checked before building
+    with pytest.raises(UserError, match="does not fit wrn_tiny_cifar"):
+        sglr_zoo.load("wrn_tiny_cifar", weights=weights, num_classes=5)
     torch.save(source.state_dict(), tmp_path / "w.pt")
     with pytest.raises(UserError, match="safetensors"):
         sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.pt", num_classes=5)
+
+
+def _edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _write(name: str, text: str):
+    return lambda folder: (folder / name).write_text(text)
+
+
+def _truncate_weights(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _other_weights(folder: Path) -> None:
+    """Weights of another architecture with the same classifier: only building and loading can tell."""
+    save_pretrained(create_model("resnet_tiny_cifar", 10), folder.parent / "other")
+    shutil.copyfile(folder.parent / "other" / "model.safetensors", folder / "model.safetensors")
+
+
+# (damage to a good model folder, the file the error names, what it says)
+FOLDER_ERRORS = [
+    ("null config", _write("config.json", "null"), "config.json", "expected a JSON object"),
+    ("invalid json", _write("config.json", '{"architecture": '), "config.json", "not valid JSON"),
+    ("unknown arch", _edit_config(architecture="not_a_model"), "config.json", "unknown architecture 'not_a_model'"),
+    ("no arch", _write("config.json", "{}"), "config.json", "unknown architecture None"),
+    ("bad pretrained_cfg", _edit_config(pretrained_cfg=[1]), "config.json", "pretrained_cfg must be a JSON object"),
+    ("bad num_classes", _edit_config(num_classes="ten"), "config.json", "num_classes must be a whole number"),
+    ("num_classes vs weights", _edit_config(num_classes=7), "model.safetensors",
+     "classifier fc has 10 outputs but .*config.json says 7 classes"),
+    ("corrupt weights", _truncate_weights, "model.safetensors", "not a readable safetensors file"),
+    ("wrong model_args", _edit_config(model_args={"num_classes": 10, "wings": 2}), "config.json",
+     "does not take the arguments given .*wings"),
+    ("weights of another arch", _other_weights, "model.safetensors", "does not fit preactresnet_tiny_cifar"),
+]
+
+
+@pytest.mark.parametrize("damage, file, message", [e[1:] for e in FOLDER_ERRORS], ids=[e[0] for e in FOLDER_ERRORS])
+def test_bad_model_folder_is_one_user_error_naming_the_file(tmp_path, damage, file, message):
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    damage(folder)
+    for load in (lambda: load_pretrained(f"local-dir:{folder}"), lambda: sglr_zoo.load(str(folder))):
+        with pytest.raises(UserError, match=f"{re.escape(str(folder / file))}.*{message}") as info:
+            load()
+        assert "\n" not in str(info.value)
+
+
+def test_wrong_keyword_arguments_are_user_errors(tmp_path):
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    with pytest.raises(UserError, match="config.json: preactresnet_tiny_cifar does not take .*wings"):
+        load_pretrained(f"local-dir:{folder}", wings=2)
+    with pytest.raises(UserError, match=r"model.kwargs \{'wings': 2\}: resnet_tiny_cifar does not take them"):
+        create_model("resnet_tiny_cifar", 10, wings=2)
+
+
+def test_hub_weights_always_go_through_the_zoo_download(tmp_path, monkeypatch):
+    """`load_pretrained` and `create_model(pretrained="hf-hub:...")` use the zoo's checked download (safetensors
+    only, sha256 against the Hub's record), never timm's own download."""
+    import huggingface_hub
+    import timm.models._hub as timm_hub
+
+    from sglr_zoo import zoo
+
+    torch.manual_seed(0)
+    source = create_model("preactresnet_tiny_cifar", 10).eval()
+    folder = save_pretrained(source, tmp_path / "model")
+    downloads = []
+
+    def checked_download(repo_id, revision=None, *, sha256=None):
+        downloads.append((repo_id, revision))
+        return folder
+
+    def unchecked(*args, **kwargs):
+        raise AssertionError("a Hub download that skips the zoo's checks")
+
+    monkeypatch.setattr(zoo, "download", checked_download)
+    for module, name in ((timm_hub, "download_from_hf"), (timm_hub, "load_state_dict_from_hf"),
+                         (timm_hub, "hf_hub_download"), (huggingface_hub, "hf_hub_download")):
+        monkeypatch.setattr(module, name, unchecked)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained("hf-hub:org/robust")(x), source(x))
+        tuned = create_model("preactresnet_tiny_cifar", 3, pretrained="hf-hub:org/robust@v1")
+        assert tuned(x).shape == (2, 3) and not isinstance(tuned, Normalized)
+    assert downloads == [("org/robust", None), ("org/robust", "v1")]
