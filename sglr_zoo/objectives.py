@@ -1,11 +1,14 @@
 """Training objectives (plain torch): SGLR's refined soft labels, and the PGD-AT and TRADES baselines.
 
-Each objective is an `nn.Module` whose forward returns a dict of named tensors: `loss`, `logits` (on the
-adversarial batch) and its components, so the training loop stays generic and every term is logged.
-SGLR follows shared/SGLR.md (the authors' code by default).
+Each objective is an `Objective` (an `nn.Module`) whose forward returns a dict of named tensors: `loss`,
+`logits` (on the adversarial batch) and its components, so the training loop stays generic and every term is
+logged. After the optimizer step the loop calls `after_step`, where an objective updates its own state (SGLR's
+soft-label bank, a weight teacher). SGLR follows shared/SGLR.md (the authors' code by default).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +28,34 @@ def trades_kl(adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Ten
     return F.kl_div(adv_logits.float().log_softmax(1), clean_logits.float().softmax(1), reduction="batchmean")
 
 
-class PGDAT(nn.Module):
-    """Madry et al.'s PGD adversarial training: cross-entropy on the adversarial batch with hard labels."""
+# A gather of a tensor from every process, in process order: the loop passes accelerate's `gather_for_metrics`.
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
-    attack_loss = "ce"
+BANK_FP32_LIMIT = 256 * 2**20  # bytes: a larger soft-label bank is kept in float16 when method.bank_dtype is auto
+
+
+class Objective(nn.Module):
+    """The interface the training loop sees; the baselines keep no state, so their hooks do nothing."""
+
+    attack_loss = "ce"  # the loss the training attack maximises: "ce" or "kl" (TRADES)
+
+    def after_step(self, out: dict[str, torch.Tensor], model: nn.Module, gather: Gather) -> None:
+        """Updates the objective's own state after the optimizer step.
+
+        Args:
+            out: what forward returned for this step.
+            model: the model after the step (unwrapped: no data-parallel wrapper).
+            gather: collects a tensor from every process, so that every process writes the same state.
+        """
+
+    def local_modules(self) -> list[nn.Module]:
+        """Sub-modules whose buffers each process updates on its own (a weight teacher's BatchNorm statistics):
+        the loop aligns them across processes together with the model's."""
+        return []
+
+
+class PGDAT(Objective):
+    """Madry et al.'s PGD adversarial training: cross-entropy on the adversarial batch with hard labels."""
 
     def forward(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -36,7 +63,7 @@ class PGDAT(nn.Module):
         return {"loss": F.cross_entropy(logits.float(), y), "logits": logits}
 
 
-class TRADES(nn.Module):
+class TRADES(Objective):
     """Zhang et al.'s TRADES: CE on the clean logits + beta * KL(clean || adv); the attack maximises the KL."""
 
     attack_loss = "kl"
@@ -52,7 +79,7 @@ class TRADES(nn.Module):
         return {"loss": ce + self.beta * kl, "logits": logits, "ce": ce, "kl": kl}
 
 
-class SGLR(nn.Module):
+class SGLR(Objective):
     """Self-Guided Label Refinement: cross-entropy against a per-example EMA of the model's own predictions.
 
     Before `start_epoch` it is PGD-AT (TRADES with `trades=True`). From `start_epoch` on, without gradient,
@@ -62,8 +89,10 @@ class SGLR(nn.Module):
     r_hard * onehot + (1 - r_hard) * t_i. With TRADES the target replaces y in the clean CE term. With
     `teacher="weights"` the predictions come from an EMA copy of the weights instead, and no bank is kept.
 
-    The bank is training state, saved in checkpoints. Its updates are returned as `bank_index` and
-    `bank_targets` and written with `write_bank` by the loop after gathering them from every process.
+    The bank is training state, saved in checkpoints. forward returns its updates as `bank_index` and
+    `bank_targets` (fp32); `after_step` gathers them from every process and writes them, so every process holds
+    the same bank. The bank is stored in `method.bank_dtype` (float16 halves an ImageNet-size bank); the EMA is
+    computed in fp32 either way: read, update, write back.
     """
 
     def __init__(self, cfg: MethodConfig, labels: torch.Tensor, num_classes: int, start_epoch: int,
@@ -71,7 +100,10 @@ class SGLR(nn.Module):
         super().__init__()
         self.cfg, self.start_epoch, self.trades = cfg, start_epoch, trades
         self.attack_loss = "kl" if trades else "ce"
-        self.register_buffer("bank", F.one_hot(labels, num_classes).float())
+        # Filled in place: F.one_hot would first build an int64 copy, 4x the float16 bank.
+        bank = torch.zeros(len(labels), num_classes, dtype=bank_dtype(cfg.bank_dtype, len(labels), num_classes))
+        bank[torch.arange(len(labels)), labels] = 1
+        self.register_buffer("bank", bank)
         self.teacher = ModelEmaV3(model, decay=cfg.teacher_decay) if cfg.teacher == "weights" else None
 
     @torch.no_grad()
@@ -82,6 +114,14 @@ class SGLR(nn.Module):
     def update_teacher(self, model: nn.Module) -> None:
         if self.teacher is not None:
             self.teacher.update(model)
+
+    def after_step(self, out: dict[str, torch.Tensor], model: nn.Module, gather: Gather) -> None:
+        if "bank_index" in out:
+            self.write_bank(gather(out["bank_index"]), gather(out["bank_targets"]))
+        self.update_teacher(model)
+
+    def local_modules(self) -> list[nn.Module]:
+        return [self.teacher.module] if self.teacher is not None else []
 
     def _mix(self, adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
         temperature, w = self.cfg.temperature, self.cfg.adv_weight
@@ -106,7 +146,7 @@ class SGLR(nn.Module):
                     refined = self._mix(teacher(x_adv), teacher(x))
                 else:
                     mix = self._mix(logits, clean_logits if self.trades else model(x))
-                    refined = self.cfg.alpha * self.bank[index] + (1 - self.cfg.alpha) * mix
+                    refined = self.cfg.alpha * self.bank[index].float() + (1 - self.cfg.alpha) * mix
                     out["bank_index"], out["bank_targets"] = index, refined
                 onehot = F.one_hot(y, logits.shape[1]).float()
                 targets = self.cfg.r_hard * onehot + (1 - self.cfg.r_hard) * refined
@@ -116,8 +156,15 @@ class SGLR(nn.Module):
         return out
 
 
+def bank_dtype(name: str, num_examples: int, num_classes: int) -> torch.dtype:
+    """The soft-label bank's storage type: `auto` is float32 while the bank stays under 256 MiB, else float16."""
+    if name == "auto":
+        return torch.float32 if num_examples * num_classes * 4 < BANK_FP32_LIMIT else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
 def build_objective(cfg: MethodConfig, *, labels: torch.Tensor, num_classes: int, start_epoch: int,
-                    model: nn.Module) -> nn.Module:
+                    model: nn.Module) -> Objective:
     """The objective named in the recipe's `method.name`; `labels` are the training labels in index order."""
     if cfg.name == "pgd_at":
         return PGDAT()

@@ -2,41 +2,50 @@
 
 Run it with `sglr-zoo train RECIPE` or `accelerate launch train.py RECIPE`. The run directory gets the resolved
 recipe, `run.json`, `metrics.csv`, `curves.png`, atomic per-epoch checkpoints (`checkpoints/epoch_NNNN`,
-resumed with `run.resume: auto`), and `best/` (by validation PGD accuracy) and `last/` model exports.
+resumed with `run.resume: auto`), and `best/` (by validation PGD accuracy) and `last/` model exports. After the
+last epoch the exports and run.json are written, the process group ends, and the main process alone evaluates
+the exports (`results.json` beside each), so a long AutoAttack never runs into the process group's timeout.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
 import importlib.util
+import io
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 import sglr_zoo
+from sglr_zoo import finetune, hardware
 from sglr_zoo.attacks import pgd
+from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
-from sglr_zoo.evaluate import evaluate, format_results, save_results
-from sglr_zoo.models import create_model, load_pretrained, save_pretrained
-from sglr_zoo.objectives import build_objective
-from sglr_zoo.recipe import Recipe, ScheduleConfig, save_recipe
-from sglr_zoo.zoo import locate
+from sglr_zoo.evaluate import attack_correct, evaluate
+from sglr_zoo.models import load_pretrained, save_pretrained
+from sglr_zoo.objectives import Objective, build_objective
+from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
+from sglr_zoo.results import Provenance, Results, public_paths
+from sglr_zoo.rundir import RunDir, write_atomic
+from sglr_zoo.schedule import epoch_progress, parse_budget, plan_budget
 
-COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s",
-           "train_clean_acc", "train_pgd_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc"]
+SPLITS = ("train", "val", "test")  # the splits monitored each epoch (val only when data.val_size > 0)
+TRAIN_COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s"]
+# The evaluator's sanity checks on an export, in fp32 forward-backward passes of one image: PGD-20 at a large
+# eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
+FINAL_SANITY_PASSES = 100 * 23
+TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
 
 
 class TrainingDiverged(UserError):
@@ -44,19 +53,23 @@ class TrainingDiverged(UserError):
 
 
 class RunState:
-    """Epoch counter, best validation accuracy and the metrics history: saved with every checkpoint."""
+    """Where the run is: the last epoch done, the optimizer steps since the start of the run (across resumes: what
+    run.max_steps counts), the best validation epoch and the metrics history. Saved as JSON with every checkpoint."""
 
     def __init__(self) -> None:
-        self.epoch, self.best_epoch, self.best_val_pgd, self.history = 0, 0, -1.0, []
+        self.epoch, self.global_step, self.best_epoch, self.best_val_pgd = 0, 0, 0, -1.0
+        self.history: list[dict] = []
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "best_epoch": self.best_epoch, "best_val_pgd": self.best_val_pgd,
-                "history": json.dumps(self.history)}
+        return {"epoch": self.epoch, "global_step": self.global_step, "best_epoch": self.best_epoch,
+                "best_val_pgd": self.best_val_pgd, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.best_epoch, self.best_val_pgd = int(state["epoch"]), int(state["best_epoch"]), float(
-            state["best_val_pgd"])
-        self.history = json.loads(state["history"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.best_epoch, self.best_val_pgd = int(state["best_epoch"]), float(state["best_val_pgd"])
+        if not all(isinstance(row, dict) for row in state["history"]):
+            raise TypeError("history must be a list of rows")
+        self.history = list(state["history"])
 
 
 def lr_factor(cfg: ScheduleConfig, epoch_progress: float) -> float:
@@ -71,24 +84,6 @@ def lr_factor(cfg: ScheduleConfig, epoch_progress: float) -> float:
     if cfg.name == "onecycle":
         return t / cfg.peak_at if t < cfg.peak_at else max(0.0, (1 - t) / (1 - cfg.peak_at))
     return 1.0
-
-
-def keep_freed_memory() -> None:
-    """glibc only: keep freed memory in the process (no trimming, mmap only above 32 MiB).
-
-    CPU training allocates and frees the same large activations every step; returning them to the OS costs
-    page faults. This is what MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_/MALLOC_MMAP_THRESHOLD_ do, set at run time:
-    +10-20% images/s on a 2-core CPU (benchmarks/RESULTS.md).
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    for option, value in ((m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 30), (m_mmap_threshold, 1 << 25)):
-        libc.mallopt(option, value)
 
 
 def _git_commit() -> str | None:
@@ -110,27 +105,48 @@ def _check_hardware(recipe: Recipe, accelerator: Accelerator) -> None:
                         f"{accelerator.num_processes} processes")
 
 
+def monitor_attack(recipe: Recipe) -> str:
+    """The evaluator's name of the per-epoch attack, e.g. "pgd10": it names the metric columns."""
+    return f"pgd{recipe.eval.steps}"
+
+
+def metric_columns(recipe: Recipe) -> list[str]:
+    """metrics.csv's columns: training means, then clean and PGD accuracy per split (e.g. `test_pgd10_acc`)."""
+    return TRAIN_COLUMNS + [f"{split}_{attack}_acc" for split in SPLITS for attack in ("clean", monitor_attack(recipe))]
+
+
+def monitor(model: nn.Module, splits: Splits, recipe: Recipe, accelerator: Accelerator) -> dict[str, float]:
+    """Clean and PGD accuracy (%) on the first eval.n examples of each split, each process attacking its share.
+
+    The evaluator's own measurement (`attack_correct`: fp32, eval mode, step eps/4, random start), so that
+    `test_pgd10_acc` here and `pgd10` in a results.json are the same attack.
+    """
+    attack = monitor_attack(recipe)
+    row = {}
+    for split in SPLITS:
+        data: ImageSet | None = getattr(splits, split)
+        if data is None:
+            continue
+        n = min(recipe.eval.n, len(data))
+        mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
+        images, labels = to_float(data.images[mine], recipe.data.image_size), data.labels[mine]
+        counts = [int(attack_correct(model, images, labels, attack=name, threat=recipe.attack.threat,
+                                     eps=recipe.attack.eps, batch_size=recipe.eval.batch_size,
+                                     device=accelerator.device).sum()) if len(mine) else 0
+                  for name in ("clean", attack)]
+        clean, robust = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
+        row[f"{split}_clean_acc"], row[f"{split}_{attack}_acc"] = 100 * clean / n, 100 * robust / n
+    return row
+
+
 @torch.no_grad()
-def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model(x).argmax(1) == y).sum())
-
-
-def monitor_accuracy(model: nn.Module, data: ImageSet, recipe: Recipe, accelerator: Accelerator) -> tuple[float, float]:
-    """Clean and PGD accuracy (%) on the first eval.n examples, fp32, eval mode, sharded over processes."""
-    n = min(recipe.eval.n, len(data))
-    mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
-    attack = recipe.attack
-    clean = robust = 0
-    model.eval()
-    for batch in mine.split(recipe.eval.batch_size):
-        x = to_float(data.images[batch], recipe.data.image_size).to(accelerator.device)
-        y = data.labels[batch].to(accelerator.device)
-        clean += _count_correct(model, x, y)
-        x_adv = pgd(model, x, y, threat=attack.threat, eps=float(attack.eps), step_size=float(attack.step_size),
-                    steps=recipe.eval.steps, random_start=attack.random_start)
-        robust += _count_correct(model, x_adv, y)
-    counts = accelerator.reduce(torch.tensor([clean, robust], device=accelerator.device), reduction="sum")
-    return 100 * counts[0].item() / n, 100 * counts[1].item() / n
+def sync_buffers(accelerator: Accelerator, how: str, *modules: nn.Module) -> None:
+    """Gives every process the same floating buffers (BatchNorm running statistics, which each process updates
+    from its own batches): rank 0's (`broadcast`, as DDP does before each forward) or their mean (`average`)."""
+    for module in modules:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(broadcast(buffer) if how == "broadcast" else accelerator.reduce(buffer, reduction="mean"))
 
 
 def replica_checksums(accelerator: Accelerator, *modules: nn.Module) -> list[float]:
@@ -140,39 +156,15 @@ def replica_checksums(accelerator: Accelerator, *modules: nn.Module) -> list[flo
     return accelerator.gather(local[None]).view(-1, len(modules)).tolist()
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (half-written ones are never named epoch_NNNN)."""
-    done = sorted(folder.glob("epoch_[0-9][0-9][0-9][0-9]")) if folder.is_dir() else []
-    return done[-1] if done else None
+def _write_metrics(path: Path, history: list[dict], columns: list[str]) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(path, text.getvalue().encode())
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, epoch: int, keep: int) -> None:
-    """Writes into a temporary folder, then renames it: a crash mid-write never breaks the latest checkpoint."""
-    final = folder / f"epoch_{epoch:04d}"
-    partial = folder / f".partial_epoch_{epoch:04d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in sorted(folder.glob("epoch_[0-9][0-9][0-9][0-9]"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    partial = run_dir / "metrics.csv.partial"
-    with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(partial, run_dir / "metrics.csv")
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, attack: str) -> None:
     """Train vs held-out robust accuracy and the gradient norm per epoch (the robust-overfitting diagnostic)."""
     import matplotlib
 
@@ -184,8 +176,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         return [r["epoch"] for r in rows], [float(r[key]) for r in rows]
 
     fig, (acc, grad) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in [("train_pgd_acc", "train PGD"), ("val_pgd_acc", "val PGD"), ("test_pgd_acc", "test PGD"),
-                       ("test_clean_acc", "test clean")]:
+    for key, label in [(f"{split}_{attack}_acc", f"{split} {attack.upper()}") for split in SPLITS] + [
+            ("test_clean_acc", "test clean")]:
         epochs, values = series(key)
         if epochs:
             acc.plot(epochs, values, marker=".", label=label)
@@ -210,176 +202,299 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
     return flat
 
 
-def _format_row(row: dict) -> str:
+def _format_row(row: dict, attack: str) -> str:
     def cell(key: str, width: int = 6) -> str:
         value = row.get(key)
         return f"{'-':>{width}}" if value in (None, "") else f"{value:>{width}.2f}"
 
+    accuracies = " | ".join(f"{split} {cell(f'{split}_clean_acc')} {cell(f'{split}_{attack}_acc')}" for split in SPLITS)
     return (f"epoch {row['epoch']:>4} | lr {row['lr']:.4f} | loss {row['loss']:.4f} | adv acc {cell('train_adv_acc')}"
-            f" | grad {cell('grad_norm')} | {row['img_per_s']:>7.1f} img/s | train clean/pgd {cell('train_clean_acc')}"
-            f" {cell('train_pgd_acc')} | val {cell('val_clean_acc')} {cell('val_pgd_acc')}"
-            f" | test {cell('test_clean_acc')} {cell('test_pgd_acc')}")
+            f" | grad {cell('grad_norm')} | {row['img_per_s']:>7.1f} img/s | clean/{attack}: {accuracies}")
 
 
-def final_evaluation(folder: Path, splits: Splits, recipe: Recipe, device: torch.device, command: str) -> dict:
-    """Evaluates an exported model (reloaded from its folder, fp32) on the first eval.final_n test examples and
-    writes `results.json` next to its weights: the numbers model cards show."""
+def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
+    return any(limit and state.global_step >= limit for limit in (recipe.run.max_steps, recipe.schedule.steps))
+
+
+def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objective: Objective,
+                    optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, recipe: Recipe,
+                    accelerator: Accelerator, state: RunState, memory_format: torch.memory_format) -> dict[str, float]:
+    """One pass over the training data (or up to run.max_steps, schedule.steps): attack, objective, optimizer
+    step, the objective's own update. Returns the epoch's training metrics, over all processes."""
+    finetune.set_train_mode(model)  # model.train(), but a frozen backbone stays in eval mode
+    attack = recipe.attack
+    sums = {name: torch.zeros((), device=accelerator.device)
+            for name in ("loss", "adv_correct", "grad_norm", "examples", "steps")}
+    started = time.perf_counter()
+    batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
+                   disable=not accelerator.is_local_main_process)
+    for step, (images, labels, index) in enumerate(batches):
+        progress = epoch_progress(recipe.schedule.epochs, recipe.schedule.steps, state.global_step, len(loader))
+        lr = recipe.optim.lr * lr_factor(recipe.schedule, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # finetune.param_groups: the backbone's own rate
+        x = to_float(images, recipe.data.image_size)
+        x = augment(x) if recipe.data.augment else x
+        x = x.contiguous(memory_format=memory_format)
+        with accelerator.autocast():
+            x_adv = pgd(unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps),
+                        step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
+                        loss=objective.attack_loss, mode=attack.model_mode)
+            out = objective(model, x, x_adv, labels, index, epoch)
+        loss = out["loss"]
+        if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}; nothing was saved "
+                                   f"for this epoch. Lower optim.lr or set optim.grad_clip, then resume")
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.after_step(out, unwrapped, accelerator.gather_for_metrics)
+        sums["loss"] += loss.detach().float() * len(labels)
+        sums["adv_correct"] += (out["logits"].argmax(1) == labels).sum()
+        sums["grad_norm"] += grad_norm  # the global norm: the same on every process
+        sums["examples"] += len(labels)
+        sums["steps"] += 1
+        state.global_step += 1
+        if max_steps_reached(recipe, state):
+            break
+    seconds = time.perf_counter() - started
+    total = dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), reduction="sum").tolist(),
+                     strict=True))
+    group = optimizer.param_groups[0]  # the last step's rate, without a fine-tuned backbone's scale
+    return {"lr": group["lr"] / group.get("lr_scale", 1.0), "loss": total["loss"] / total["examples"],
+            "train_adv_acc": 100 * total["adv_correct"] / total["examples"],
+            "grad_norm": total["grad_norm"] / total["steps"], "img_per_s": total["examples"] / seconds,
+            "epoch_s": seconds}
+
+
+def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: hardware.SpeedSettings,
+                  run: RunDir, started: float) -> Recipe:
+    """The recipe with `schedule.budget` (the whole train() call, from `started`) turned into `schedule.steps` and
+    `schedule.epochs`: what rerunning the run's resolved recipe repeats exactly.
+
+    The training step and the monitoring attack are timed on a throwaway model, objective and optimizer with the
+    random number generators restored afterwards, so the run itself is the one its resolved recipe describes. The
+    evaluations are costed as if every image were attacked (the evaluator attacks the clean-correct ones only), so
+    the plan errs on the short side. A resumed run keeps the numbers its resolved recipe already holds.
+    """
+    if recipe.run.resume != "never" and run.recipe.is_file():
+        saved = load_recipe(run.recipe).schedule
+        if saved.budget is None and saved.steps is not None:
+            accelerator.print(f"schedule.budget: keeping the {saved.steps} steps of {run.recipe}")
+            return from_dict(recipe.to_dict(), ["schedule.budget=null", f"schedule.steps={saved.steps}",
+                                                f"schedule.epochs={saved.epochs}"], source=str(run.recipe))
+    if "autoattack" in recipe.eval.final_attacks:
+        raise UserError("schedule.budget: AutoAttack's time cannot be predicted; drop it from eval.final_attacks "
+                        "and run `sglr-zoo eval` on the export afterwards")
+    if recipe.method.name.startswith("sglr") and recipe.method.start_epoch >= 1:
+        raise UserError("method.start_epoch: with schedule.budget the number of epochs is decided at run time; "
+                        "give the start as a fraction of the run (e.g. 0.5)")
+    timed_steps, probe_n = 3, min(recipe.eval.batch_size, len(splits.test), 64)
+    probe = from_dict(recipe.to_dict(), ["schedule.budget=null"], source="schedule.budget")
+    memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = finetune.build_model(probe, splits.num_classes, splits.train.class_names)
+        model = model.to(device, memory_format=memory_format)
+        objective = build_objective(probe.method, labels=splits.train.labels, num_classes=splits.num_classes,
+                                    start_epoch=1, model=model).to(device)  # refined labels: the costlier step
+        optimizer = torch.optim.SGD(finetune.param_groups(model, probe), lr=probe.optim.lr,
+                                    momentum=probe.optim.momentum, weight_decay=probe.optim.weight_decay,
+                                    nesterov=probe.optim.nesterov)
+        trained = torch.compile(model) if speed.compile.value else model
+        loader = torch.utils.data.DataLoader(IndexedDataset(splits.train),
+                                             batch_size=recipe.run.batch_size // accelerator.num_processes)
+        state = RunState()
+        for max_steps in (1, 1 + timed_steps):  # a warm-up step (kernel choice, compilation), then the timed ones
+            probe.run.max_steps = max_steps
+            step_s = train_one_epoch(1, trained, trained, objective, optimizer, loader, probe, accelerator, state,
+                                     memory_format)["epoch_s"] / timed_steps
+        # One "pass": a forward and backward of one image in fp32, eval mode, as the evaluator's attacks run.
+        x = to_float(splits.test.images[:probe_n], recipe.data.image_size).to(device, memory_format=memory_format)
+        y = splits.test.labels[:probe_n].to(device)
+        for _ in range(2):  # the same: warm-up, then timed
+            clock = time.perf_counter()
+            pgd(trained, x, y, threat=recipe.attack.threat, eps=float(recipe.attack.eps), steps=recipe.eval.steps)
+            pass_s = (time.perf_counter() - clock) / (probe_n * recipe.eval.steps)
+    # Every process sizes the run from the slowest one's times.
+    step_s, pass_s, elapsed = accelerator.gather(torch.tensor(
+        [[step_s, pass_s, time.perf_counter() - started]], device=device, dtype=torch.float64)).amax(0).tolist()
+    # A monitoring pass per epoch: eval.n images of each split, a clean forward and eval.steps attack steps (+1).
+    monitored = sum(min(len(data), recipe.eval.n) for data in (splits.train, splits.val, splits.test) if data is not None)
+    final_passes = sum(1 if attack == "clean" else int(attack.removeprefix("pgd").removeprefix("cw")) + 1
+                       for attack in recipe.eval.final_attacks)
+    final_n = min(recipe.eval.final_n, len(splits.test))
+    exports = 2 if splits.val is not None else 1
+    plan = plan_budget(parse_budget(recipe.schedule.budget), elapsed, step_s=step_s,
+                       steps_per_epoch=math.ceil(len(splits.train) / recipe.run.batch_size),
+                       monitor_s=pass_s * monitored * (recipe.eval.steps + 2), monitor_every=recipe.eval.every,
+                       final_s=exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES))
+    summary = plan.describe(parse_budget(recipe.schedule.budget), elapsed, step_s,
+                            math.ceil(len(splits.train) / recipe.run.batch_size))
+    if plan.steps < 1:
+        raise UserError(f"schedule.budget: {recipe.schedule.budget} leaves no time to train ({summary}); raise it, "
+                        "or lower eval.n, eval.final_n or data.n_test")
+    accelerator.print(f"schedule.budget: {summary}")
+    return from_dict(recipe.to_dict(), ["schedule.budget=null", f"schedule.steps={plan.steps}",
+                                        f"schedule.epochs={plan.epochs}"], source="schedule.budget")
+
+
+def _process_group_options() -> dict[str, timedelta]:
+    """torch.distributed's options: the collectives' timeout from $SGLR_ZOO_PROCESS_GROUP_TIMEOUT when set."""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return {}
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise UserError(f"{TIMEOUT_ENV}={value!r}: give the process group's timeout as a positive number of seconds")
+    return {"timeout": timedelta(seconds=seconds)}
+
+
+def _write_run_info(run: RunDir, recipe: Recipe, splits: Splits, state: RunState, accelerator: Accelerator,
+                    checksums: list[list[float]], command: str, **extra: object) -> None:
+    """run.json: what was run and how it ended, local paths shortened as in published results (`public_paths`):
+    run directories get published."""
+    best = state.best_epoch or None
+    info = {"sglr_zoo_version": sglr_zoo.__version__, "git_commit": _git_commit(), "command": command,
+            "seed": recipe.run.seed, "last_epoch": state.epoch, "best_epoch": best,
+            "best_metric": f"val_{monitor_attack(recipe)}_acc" if best else None,
+            "best_value": state.best_val_pgd if best else None, "num_processes": accelerator.num_processes,
+            "replica_checksums": checksums, **extra, "class_names": splits.train.class_names,
+            "num_examples_train": len(splits.train), "data_source": splits.source}
+    write_atomic(run.run_info, json.dumps(public_paths(info), indent=2).encode())
+
+
+def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, device: torch.device,
+                     command: str) -> Results:
+    """Evaluates an export (reloaded from its folder, fp32) on the first eval.final_n test examples and writes
+    its `results.json`: the numbers model cards show. AutoAttack's progress is kept beside it, so a killed
+    evaluation resumes where it stopped."""
     n = min(recipe.eval.final_n, len(splits.test))
-    model = load_pretrained(f"local-dir:{folder}").to(device)
+    model = load_pretrained(f"local-dir:{run.export(which)}").to(device)
     results = evaluate(model, to_float(splits.test.images[:n], recipe.data.image_size), splits.test.labels[:n],
                        threat=recipe.attack.threat, eps=recipe.attack.eps, attacks=recipe.eval.final_attacks,
                        batch_size=recipe.eval.batch_size, seed=recipe.run.seed, num_classes=splits.num_classes,
-                       device=device, progress=True, model_name=str(folder), dataset=recipe.data.dataset,
-                       split=recipe.data.test_split, source=splits.source,
-                       which=f"first {n} of the {recipe.data.test_split} split, in order", command=command)
-    save_results(results, folder / "results.json")
-    print(f"{folder.name}: {format_results(results)}")
+                       state_path=run.autoattack_state(which), device=device, progress=True,
+                       provenance=Provenance(model=f"{run.root.name}/{which}", dataset=recipe.data.dataset,
+                                             split=recipe.data.test_split, source=splits.source,
+                                             which=f"first {n} of the {recipe.data.test_split} split, in order",
+                                             command=command))
+    results.save(run.results(which))
+    print(f"{which}: {results.summary()}")
     return results
 
 
 def train(recipe: Recipe, *, command: str = "") -> Path:
     """Trains the recipe's model and returns the run directory."""
-    keep_freed_memory()
-    run_dir = Path(recipe.run.output_dir) / (recipe.run.name or "run")
+    started = time.perf_counter()  # schedule.budget counts from here
+    run = RunDir(Path(recipe.run.output_dir) / (recipe.run.name or "run"))
     # Under torchrun on a machine without GPUs, accelerate goes multi-process (gloo) only with cpu=True; without it
     # every process would train alone, all writing the same run directory.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision, cpu=multi_cpu,
-                              log_with="tensorboard" if tensorboard else None, project_dir=str(run_dir),
+    processes = PartialState(cpu=multi_cpu, **_process_group_options())
+    speed = hardware.resolve(recipe.run, processes.device, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if processes.num_processes > 1:  # one decision for all: the probe could land differently on a busy machine
+        speed = broadcast_object_list([speed])[0]
+    hardware.apply(speed)
+    accelerator = Accelerator(mixed_precision=speed.mixed_precision.value, cpu=multi_cpu,
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(run.root),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     _check_hardware(recipe, accelerator)
+    accelerator.print(speed.describe())
     set_seed(recipe.run.seed)
 
+    finetune.resolve(recipe)  # a fine-tuning backbone fixes the architecture and the input size
     splits = load_splits(recipe.data)
+    if recipe.schedule.budget is not None:
+        recipe = fit_to_budget(recipe, splits, accelerator, speed, run, started)
     per_process_batch = recipe.run.batch_size // accelerator.num_processes
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,
                                                num_workers=recipe.run.num_workers)
 
-    pretrained = locate(recipe.model.pretrained) if recipe.model.pretrained else None
-    model = create_model(recipe.model.arch, splits.num_classes, mean=recipe.model.mean, std=recipe.model.std,
-                         drop_rate=recipe.model.drop_rate, pretrained=pretrained, **recipe.model.kwargs)
+    model = finetune.build_model(recipe, splits.num_classes, splits.train.class_names)
     if recipe.run.sync_batchnorm and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
     model = model.to(accelerator.device, memory_format=memory_format)
     objective = build_objective(recipe.method, labels=splits.train.labels, num_classes=splits.num_classes,
                                 start_epoch=recipe.start_epoch, model=model).to(accelerator.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
-                                weight_decay=recipe.optim.weight_decay, nesterov=recipe.optim.nesterov)
-    plain_model = model  # uncompiled, sharing the parameters: what checkpoints export
-    if recipe.run.compile:
-        model = torch.compile(model)
+    optimizer = torch.optim.SGD(finetune.param_groups(model, recipe), lr=recipe.optim.lr,
+                                momentum=recipe.optim.momentum, weight_decay=recipe.optim.weight_decay,
+                                nesterov=recipe.optim.nesterov)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    # Autocast is applied explicitly below, so that the monitoring attacks run in fp32.
-    raw_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    steps = recipe.schedule.steps
+    if steps is not None and math.ceil(steps / len(train_loader)) != recipe.schedule.epochs:
+        raise UserError(f"schedule.steps: {steps} steps of {len(train_loader)} per epoch take "
+                        f"{math.ceil(steps / len(train_loader))} epochs; set schedule.epochs to that")
+    # Three views of one set of weights. `model` (prepared: DDP when several processes, compiled if asked) trains.
+    # `unwrapped` has no DDP and no autocast wrapper (removed in place; training autocasts explicitly): attacks and
+    # monitoring through it all-reduce nothing and monitoring runs in fp32. `plain` is also uncompiled: what the
+    # exports, the replica checksums and the buffer sync read.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    plain = unwrapped
+    if speed.compile.value:  # after prepare: unwrapping a compiled module under autocast breaks its forward
+        compiled = torch.compile(unwrapped)
+        model, unwrapped = compiled if model is unwrapped else torch.compile(model), compiled
     state = RunState()
-    accelerator.register_for_checkpointing(objective, state)
+    checkpointer = Checkpointer(accelerator, run, model=plain, objective=objective, optimizer=optimizer, state=state,
+                                recipe=recipe)
 
-    checkpoints = run_dir / "checkpoints"
-    resume_from = None
-    if recipe.run.resume == "auto":
-        resume_from = latest_checkpoint(checkpoints)
-    elif recipe.run.resume != "never":
-        resume_from = Path(recipe.run.resume)
-        if not resume_from.is_dir():
-            raise UserError(f"run.resume: checkpoint folder {resume_from} not found; use auto, never or a folder")
+    lock, resume_from = open_run(accelerator, run, recipe)  # one run per directory: locked until finish_run
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch})")
+        checkpointer.load(resume_from)
+        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.global_step})")
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
+        save_recipe(recipe, run.recipe)
 
     accelerator.init_trackers("tensorboard", config=_flat(recipe.to_dict()))
-    steps_per_epoch = len(train_loader)
-    attack = recipe.attack
-    global_step = state.epoch * steps_per_epoch
+    attack, columns = monitor_attack(recipe), metric_columns(recipe)
     for epoch in range(state.epoch + 1, recipe.schedule.epochs + 1):
+        if max_steps_reached(recipe, state):  # resumed after its last step (killed in the final evaluation)
+            break
         train_loader.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(4, device=accelerator.device)  # loss * n, adversarial correct, grad norm, n
-        started = time.perf_counter()
-        progress = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
-                        disable=not accelerator.is_local_main_process)
-        for step, (images, labels, index) in enumerate(progress):
-            lr = recipe.optim.lr * lr_factor(recipe.schedule, (epoch - 1) + step / steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = to_float(images, recipe.data.image_size)
-            x = augment(x) if recipe.data.augment else x
-            x = x.contiguous(memory_format=memory_format)
-            with accelerator.autocast():
-                x_adv = pgd(raw_model, x, labels, threat=attack.threat, eps=float(attack.eps),
-                            step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
-                            loss=objective.attack_loss, mode=attack.model_mode)
-                out = objective(model, x, x_adv, labels, index, epoch)
-            loss = out["loss"]
-            if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}; nothing was saved "
-                                       f"for this epoch. Lower optim.lr or set optim.grad_clip, then resume")
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if "bank_index" in out:
-                objective.write_bank(accelerator.gather_for_metrics(out["bank_index"]),
-                                     accelerator.gather_for_metrics(out["bank_targets"]))
-            if hasattr(objective, "update_teacher"):
-                objective.update_teacher(raw_model)
-            n = len(labels)
-            sums += torch.stack([loss.detach().float() * n, (out["logits"].argmax(1) == labels).sum().float(),
-                                 torch.as_tensor(grad_norm, device=accelerator.device).float(),
-                                 torch.tensor(float(n), device=accelerator.device)])
-            global_step += 1
-            if recipe.run.max_steps and global_step >= recipe.run.max_steps:
-                break
-        epoch_seconds = time.perf_counter() - started
-        sums = accelerator.reduce(sums, reduction="sum")
-        steps_done = step + 1
-        row = {"epoch": epoch, "lr": lr, "loss": (sums[0] / sums[3]).item(),
-               "train_adv_acc": 100 * (sums[1] / sums[3]).item(),
-               "grad_norm": (sums[2] / accelerator.num_processes / steps_done).item(),
-               "img_per_s": sums[3].item() / epoch_seconds, "epoch_s": epoch_seconds}
-        last_epoch = epoch == recipe.schedule.epochs or bool(recipe.run.max_steps and global_step >= recipe.run.max_steps)
+        row = {"epoch": epoch, **train_one_epoch(epoch, model, unwrapped, objective, optimizer, train_loader, recipe,
+                                                 accelerator, state, memory_format)}
+        # Each process updated BatchNorm statistics from its own batches: align them before they are measured,
+        # exported or checkpointed.
+        sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules())
+        last_epoch = epoch == recipe.schedule.epochs or max_steps_reached(recipe, state)
         if epoch % recipe.eval.every == 0 or last_epoch:
-            row["train_clean_acc"], row["train_pgd_acc"] = monitor_accuracy(raw_model, splits.train, recipe, accelerator)
-            if splits.val is not None:
-                row["val_clean_acc"], row["val_pgd_acc"] = monitor_accuracy(raw_model, splits.val, recipe, accelerator)
-            row["test_clean_acc"], row["test_pgd_acc"] = monitor_accuracy(raw_model, splits.test, recipe, accelerator)
+            row.update(monitor(unwrapped, splits, recipe, accelerator))
         state.epoch = epoch
         state.history.append(row)
-        accelerator.print(_format_row(row))
+        accelerator.print(_format_row(row, attack))
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
-        if splits.val is not None and row.get("val_pgd_acc", -1) > state.best_val_pgd:
-            state.best_val_pgd, state.best_epoch = row["val_pgd_acc"], epoch
+        if row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
+            state.best_val_pgd, state.best_epoch = row[f"val_{attack}_acc"], epoch
             if accelerator.is_main_process:
-                save_pretrained(plain_model, run_dir / "best", label_names=splits.train.class_names)
+                save_pretrained(plain, run.export("best"), label_names=splits.train.class_names)
         if accelerator.is_main_process:
-            _write_metrics(run_dir, state.history)
-            plot_curves(state.history, run_dir / "curves.png")
+            _write_metrics(run.metrics, state.history, columns)
+            plot_curves(state.history, run.curves, attack)
         if epoch % recipe.run.checkpoint_every == 0 or last_epoch:
-            save_checkpoint(accelerator, checkpoints, epoch, recipe.run.keep_checkpoints)
+            checkpointer.save(epoch)
         if last_epoch:
             break
 
-    checksums = replica_checksums(accelerator, plain_model, objective)
-    if any(row != checksums[0] for row in checksums):
-        raise RuntimeError(f"processes ended with different weights or soft labels: {checksums}")
+    # The end: exports and run.json first (no check below can lose them), then the process group ends, and the
+    # main process alone evaluates the exports: the other processes wait in no collective however long it takes.
+    checksums = replica_checksums(accelerator, plain, objective)
     if accelerator.is_main_process:
-        save_pretrained(plain_model, run_dir / "last", label_names=splits.train.class_names)
-        run_info = {"sglr_zoo_version": sglr_zoo.__version__, "git_commit": _git_commit(), "command": command,
-                    "seed": recipe.run.seed, "last_epoch": state.epoch, "best_epoch": state.best_epoch or None,
-                    "best_val_pgd_acc": state.best_val_pgd if state.best_epoch else None,
-                    "num_processes": accelerator.num_processes, "replica_checksums": checksums, "mixed_precision": accelerator.mixed_precision,
-                    "class_names": splits.train.class_names, "num_examples_train": len(splits.train),
-                    "data_source": splits.source}
-        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2))
-        for export in ("best", "last"):
-            if (run_dir / export / "config.json").is_file():
-                final_evaluation(run_dir / export, splits, recipe, accelerator.device, command)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
+        save_pretrained(plain, run.export("last"), label_names=splits.train.class_names)
+        _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict())
+    if any(replica != checksums[0] for replica in checksums):
+        raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
+                           "last/ holds the main process's")
+    accelerator.end_training()  # stops the trackers and destroys the process group
+    if accelerator.is_main_process:
+        for which in run.exports():
+            final_evaluation(run, which, splits, recipe, accelerator.device, command)
+    finish_run(accelerator, run, lock, state, recipe)  # marks it finished and unlocks it: rerunning it is refused
+    return run.root

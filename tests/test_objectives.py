@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from sglr_zoo.objectives import PGDAT, SGLR, TRADES, build_objective, soft_cross_entropy, trades_kl
+from sglr_zoo.objectives import (
+    PGDAT,
+    SGLR,
+    TRADES,
+    Objective,
+    bank_dtype,
+    build_objective,
+    soft_cross_entropy,
+    trades_kl,
+)
 from sglr_zoo.recipe import MethodConfig, from_dict
 
 K = 4  # classes
@@ -248,3 +257,137 @@ def test_build_objective(model, name, cls, attack_loss):
     if cls is SGLR:
         assert objective.start_epoch == 3 and objective.trades == (name == "sglr_trades")
         assert objective.bank.shape == (len(LABELS), K) and objective.teacher is None
+
+
+# ---- the objective's own state updates, and the bank's storage -------------------------------------------------
+
+def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """One process: gathering returns the tensor itself."""
+    return tensor
+
+
+class AuthorsSGLS:
+    """The soft-label update and loss of the authors' code (devicerxx/SGLS, losses/loss.py, class SGLS), verbatim
+    apart from the device: an independent reference for SGLR's defaults (fp32 bank, r_hard 0, temperature 1)."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, momentum: float = 0.9):
+        self.soft_labels = torch.zeros(labels.shape[0], num_classes, dtype=torch.float)
+        self.soft_labels[torch.arange(labels.shape[0]), labels] = 1
+        self.momentum = momentum
+
+    def __call__(self, model: nn.Module, x_natural: torch.Tensor, x_adv: torch.Tensor,
+                 index: torch.Tensor) -> torch.Tensor:
+        logits = model(x_adv)
+        prob = F.softmax(logits.detach(), dim=1)
+        clean_out = model(x_natural)
+        clean_prob = F.softmax(clean_out.detach(), dim=1)
+        self.soft_labels[index] = self.momentum * self.soft_labels[index] + \
+            (1 - self.momentum) * (0.2 * clean_prob + 0.8 * prob)
+        loss = torch.sum(-F.log_softmax(logits, dim=1) * self.soft_labels[index], dim=1)
+        return loss.mean()
+
+
+def run_bank_updates(bank_dtype: str, epochs: int = 30) -> tuple[SGLR, AuthorsSGLS, list[tuple[float, float]]]:
+    """Both implementations through `epochs` epochs of 2 batches over the 5 examples, the model changing between
+    steps; returns them and each step's (our loss, their loss)."""
+    generator = torch.Generator().manual_seed(4)
+    model = LinearModel().train()
+    objective, authors = sglr(bank_dtype=bank_dtype), AuthorsSGLS(LABELS, K)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(LABELS), generator=generator)
+        for index in order.split(3):
+            x = torch.rand(len(index), 1, 2, 3, generator=generator)
+            x_adv = (x + 0.3 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+            out = objective(model, x, x_adv, LABELS[index], index, epoch=1)
+            objective.after_step(out, model, identity_gather)
+            losses.append((out["loss"].item(), authors(model, x, x_adv, index).item()))
+            with torch.no_grad():  # a "training step": the predictions move
+                model.fc.weight.add_(0.2 * torch.randn(model.fc.weight.shape, generator=generator))
+    return objective, authors, losses
+
+
+def test_float32_bank_is_bit_exact_with_the_authors_code():
+    objective, authors, losses = run_bank_updates("float32")
+    assert objective.bank.dtype == torch.float32
+    assert torch.equal(objective.bank, authors.soft_labels)
+    assert all(ours == theirs for ours, theirs in losses)
+    assert (objective.bank.max(1).values < 0.99).all()  # the labels were refined, far from one-hot
+
+
+def test_float16_bank_stays_close_to_the_authors_code():
+    objective, authors, losses = run_bank_updates("float16")
+    assert objective.bank.dtype == torch.float16
+    torch.testing.assert_close(objective.bank.float(), authors.soft_labels, rtol=0, atol=1e-3)
+    assert all(ours == pytest.approx(theirs, rel=1e-3) for ours, theirs in losses)
+    assert not torch.equal(objective.bank.float(), authors.soft_labels)  # it is float16 arithmetic after all
+
+
+# (examples, classes, bank_dtype, storage): auto keeps float32 below 256 MiB
+BANK_DTYPES = [
+    (50_000, 10, "auto", torch.float32),  # CIFAR-10: 2 MB
+    (50_000, 100, "auto", torch.float32),
+    (1_281_167, 1000, "auto", torch.float16),  # ImageNet-1k: 5.1 GB in float32, 2.6 GB in float16
+    (2**26 - 1, 1, "auto", torch.float32),  # just under 256 MiB
+    (2**26, 1, "auto", torch.float16),  # exactly 256 MiB
+    (1_281_167, 1000, "float32", torch.float32),
+    (50_000, 10, "float16", torch.float16),
+]
+
+
+@pytest.mark.parametrize("examples, classes, name, dtype", BANK_DTYPES)
+def test_bank_dtype(examples, classes, name, dtype):
+    assert bank_dtype(name, examples, classes) is dtype
+
+
+def test_bank_dtype_from_the_recipe(model, inputs):
+    x, x_adv = inputs
+    assert from_dict({}).method.bank_dtype == "auto"
+    objective = sglr(bank_dtype="float16")
+    assert objective.bank.dtype == torch.float16 and torch.equal(objective.bank.float(), F.one_hot(LABELS, K).float())
+    out = objective(model, x, x_adv, Y, INDEX, epoch=1)
+    assert out["bank_targets"].dtype == torch.float32  # the EMA is computed in fp32 and rounded when written
+    objective.after_step(out, model, identity_gather)
+    assert objective.bank.dtype == torch.float16
+    assert torch.equal(objective.bank[INDEX], out["bank_targets"].half())
+
+
+def test_after_step_writes_the_gathered_update(model, inputs):
+    """With several processes every one writes every process's updates: what `gather` returns, not its own."""
+    x, x_adv = inputs
+    objective = sglr()
+    out = objective(model, x, x_adv, Y, INDEX, epoch=1)
+    other_index, other_targets = torch.tensor([1, 2]), torch.full((2, K), 1 / K)  # another process's share
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, other_index if tensor.dtype == torch.int64 else other_targets])
+
+    objective.after_step(out, model, gather)
+    assert torch.equal(objective.bank[INDEX], out["bank_targets"])
+    assert torch.equal(objective.bank[other_index], other_targets)
+    assert objective.local_modules() == []
+
+
+def test_after_step_before_the_start_epoch_keeps_the_bank(model, inputs):
+    x, x_adv = inputs
+    objective = sglr(start_epoch=3)
+    objective.after_step(objective(model, x, x_adv, Y, INDEX, epoch=2), model, identity_gather)
+    assert torch.equal(objective.bank, F.one_hot(LABELS, K).float())
+
+
+def test_after_step_updates_the_weight_teacher(model, inputs):
+    x, x_adv = inputs
+    objective = sglr(model=model, teacher="weights", teacher_decay=0.5)
+    assert objective.local_modules() == [objective.teacher.module]
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    objective.after_step(objective(model, x, x_adv, Y, INDEX, epoch=1), model, identity_gather)
+    torch.testing.assert_close(objective.teacher.module.fc.weight, model.fc.weight - 0.5)
+
+
+@pytest.mark.parametrize("objective", [PGDAT(), TRADES(beta=6.0)], ids=["pgd_at", "trades"])
+def test_baselines_keep_no_state(model, inputs, objective):
+    x, x_adv = inputs
+    out = objective(model, x, x_adv, Y, INDEX, epoch=1)
+    objective.after_step(out, model, identity_gather)
+    assert isinstance(objective, Objective) and objective.state_dict() == {} and objective.local_modules() == []
