@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -47,10 +48,11 @@ class CifarResNet(ClassifierHead, nn.Module):
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        stages, in_chs = [], widths[0]
+        stages, in_chs, self.feature_info = [], widths[0], []
         for i, (depth, width) in enumerate(zip(layers, widths)):
             blocks = [BasicBlock(in_chs if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1) for b in range(depth)]
             stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=2**i, module=f"stages.{i}"))
             in_chs = width
         self.stages = nn.Sequential(*stages)
         self.num_features = in_chs
@@ -63,8 +65,18 @@ class CifarResNet(ClassifierHead, nn.Module):
 
 
 
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CifarResNet) -> dict[str, torch.Tensor]:
+    """Renames the common PyTorch CIFAR ResNet layout (`layerN.M...`, `linear`: kuangliu's pytorch-cifar, the
+    SGLR authors' code, RobustBench's ResNet18) to ours; our own layout passes unchanged."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
+        renamed[re.sub(r"^linear\.", "fc.", key)] = value
+    return renamed
+
+
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
-    return build_model_with_cfg(CifarResNet, variant, pretrained, **kwargs)
+    return build_model_with_cfg(CifarResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,7 @@ class WideResNet(ClassifierHead, nn.Module):
             ])
             for i in range(3)
         ])
+        self.feature_info = [dict(num_chs=widths[i + 1], reduction=2**i, module=f"stages.{i}") for i in range(3)]
         self.bn = nn.BatchNorm2d(widths[3])
         self.num_features = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
@@ -76,8 +78,24 @@ class WideResNet(ClassifierHead, nn.Module):
 
 
 
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: WideResNet) -> dict[str, torch.Tensor]:
+    """Renames the common PyTorch WideResNet layout (`blockN.layer.M...`, `convShortcut`, final `bn1`: TRADES,
+    MART, AWP, the SGLR authors' code, RobustBench's WideResNet) to ours; our own layout passes unchanged.
+
+    `sub_block1` weights are dropped: TRADES-era checkpoints carry this block but no forward pass uses it.
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("sub_block1."):
+            continue
+        key = re.sub(r"^block(\d+)\.layer\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
+        key = re.sub(r"\.convShortcut\.", ".shortcut.", key)
+        renamed[re.sub(r"^bn1\.", "bn.", key)] = value
+    return renamed
+
+
 def _create_wide_resnet(variant: str, pretrained: bool = False, **kwargs) -> WideResNet:
-    return build_model_with_cfg(WideResNet, variant, pretrained, **kwargs)
+    return build_model_with_cfg(WideResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

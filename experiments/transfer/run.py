@@ -1,0 +1,193 @@
+"""The transfer experiment (issue 10): is a robust backbone worth fine-tuning on new classes from little data?
+
+    SGLR_ZOO_DATA=../shared/datasets python experiments/transfer/run.py [--out runs/transfer] [--toy]
+
+1. data: parquet subsets of CIFAR-10 ($SGLR_ZOO_DATA/cifar10): classes 0-4 (all 25,000 training and 5,000 test
+   images) and classes 5-9 (the first 500 training images of each class, all 5,000 test images), labels 0-4;
+2. two backbones on classes 0-4: SGLR (robust) and clean (backbone_*.yaml);
+3. on classes 5-9: robust backbone + linear probe, robust backbone + full fine-tune, clean backbone + full
+   fine-tune (all adversarial: SGLR on PGD-3), and the same model from scratch with the same budget;
+4. evaluation of every model: clean, PGD-20 and AutoAttack (standard, Linf 8/255) on the first 500 test images of
+   classes 5-9; the backbones also clean and PGD-20 on their own classes;
+5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
+
+Every step is skipped when its output exists; a killed training run resumes from its last epoch checkpoint and a
+killed AutoAttack from its state file: rerun the same command. `--toy` runs the whole pipeline in a few minutes
+(tiny model, a few images, 2 epochs): it checks the plumbing, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+EVAL_N = 500
+# (folder, CIFAR-10 classes, training images per class (None: all))
+DATASETS = {"c10_0to4": (range(0, 5), None), "c10_5to9_500": (range(5, 10), 500)}
+TOY_DATASETS = {"c10_0to4": 40, "c10_5to9_500": 16}  # training images per class
+TOY_TEST_PER_CLASS = 20
+TOY_TRAIN = ["schedule.epochs=2", "attack.steps=1", "eval.n=20", "eval.steps=2", "eval.every=1", "eval.final_n=20",
+             "run.batch_size=32"]
+TOY_EVAL = ["--autoattack-version", "custom", "--autoattack-attacks", "apgd-ce,apgd-t"]  # no FAB-T, Square: minutes
+TOY_MODEL = ["model.arch=preactresnet_tiny_cifar"]  # for the runs that build a model (fine-tunes take the backbone's)
+SGLR_ZOO = [sys.executable, "-m", "sglr_zoo.cli"]  # `sglr-zoo` of this interpreter
+
+
+@dataclass
+class Run:
+    name: str
+    recipe: str
+    label: str  # the table's row
+    backbone: str | None = None  # run name of the backbone this one fine-tunes
+    data: str = "c10_5to9_500"
+    overrides: list[str] = field(default_factory=list)
+
+
+RUNS = [
+    Run("backbone_sglr", "backbone_sglr.yaml", "robust backbone (SGLR), classes 0-4", data="c10_0to4"),
+    Run("backbone_clean", "backbone_clean.yaml", "clean backbone, classes 0-4", data="c10_0to4"),
+    Run("robust_linear_probe", "robust_linear_probe.yaml", "robust backbone + linear probe", backbone="backbone_sglr"),
+    Run("robust_full", "robust_full.yaml", "robust backbone + adversarial full fine-tune", backbone="backbone_sglr"),
+    Run("clean_full", "clean_full.yaml", "clean backbone + adversarial full fine-tune", backbone="backbone_clean"),
+    Run("scratch", "scratch.yaml", "from scratch, same budget"),
+]
+
+
+def write_subset(source: Path, target: Path, classes: range, train_per_class: int | None,
+                 test_per_class: int | None) -> None:
+    """CIFAR-10 parquet -> the rows of `classes` (the first `per_class` of each, in file order), labels from 0."""
+    target.mkdir(parents=True, exist_ok=True)
+    names = [CIFAR10_CLASSES[c] for c in classes]
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        out = target / f"{split}-00000-of-00001.parquet"
+        if out.is_file():
+            continue
+        table = pq.read_table(source / f"{split}-00000-of-00001.parquet")
+        labels = table.column("label").to_pylist()
+        seen = {c: 0 for c in classes}
+        rows = []
+        for i, label in enumerate(labels):
+            if label in seen and (per_class is None or seen[label] < per_class):
+                seen[label] += 1
+                rows.append(i)
+        subset = table.take(pa.array(rows))
+        subset = subset.set_column(1, "label", pc.subtract(subset.column("label"), classes.start))
+        features = {"img": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        schema = subset.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+        partial = out.with_suffix(".partial")
+        pq.write_table(subset.cast(schema), partial)
+        partial.rename(out)  # a killed write never leaves a file that looks complete
+
+
+class Driver:
+    def __init__(self, out: Path, toy: bool):
+        self.out, self.toy = out, toy
+        self.timings_path = out / "timings.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
+
+    def run(self, key: str, command: list[str]) -> None:
+        """Runs one step, adding its wall time to OUT/timings.json (a resumed step adds up)."""
+        print(f"\n$ {shlex.join(command)}", flush=True)
+        started = time.time()
+        subprocess.run(command, check=True)
+        self.timings[key] = self.timings.get(key, 0.0) + time.time() - started
+        self.timings_path.write_text(json.dumps(self.timings, indent=2) + "\n")
+
+    def data(self) -> None:
+        root = Path(os.environ.get("SGLR_ZOO_DATA", HERE.parents[2] / "shared" / "datasets")) / "cifar10"
+        if not (root / "train-00000-of-00001.parquet").is_file():
+            sys.exit(f"CIFAR-10 parquet files not found in {root}: set SGLR_ZOO_DATA to the folder holding cifar10/")
+        for name, (classes, per_class) in DATASETS.items():
+            train_n = TOY_DATASETS[name] if self.toy else per_class
+            write_subset(root, self.out / "data" / name, classes, train_n, TOY_TEST_PER_CLASS if self.toy else None)
+
+    def train(self, run: Run) -> None:
+        if (self.out / run.name / "finished.json").is_file():
+            print(f"{run.name}: finished, skipped")
+            return
+        overrides = [f"data.dataset={self.out / 'data' / run.data}", f"run.output_dir={self.out}",
+                     f"run.name={run.name}", *run.overrides]
+        if run.backbone:
+            overrides.append(f"finetune.backbone={self.out / run.backbone}")
+        if self.toy:
+            overrides += TOY_TRAIN + ([] if run.backbone else TOY_MODEL)
+        command = "finetune" if run.backbone else "train"
+        self.run(f"train/{run.name}", [*SGLR_ZOO, command, str(HERE / run.recipe), *overrides])
+
+    def evaluate(self, run: Run, data: str, attacks: str, tag: str) -> Path:
+        n = 20 if self.toy else EVAL_N
+        results = self.out / run.name / "last" / f"results_{tag}_n{n}.json"
+        if results.is_file():
+            print(f"{results}: exists, skipped")
+            return results
+        self.run(f"eval/{run.name}/{tag}", [
+            *SGLR_ZOO, "eval", str(self.out / run.name / "last"), "--dataset", str(self.out / "data" / data),
+            "--attacks", attacks, "--n", str(n), "--out", str(results),
+            "--state-path", str(self.out / run.name / f"autoattack_state_{tag}_n{n}.json"),
+            *(TOY_EVAL if self.toy and "autoattack" in attacks else [])])
+        return results
+
+    def table(self, results: dict[str, Path], own: dict[str, Path]) -> str:
+        def train_minutes(run: Run) -> str:
+            with (self.out / run.name / "metrics.csv").open() as f:
+                seconds = sum(float(row["epoch_s"]) for row in csv.DictReader(f))
+            return f"{seconds / 60:.1f}"
+
+        def cell(values: dict, key: str) -> str:
+            value = values.get(key)
+            return "-" if value is None else f"{value:.2f}"
+
+        lines = ["| model | clean % | PGD-20 % | AutoAttack % | training, min (sum of epochs) | "
+                 "evaluation, min |", "|---|---|---|---|---|---|"]
+        for run in (run for run in RUNS if run.name in results):
+            result = json.loads(results[run.name].read_text())
+            robust = result["robust_accuracy"]
+            lines.append(f"| {run.label} | {result['clean_accuracy']:.2f} | {cell(robust, 'pgd20')} | "
+                         f"{cell(robust, 'autoattack')} | {train_minutes(run)} | {result['wall_time_s'] / 60:.1f} |")
+        n = json.loads(next(iter(results.values())).read_text())["n_examples"]
+        lines += ["", f"First {n} test images of CIFAR-10 classes 5-9 (dog, frog, horse, ship, truck), Linf 8/255."
+                  + (" Toy run: AutoAttack is APGD-CE + APGD-T only; the numbers mean nothing." if self.toy else ""),
+                  "", "The backbones on their own task (classes 0-4):", "",
+                  "| backbone | clean % | PGD-20 % |", "|---|---|---|"]
+        for name, path in own.items():
+            result = json.loads(path.read_text())
+            lines.append(f"| {name} | {result['clean_accuracy']:.2f} | {cell(result['robust_accuracy'], 'pgd20')} |")
+        lines += ["", f"Step wall times (s, {self.timings_path.name}): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())]
+        return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/transfer"), help="where data, runs and the table go")
+    parser.add_argument("--toy", action="store_true", help="a few images, a tiny model, 2 epochs: plumbing only")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    driver = Driver(args.out.resolve(), args.toy)
+    driver.data()
+    for run in RUNS:
+        driver.train(run)
+    results = {run.name: driver.evaluate(run, "c10_5to9_500", "clean,pgd20,autoattack", "transfer") for run in RUNS
+               if run.data == "c10_5to9_500"}
+    own = {run.name: driver.evaluate(run, "c10_0to4", "clean,pgd20", "own") for run in RUNS if run.data == "c10_0to4"}
+    table = driver.table(results, own)
+    (args.out / "table.md").write_text(table)
+    print(f"\n{table}\nwrote {args.out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Fine-tuning a pretrained backbone on new data: where it comes from, which parts train, at which learning rate.
+
+The recipe's `finetune:` section names the backbone and how it is adapted:
+- `linear_probe`: the backbone is frozen and kept in eval mode (its BatchNorm statistics too); only the head trains;
+- `full`: everything trains, the backbone at `backbone_lr_scale` times the learning rate;
+- `partial`: the last `unfreeze` stages of the model's `feature_info` (timm's stage names, e.g. `stages.3` or
+  `layer4`), every layer after them (final norm) and the head train; the rest is frozen as in a linear probe.
+Fine-tuning is adversarial with the recipe's `method` and `attack` sections, or clean with `attack.eps: 0`.
+The backbone fixes the architecture, the input normalisation and the input size (timm's `resolve_data_config`):
+images of another size are resized to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from sglr_zoo.errors import UserError
+from sglr_zoo.models import create_model, load_pretrained, unwrap_timm
+from sglr_zoo.recipe import Recipe, from_dict, load_recipe
+from sglr_zoo.zoo import WEIGHTS_NAME, locate
+
+__all__ = ["DEFAULT_RECIPE", "backbone_id", "build_model", "finetune_recipe", "freeze", "param_groups", "resolve",
+           "set_train_mode", "stage_names", "trainable_parts"]
+
+# `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels
+# from half-way, the backbone at a tenth of the head's learning rate.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "finetune": {"mode": "full", "backbone_lr_scale": 0.1},
+    "method": {"name": "sglr", "start_epoch": 0.5},
+    "optim": {"lr": 0.01},
+    "schedule": {"name": "cosine", "epochs": 10},
+    "eval": {"n": 500, "final_attacks": ["clean", "pgd20"], "final_n": 1000},
+}
+
+
+def backbone_id(name: str, revision: str | None = None) -> str:
+    """What `sglr_zoo.zoo.locate` accepts: a timm name with its pretrained tag becomes its `hf-hub:` repo."""
+    if revision and name.startswith("hf-hub:") and "@" not in name:
+        return f"{name}@{revision}"
+    if "." in name and not Path(name).exists() and timm.is_model(name.split(".")[0]):
+        try:
+            cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+        except RuntimeError:  # timm: "Invalid pretrained tag"
+            cfg = None
+        if cfg is None or not cfg.hf_hub_id:
+            tags = [n for n in timm.list_pretrained(f"{name.split('.')[0]}.*")][:5]
+            hint = f"; tags with weights: {', '.join(tags)}" if tags else "; this architecture has no published weights"
+            raise UserError(f"finetune.backbone {name!r}: timm has no Hub weights for this tag{hint}")
+        return f"hf-hub:{cfg.hf_hub_id}" + (f"@{revision}" if revision else "")
+    return name
+
+
+def resolve(recipe: Recipe) -> Path | None:
+    """Locates the backbone (Hub weights are downloaded and checked) and writes what it fixes into the recipe.
+
+    Moves `model.pretrained` (the older form) to `finetune.backbone`; records or checks `finetune.backbone_sha256`,
+    records the Hub commit in `finetune.backbone_revision`; sets `model.arch`, `model.mean`/`std` and
+    `data.image_size` from the backbone's config. The trainer calls it before loading data; calling it again
+    changes nothing. Returns the backbone's local folder (None without a backbone).
+    """
+    cfg = recipe.finetune
+    if recipe.model.pretrained is not None:
+        cfg.backbone, recipe.model.pretrained = recipe.model.pretrained, None
+    if cfg.backbone is None:
+        return None
+    folder = Path(locate(backbone_id(cfg.backbone, cfg.backbone_revision)).removeprefix("local-dir:"))
+    digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    if cfg.backbone_sha256 is not None and cfg.backbone_sha256 != digest:
+        raise UserError(f"finetune.backbone_sha256: {cfg.backbone} has sha256 {digest}, the recipe pins "
+                        f"{cfg.backbone_sha256}; the weights changed. Pin the new hash or restore the old weights")
+    cfg.backbone_sha256 = digest
+    if cfg.backbone_revision is None and folder.parent.name == "snapshots":  # the Hub cache: snapshots/<commit>/
+        cfg.backbone_revision = folder.name
+    config = json.loads((folder / "config.json").read_text())
+    pretrained_cfg = config.get("pretrained_cfg", {})
+    input_size = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg)["input_size"]
+    if input_size[-1] != input_size[-2]:
+        raise UserError(f"finetune.backbone {cfg.backbone}: input size {tuple(input_size)} is not square; "
+                        "sglr_zoo feeds square images")
+    recipe.data.image_size = int(input_size[-1])
+    recipe.model.arch = config["architecture"]
+    args = config.get("model_args", {})
+    mean, std = (args.get("mean"), args.get("std")) if "mean" in args else (pretrained_cfg.get("mean"),
+                                                                            pretrained_cfg.get("std"))
+    identity = mean is not None and all(m == 0 for m in mean) and all(s == 1 for s in std)
+    recipe.model.mean, recipe.model.std = (None, None) if mean is None or identity else (list(mean), list(std))
+    return folder
+
+
+def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
+    """The model a recipe trains: a new one, or the backbone with its head reset and its parts frozen.
+
+    Loads the backbone strictly (`load_pretrained`: a mismatch names the wrong key and shapes); resets the head
+    with timm's `reset_classifier` (see `finetune.head`); freezes as `finetune.mode` says. `class_names` are the
+    new data's.
+    """
+    model_cfg, cfg = recipe.model, recipe.finetune
+    if cfg.backbone is None and model_cfg.pretrained is None:
+        return create_model(model_cfg.arch, num_classes, mean=model_cfg.mean, std=model_cfg.std,
+                            drop_rate=model_cfg.drop_rate, **model_cfg.kwargs)
+    if num_classes < 2:
+        raise UserError(f"data: {num_classes} class(es) found; fine-tuning a classifier needs at least 2")
+    if cfg.mode != "full" and recipe.attack.model_mode == "train":
+        raise UserError(f"attack.model_mode: train would update the frozen backbone's BatchNorm statistics during "
+                        f"the attack; use eval with finetune.mode {cfg.mode}")
+    folder = resolve(recipe)
+    model = load_pretrained(f"local-dir:{folder}", eval_mode=False, drop_rate=model_cfg.drop_rate,
+                            **model_cfg.kwargs)
+    inner = unwrap_timm(model)
+    backbone_labels = json.loads((folder / "config.json").read_text()).get("label_names")
+    same_labels = bool(class_names) and backbone_labels == list(class_names) and inner.num_classes == num_classes
+    if cfg.head == "keep" and inner.num_classes != num_classes:
+        raise UserError(f"finetune.head: keep needs the backbone's {inner.num_classes} classes, the data has "
+                        f"{num_classes}; use reset")
+    if cfg.head == "reset" or (cfg.head == "auto" and not same_labels):
+        _classifier(inner, cfg.backbone)
+        inner.reset_classifier(num_classes)
+    freeze(model, cfg.mode, cfg.unfreeze)
+    return model
+
+
+def _classifier(model: nn.Module, name: str) -> nn.Module:
+    """The head timm knows the model by (`get_classifier`), which must hold weights."""
+    if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):
+        raise UserError(f"finetune.backbone {name}: {type(model).__name__} has no known classifier "
+                        "(timm's get_classifier/reset_classifier); a linear probe or a head reset needs one")
+    head = model.get_classifier()
+    if not isinstance(head, nn.Module) or not any(p.numel() for p in head.parameters()):
+        raise UserError(f"finetune.backbone {name}: {type(model).__name__}'s classifier has no weights "
+                        f"(num_classes={getattr(model, 'num_classes', '?')}); set finetune.head: reset")
+    return head
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The model's stages, named the timm way (`feature_info` modules), first to last."""
+    inner = unwrap_timm(model)
+    info = getattr(inner, "feature_info", None)
+    if not info:
+        raise UserError(f"{type(inner).__name__} has no feature_info (timm's stage names): partial unfreezing "
+                        "cannot tell its stages; use finetune.mode full or linear_probe")
+    return [entry["module"] for entry in info]
+
+
+def trainable_parts(model: nn.Module, mode: str, unfreeze: int = 1) -> list[str]:
+    """Names (in `model`'s own naming) of the parameters that train in `mode`."""
+    inner = unwrap_timm(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if mode == "full":
+        return list(names.values())
+    head = {id(p) for p in _classifier(inner, type(inner).__name__).parameters()}
+    keep = set(head)
+    if mode == "partial":
+        stages = stage_names(inner)
+        if unfreeze > len(stages):
+            raise UserError(f"finetune.unfreeze: {unfreeze} stages asked, {type(inner).__name__} has {len(stages)} "
+                            f"({', '.join(stages)}); use mode full to train everything")
+        order = [id(p) for p in inner.parameters()]
+        for stage in stages[-unfreeze:]:
+            keep |= {id(p) for p in inner.get_submodule(stage).parameters()}
+        in_last = {id(p) for p in inner.get_submodule(stages[-1]).parameters()}
+        last = max((i for i, p in enumerate(order) if p in in_last), default=-1)
+        keep |= set(order[last + 1:])  # layers after the last stage (final norm): they see only trained features
+    elif mode != "linear_probe":
+        raise UserError(f"finetune.mode {mode!r}: choose linear_probe, full or partial")
+    return [n for i, n in names.items() if i in keep]
+
+
+def freeze(model: nn.Module, mode: str, unfreeze: int = 1) -> None:
+    """Sets `requires_grad` so that exactly `trainable_parts(model, mode, unfreeze)` train."""
+    keep = set(trainable_parts(model, mode, unfreeze))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in keep)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """`model.train()`, except modules whose parameters are all frozen: they stay in eval mode, so that a frozen
+    backbone keeps its BatchNorm statistics and runs without dropout. Call it where a loop calls `model.train()`."""
+    model.train()
+    for module in model.modules():
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            module.eval()
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: trainable parameters only; the head at `optim.lr`, the backbone at
+    `finetune.backbone_lr_scale` times it. Each group carries timm's `lr_scale` for the schedule to apply."""
+    lr, scale = recipe.optim.lr, recipe.finetune.backbone_lr_scale
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if recipe.finetune.backbone is None or scale == 1:
+        return [{"params": trainable, "lr": lr, "lr_scale": 1.0}]
+    head = {id(p) for p in _classifier(unwrap_timm(model), recipe.finetune.backbone).parameters()}
+    groups = [{"name": "head", "params": [p for p in trainable if id(p) in head], "lr": lr, "lr_scale": 1.0},
+              {"name": "backbone", "params": [p for p in trainable if id(p) not in head], "lr": lr * scale,
+               "lr_scale": scale}]
+    return [group for group in groups if group["params"]]
+
+
+def finetune_recipe(target: str, *, data: str | None = None, mode: str | None = None,
+                    overrides: list[str] = ()) -> Recipe:
+    """The recipe `sglr-zoo finetune` runs: a YAML recipe with a `finetune:` section, or MODEL + `--data` on
+    `DEFAULT_RECIPE`. `data` and `mode` are shorthands for `data.dataset=...` and `finetune.mode=...`."""
+    extra = ([f"data.dataset={data}"] if data else []) + ([f"finetune.mode={mode}"] if mode else [])
+    if target.endswith((".yaml", ".yml")):
+        recipe = load_recipe(target, [*extra, *overrides])
+        if recipe.finetune.backbone is None and recipe.model.pretrained is None:
+            raise UserError(f"{target}: no finetune.backbone; name the model to fine-tune there, or run "
+                            f"`sglr-zoo finetune MODEL --data FOLDER` (or `sglr-zoo train {target}` to train anew)")
+        return recipe
+    if not data:
+        raise UserError(f"{target} is not a recipe (.yaml): give the data to fine-tune on with --data FOLDER "
+                        "(an image folder, parquet folder, CSV file or Hub dataset id)")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"finetune_{Path(target.split(':')[-1]).name}_{Path(data).name}")
+    tree = json.loads(json.dumps(DEFAULT_RECIPE))
+    tree["finetune"]["backbone"] = target
+    tree["run"] = {"name": name}
+    return from_dict(tree, [*extra, *overrides], source="sglr-zoo finetune defaults")

@@ -1,0 +1,195 @@
+"""Foreign checkpoints into our registered architectures: safe reading, the usual wrappers, strict loading.
+
+Robust CIFAR models are published in many layouts (the SGLR authors' code, kuangliu's pytorch-cifar, TRADES,
+RobustBench). Each of our model files has a timm-style `checkpoint_filter_fn` that renames its family's layouts;
+this module reads the file safely (safetensors, or `torch.load(weights_only=True)`), removes the wrappers that
+training scripts add (`{"state_dict": ...}`, `module.`, RobustBench's normaliser), and loads strictly with the
+normalisation the user states, since foreign models differ on it and the weights do not say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from sglr_zoo.errors import UserError
+
+__all__ = ["NORMALIZATIONS", "ImportedModel", "check_state_dict", "import_checkpoint", "parse_normalization",
+           "read_checkpoint", "save_imported", "unwrap_state_dict"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # torch.save files (the SGLR code writes .tar)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "none": None,  # the model takes [0, 1] images as they are (the SGLR authors' code, TRADES, most AT code)
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")  # where training scripts nest weights
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+# Input-normalisation buffers: RobustBench's model classes (mu, sigma) and its normalize_model wrapper.
+NORMALIZATION_KEY = re.compile(r"(?:(?:normalize|normalizer|norm_layer)\.)?(mu|sigma|mean|std)")
+
+
+@dataclass
+class ImportedModel:
+    """A foreign checkpoint loaded into one of our architectures, and what the import did to get there."""
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    normalization: str
+    source_sha256: str
+    dropped: list[str] = field(default_factory=list)  # keys no forward pass uses (e.g. TRADES' sub_block1)
+    checkpoint_normalization: dict[str, list[float]] = field(default_factory=dict)  # buffers found in the file
+
+
+def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """`none`, `cifar10`, `cifar100`, `MEAN,STD` (one value for every channel) or `M1,M2,M3,S1,S2,S3`."""
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 6) or any(s <= 0 for s in values[len(values) // 2:]):
+        raise UserError(f"--normalization {text!r}: give none, {', '.join(n for n in NORMALIZATIONS if n != 'none')}, "
+                        "MEAN,STD or three means then three positive stds (e.g. 0.5,0.5,0.5,0.25,0.25,0.25)")
+    half = len(values) // 2
+    mean, std = values[:half], values[half:]
+    return (tuple(mean * 3), tuple(std * 3)) if half == 1 else (tuple(mean), tuple(std))
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """The object stored in a `.safetensors` file, or in a torch.save file read with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a checkpoint file (.safetensors, {', '.join(PICKLE_SUFFIXES)})")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; give a .safetensors file "
+                        f"or a torch.save file ({', '.join(PICKLE_SUFFIXES)})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n\n|$)", str(error), re.S)
+        detail = found.group(1).strip() if found else str(error).strip().splitlines()[0]
+        if "Unsupported global" not in detail:
+            raise UserError(f"{path}: not a readable torch.save file ({detail})") from None
+        # weights_only refuses pickles that would import or call anything beyond tensors and plain containers.
+        raise UserError(f"{path}: refused: it holds more than weights, which torch.load(weights_only=True) will not "
+                        f"run ({detail}). Re-save only the state dict, e.g. "
+                        "torch.save(model.state_dict(), 'weights.pt'), or convert it to safetensors") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"{path}: not a readable torch.save file ({error})") from None
+
+
+def unwrap_state_dict(obj: object, where: str) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """The bare state dict inside a checkpoint, and the input-normalisation buffers it carried (removed).
+
+    Handles `{"state_dict": ...}`-style containers, `module.` / `_orig_mod.` prefixes and RobustBench's
+    `normalize.mean` + `model.*` wrapper.
+    """
+    while isinstance(obj, dict) and not _is_state_dict(obj):
+        nested = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)]
+        if not nested:
+            keys = ", ".join(map(str, list(obj)[:8]))
+            raise UserError(f"{where}: no state dict found; top-level keys: {keys}. Expected tensors, or one of "
+                            f"{', '.join(CONTAINER_KEYS)} holding them")
+        obj = obj[nested[0]]
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: holds a {type(obj).__name__}, not a state dict of tensors")
+    state = dict(obj)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    normalization = {k: v.flatten().tolist() for k, v in state.items() if NORMALIZATION_KEY.fullmatch(k)}
+    state = {k: v for k, v in state.items() if k not in normalization}
+    if state and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return state, normalization
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raises a UserError naming the first missing, unexpected or wrongly shaped key (in the model's order)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise UserError(f"{where}: missing key {key} {tuple(tensor.shape)}: the checkpoint's layout differs "
+                            "from the architecture (check --arch)")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{where}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                            f"{tuple(tensor.shape)} in the architecture (check --arch and its width/depth)")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise UserError(f"{where}: unexpected key {unexpected[0]} {tuple(state[unexpected[0]].shape)} "
+                        f"({len(unexpected)} in all): the checkpoint's layout differs from the architecture")
+
+
+def import_checkpoint(path: str | Path, arch: str, normalization: str) -> ImportedModel:
+    """Loads a foreign checkpoint strictly into `arch` (one of our `*_cifar` architectures), in eval mode.
+
+    `normalization` is what the foreign model's own code applied to [0, 1] inputs (see `parse_normalization`);
+    our model applies it inside. The number of classes is read from the classifier's weights.
+    """
+    from sglr_zoo.models import is_sglr_arch
+
+    path = Path(path)
+    if not is_sglr_arch(arch):
+        ours = ", ".join(n for n in timm.list_models("*_cifar"))
+        raise UserError(f"--arch {arch!r}: foreign checkpoints import into our CIFAR architectures: {ours}")
+    mean_std = parse_normalization(normalization)
+    state, found_normalization = unwrap_state_dict(read_checkpoint(path), str(path))
+    filter_fn = importlib.import_module(timm.models.model_entrypoint(arch).__module__).checkpoint_filter_fn
+    with torch.device("meta"):  # the filters take the model, timm's signature; a shape-only one costs nothing
+        probe = timm.create_model(arch)
+    renamed = filter_fn(state, probe)
+    dropped = [k for k in state if not filter_fn({k: state[k]}, probe)]  # filters rename key by key, or drop
+    classifier = probe.pretrained_cfg["classifier"]
+    if f"{classifier}.weight" not in renamed:
+        raise UserError(f"{path}: no classifier weights ({classifier}.weight after renaming) for {arch}; "
+                        f"first keys: {', '.join(list(renamed)[:5])}")
+    num_classes = renamed[f"{classifier}.weight"].shape[0]
+    mean, std = mean_std if mean_std else (None, None)
+    model = timm.create_model(arch, num_classes=num_classes, mean=mean, std=std)
+    check_state_dict(model, renamed, f"{path} does not fit {arch}")
+    model.load_state_dict(renamed, strict=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ImportedModel(model.eval(), arch, num_classes, normalization, digest, dropped, found_normalization)
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def save_imported(imported: ImportedModel, out: str | Path, *, source_name: str) -> Path:
+    """Writes a model folder (model.safetensors + config.json, timm's layout) that every command accepts.
+
+    config.json records where the weights came from under `sglr_zoo_import`.
+    """
+    from sglr_zoo.models import save_pretrained
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose a new folder")
+    save_pretrained(imported.model, out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sglr_zoo_import"] = {"source": source_name, "source_sha256": imported.source_sha256,
+                                 "normalization": imported.normalization, "dropped_keys": imported.dropped}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
