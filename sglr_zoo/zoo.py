@@ -1,39 +1,57 @@
 """Loading models by name: zoo aliases, `hf-hub:` / `local-dir:` ids, model folders and run directories.
 
-The zoo is one table, `ZOO`, mapping short names (`wrn34-sglr`) to the Hub repo that holds the weights
-(named the timm way, `arch.tag`) and the recipe that trains them. Nothing is published until an entry says
-`published=True`; no number is typed here: clean and AutoAttack accuracy come from the evaluator's results
-JSON committed as `model_cards/<name>.results.json`.
+The zoo is one table, `ZOO`, mapping short names (`wrn34-sglr`, and their `aliases`) to the Hub repo that holds
+the weights (named the timm way, `arch.tag`) and the recipe that trains them. An entry's weights exist when they
+are bundled (an exported folder committed under `sglr_zoo/bundled/<bundle>/`, shipped as package data so that
+editable installs and wheels both have it) or published (`published=True`: on the Hub at `repo_id`); either way
+the table pins the sha256 of `model.safetensors`. No number is typed here: clean and AutoAttack accuracy come from
+the evaluator's results JSON, the bundle's `results.json` (else `model_cards/<name>.results.json`).
+
+    sglr_zoo/bundled/<bundle>/   written by `sglr-zoo export RUN --zoo-entry NAME`, uploaded by `sglr-zoo push --zoo`
+      model.safetensors, config.json   the weights (float16 when exported with --fp16) in timm's layout
+      README.md                        the model card, rendered from results.json
+      results.json                     the evaluator's results (AutoAttack included)
+      check_results.json               the evaluator's clean + PGD-20 on the first n test images (a reproduction check)
+      recipe.yaml, run.json, metrics.csv, curves.png   the run's records
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import sys
+import warnings
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
 from sglr_zoo.models import load_pretrained, load_weights
+from sglr_zoo.results import Results
+from sglr_zoo.rundir import ModelFolder, RunDir
 
-__all__ = ["ZOO", "ZooEntry", "ZooRow", "download", "list_models", "load", "resolve_folder"]
+__all__ = ["ZOO", "HubUnavailable", "ZooEntry", "ZooRow", "bundle_folder", "download", "list_models", "load",
+           "lookup", "resolve_folder"]
 
 HUB_ORG = "sglr-zoo"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME, CONFIG_NAME = ModelFolder(".").weights.name, ModelFolder(".").config.name  # a Hub repo's layout
 PICKLE_NAMES = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
 MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # package data: found by editable installs and wheels alike
+CHECK_RESULTS = "check_results.json"  # in a bundle: the evaluator's clean + PGD-20 on the first n test images
+METHOD_TAGS = {"sglr": "sglr", "pgd_at": "pgdat", "trades": "trades", "sglr_trades": "sglrtrades"}
+
+
+class HubUnavailable(UserError):
+    """The Hub cannot be reached (or offline mode is on) and the files are not in the local cache."""
 
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One published (or to-be-published) model: where its weights live and how they were trained."""
+    """One model of the zoo: where its weights live (bundled, on the Hub, or not yet) and how they were trained."""
 
     name: str
     arch: str
@@ -45,18 +63,31 @@ class ZooEntry:
     eps: str = "8/255"
     published: bool = False  # True once the weights are on the Hub at `repo_id`
     revision: str | None = None  # pin a commit once published
-    sha256: str | None = None  # of model.safetensors, checked on download when set
+    sha256: str | None = None  # of model.safetensors: checked on download, and on every load of the bundled copy
+    bundle: str | None = None  # the folder under sglr_zoo/bundled/ holding the committed export, if bundled
+    aliases: tuple[str, ...] = ()  # other names `load` accepts for this entry
 
-    @cached_property
-    def results(self) -> dict[str, Any] | None:
-        """The evaluator's results for the published weights (`model_cards/<name>.results.json`), if committed."""
-        path = MODEL_CARDS / f"{self.name}.results.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    @property
+    def folder(self) -> Path | None:
+        """The bundled export folder (`sglr_zoo/bundled/<bundle>`), or None when the entry is not bundled."""
+        return BUNDLED / self.bundle if self.bundle else None
+
+    @property
+    def results_path(self) -> Path:
+        """Where the evaluator's results for these weights are committed: the bundle's, else model_cards/."""
+        return ModelFolder(self.folder).results if self.folder else MODEL_CARDS / f"{self.name}.results.json"
+
+    @property
+    def results(self) -> Results | None:
+        """The evaluator's results for the entry's weights, if committed."""
+        return Results.load(self.results_path) if self.results_path.is_file() else None
 
 
-def _entry(name: str, arch: str, method: str, recipe: str) -> ZooEntry:
-    tag = {"sglr": "sglr", "pgd_at": "pgdat", "trades": "trades"}[method] + "_linf8_c10"
-    return ZooEntry(name=name, arch=arch, repo_id=f"{HUB_ORG}/{arch}.{tag}", method=method, recipe=recipe)
+def _entry(name: str, arch: str, method: str, recipe: str, *, scale: str = "", **fields) -> ZooEntry:
+    """An entry published as `sglr-zoo/arch.tag`, the tag naming method, threat, eps, dataset (and a reduced
+    `scale` such as "cpu": not the paper's schedule); `fields` are ZooEntry's other fields (bundle, sha256, ...)."""
+    tag = "_".join(filter(None, [METHOD_TAGS[method], "linf8", "c10", scale]))
+    return ZooEntry(name=name, arch=arch, repo_id=f"{HUB_ORG}/{arch}.{tag}", method=method, recipe=recipe, **fields)
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
@@ -83,27 +114,44 @@ class ZooRow(NamedTuple):
     eps: str
     clean: float | None
     autoattack: float | None
-    weights: bool
+    n_examples: int | None  # of the results the accuracies come from
+    bundled: bool  # weights committed in the repository (sglr_zoo/bundled/)
+    published: bool  # weights on the Hub
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def weights(self) -> bool:
+        """True when `sglr_zoo.load(name)` has weights to load."""
+        return self.bundled or self.published
 
 
 def list_models() -> list[ZooRow]:
-    """The zoo table, one row per short name."""
+    """The zoo table, one row per entry."""
     rows = []
     for entry in ZOO.values():
-        results = entry.results or {}
+        results = entry.results
         rows.append(ZooRow(entry.name, entry.arch, entry.dataset, entry.threat, entry.eps,
-                           results.get("clean_accuracy"), (results.get("robust_accuracy") or {}).get("autoattack"),
-                           entry.published))
+                           results.clean_accuracy if results else None,
+                           results.robust_accuracy.get("autoattack") if results else None,
+                           results.n_examples if results else None, entry.bundle is not None, entry.published,
+                           entry.aliases))
     return rows
+
+
+def lookup(name: str) -> ZooEntry | None:
+    """The zoo entry called `name` or having it as an alias, else None."""
+    if name in ZOO:
+        return ZOO[name]
+    return next((entry for entry in ZOO.values() if name in entry.aliases), None)
 
 
 def resolve_folder(path: Path) -> Path:
     """A model folder (config.json + model.safetensors), or a run directory's `best/` (else `last/`) export."""
-    if (path / "config.json").is_file():
+    if ModelFolder(path).config.is_file():
         return path
-    for export in ("best", "last"):
-        if (path / export / "config.json").is_file():
-            return path / export
+    run = RunDir(path)
+    if run.exports():
+        return run.export(run.exports()[0])
     raise UserError(f"{path} holds no model: expected config.json + model.safetensors, or a run directory "
                     "with best/ or last/ exports (written by `sglr-zoo train`)")
 
@@ -111,16 +159,11 @@ def resolve_folder(path: Path) -> Path:
 def locate(name_or_id: str) -> str:
     """The `local-dir:FOLDER` holding a model's weights: downloads and checks Hub weights, resolves run dirs.
 
-    Accepts a zoo name (`sglr-zoo list`), `hf-hub:ORG/NAME[@rev]`, `local-dir:PATH`, or a plain path to a
-    model folder or run directory. Hub weights must be safetensors and are checked against their sha256.
+    Accepts a zoo name or alias (`sglr-zoo list`), `hf-hub:ORG/NAME[@rev]`, `local-dir:PATH`, or a plain path to
+    a model folder or run directory. Hub weights must be safetensors and are checked against their sha256.
     """
-    if name_or_id in ZOO:
-        entry = ZOO[name_or_id]
-        if not entry.published:
-            raise UserError(f"{entry.name}: weights not published yet ({entry.repo_id} has not been uploaded). "
-                            f"Train them with `sglr-zoo train {entry.recipe}` and load the run directory, "
-                            f"e.g. sglr_zoo.load('runs/{Path(entry.recipe).stem}')")
-        return f"local-dir:{download(entry.repo_id, entry.revision, sha256=entry.sha256)}"
+    if (entry := lookup(name_or_id)) is not None:
+        return f"local-dir:{_entry_folder(entry)}"
     if name_or_id.startswith("hf-hub:"):
         repo_id, _, revision = name_or_id.removeprefix("hf-hub:").partition("@")
         return f"local-dir:{download(repo_id, revision or None)}"
@@ -128,7 +171,8 @@ def locate(name_or_id: str) -> str:
         return name_or_id
     if Path(name_or_id).exists():
         return f"local-dir:{resolve_folder(Path(name_or_id))}"
-    close = difflib.get_close_matches(name_or_id, list(ZOO), n=3, cutoff=0.5)
+    names = [*ZOO, *(alias for entry in ZOO.values() for alias in entry.aliases)]
+    close = difflib.get_close_matches(name_or_id, names, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     if not close and name_or_id.count("/") == 1:
         hint = f"; for a Hub repo write 'hf-hub:{name_or_id}'"
@@ -147,6 +191,49 @@ def load(name_or_id: str, *, weights: str | Path | None = None, num_classes: int
     return model.to(device) if device is not None else model
 
 
+def _entry_folder(entry: ZooEntry) -> Path:
+    """A zoo entry's checked weights folder: the Hub copy when published and its sha256 is the table's, else the
+    bundled copy (silently when the Hub is unreachable or offline, with a warning when the Hub copy differs)."""
+    if entry.published:
+        try:
+            return download(entry.repo_id, entry.revision, sha256=entry.sha256)
+        except HubUnavailable:
+            if entry.bundle is None:
+                raise
+        except UserError as error:
+            if entry.bundle is None:
+                raise
+            warnings.warn(f"{entry.name}: not using the Hub copy ({error}); loading the bundled copy in "
+                          f"{entry.folder} instead", stacklevel=2)
+    if entry.bundle is not None:
+        return bundle_folder(entry)
+    raise UserError(f"{entry.name}: weights not published yet ({entry.repo_id} has not been uploaded). "
+                    f"Train them with `sglr-zoo train {entry.recipe}` and load the run directory, "
+                    f"e.g. sglr_zoo.load('runs/{Path(entry.recipe).stem}')")
+
+
+def bundle_folder(entry: ZooEntry) -> Path:
+    """The bundled export folder of `entry`, after checking its weights against the table's sha256."""
+    folder = ModelFolder(entry.folder)
+    if not folder.is_model():
+        raise UserError(f"{entry.name}: the bundled folder {folder.root} lacks {CONFIG_NAME} or {WEIGHTS_NAME}: "
+                        "restore it from the repository (the wheel ships it as package data: reinstall sglr-zoo)")
+    if entry.sha256 is None:
+        raise UserError(f"{entry.name}: the zoo table gives no sha256 for {folder.weights}; add the one "
+                        f"`sglr-zoo export RUN --zoo-entry {entry.name}` printed to sglr_zoo/zoo.py")
+    digest = sha256_of(folder.weights)
+    if digest != entry.sha256.lower():
+        raise UserError(f"{entry.name}: {folder.weights} has sha256 {digest}, the zoo table expects {entry.sha256}: "
+                        "the bundled weights were changed or are corrupt. Restore the file from the repository, or "
+                        "if you re-exported it on purpose, put the new sha256 in sglr_zoo/zoo.py")
+    return folder.root
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes (what the zoo table pins)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def download(repo_id: str, revision: str | None = None, *, sha256: str | None = None) -> Path:
     """Fetches config.json + model.safetensors of a Hub repo into the HF cache and returns their folder.
 
@@ -154,14 +241,19 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
     and with the Hub's record of the file (the LFS sha256, or the git blob id of a small file).
     """
     from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     remote = None
     if not constants.HF_HUB_OFFLINE:
         try:
-            infos = HfApi().get_paths_info(repo_id, [WEIGHTS_NAME, "config.json", *PICKLE_NAMES], revision=revision)
+            infos = HfApi().get_paths_info(repo_id, [WEIGHTS_NAME, CONFIG_NAME, *PICKLE_NAMES], revision=revision)
             remote = {info.path: info for info in infos}
         except GatedRepoError:
             raise UserError(f"{where} is gated: accept its terms on the Hub and log in (`hf auth login` or "
@@ -181,14 +273,14 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
             what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
             raise UserError(f"{where} has {what}; sglr_zoo loads {WEIGHTS_NAME} only (pickle files can run code). "
                             "Re-export with `sglr_zoo.models.save_pretrained` or `sglr-zoo push`")
-        if "config.json" not in remote:
-            raise UserError(f"{where} has no config.json: not a timm model repo (see `sglr-zoo push`)")
+        if CONFIG_NAME not in remote:
+            raise UserError(f"{where} has no {CONFIG_NAME}: not a timm model repo (see `sglr-zoo push`)")
     try:
         files = [hf_hub_download(repo_id, name, revision=revision, local_files_only=remote is None)
-                 for name in ("config.json", WEIGHTS_NAME)]
+                 for name in (CONFIG_NAME, WEIGHTS_NAME)]
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
         if remote is None:  # not in the cache, and the Hub was not reachable
-            raise UserError(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable or offline "
+            raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable or offline "
                             f"mode is on (HF_HUB_OFFLINE), and the files are not in the local cache "
                             f"({constants.HF_HUB_CACHE}). Connect once, or copy the model folder and load it "
                             "with 'local-dir:PATH'") from None
@@ -196,7 +288,8 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
     except HfHubHTTPError as error:
         raise UserError(f"cannot download {where}: {error}") from None
     except _network_errors() as error:
-        raise UserError(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable ({error})") from None
+        raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable "
+                             f"({error})") from None
     weights = Path(files[1])
     data = weights.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -210,7 +303,7 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
             raise UserError(f"{where}: downloaded {WEIGHTS_NAME} does not match the Hub's record ({got} != "
                             f"{expected}); delete {weights.parent} and retry")
     if Path(files[0]).parent != weights.parent:
-        raise UserError(f"{where}: config.json and {WEIGHTS_NAME} came from different revisions; retry")
+        raise UserError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} came from different revisions; retry")
     return weights.parent
 
 

@@ -1,0 +1,422 @@
+"""The zoo's bundled entries: `sglr-zoo export --zoo-entry`, offline loading with the sha256 check, `sglr-zoo list`,
+`sglr-zoo push --zoo` and the Hub copy loading prefers; then the real bundled entries of the table.
+
+A tiny model trained for a few steps on tiny data, with results written by the evaluator, stands in for a real
+entry (the bundle folder and the table are monkeypatched). The last tests run over the entries the table bundles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import sglr_zoo
+from sglr_zoo import cli, hub, zoo
+from sglr_zoo.data import load_splits, to_float
+from sglr_zoo.errors import UserError
+from sglr_zoo.evaluate import evaluate_model
+from sglr_zoo.models import create_model, load_pretrained, save_pretrained
+from sglr_zoo.recipe import DataConfig, load_recipe, save_recipe
+from sglr_zoo.results import Provenance, Results
+from sglr_zoo.zoo import CHECK_RESULTS, METHOD_TAGS, ZOO, ZooEntry, _entry
+from tests.conftest import write_parquet_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "preactresnet_tiny_cifar"
+NAME = "prnt-c10-sglr-cpu"
+ENTRY = _entry(NAME, ARCH, "sglr", "recipes/quickstart_cifar10.yaml", scale="cpu", bundle=NAME, aliases=("tiny",))
+# The table's real bundled entries, read before any test patches the table.
+REAL_BUNDLED = [name for name, entry in ZOO.items() if entry.bundle is not None]
+PAPER_SCALE = ["wrn34-sglr", "wrn34-pgdat", "wrn34-trades", "prn18-sglr", "prn18-pgdat", "prn18-trades",
+               "resnet18-sglr", "resnet18-pgdat", "resnet18-trades"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a busy 2-core machine: one intra-op thread is many times faster than two fighting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class EvaluatedRun(NamedTuple):
+    run: Path  # run directory with best/ (weights, results.json)
+    check: Path  # the evaluator's clean + PGD-20 on the first 16 test images
+    data: Path  # tiny parquet CIFAR-10 layout
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> EvaluatedRun:
+    """A tiny model trained for a few steps, in a run directory, evaluated by the evaluator on tiny data."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread` does for each test (this fixture is set up before it)
+    try:
+        root = tmp_path_factory.mktemp("zoo")
+        data = write_parquet_dataset(root / "cifar10", n_train=32, n_test=16)  # named as the dataset it stands for
+        splits = load_splits(DataConfig(dataset=str(data)))
+        torch.manual_seed(0)
+        model = create_model(ARCH, 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        images = to_float(splits.train.images, 32)
+        for _ in range(10):
+            loss = torch.nn.functional.cross_entropy(model(images), splits.train.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        run = root / "runs" / "tiny"
+        save_pretrained(model, run / "best")
+        resolved = ["schedule.budget=null", "schedule.epochs=3"]  # as a run records the budget it resolved
+        save_recipe(load_recipe(REPO / ENTRY.recipe, [f"model.arch={ARCH}", f"data.dataset={data}", *resolved]),
+                    run / "recipe.yaml")
+        (run / "run.json").write_text(json.dumps({"seed": 0, "best_epoch": 1, "last_epoch": 3,
+                                                  "num_examples_train": 32}))
+        (run / "metrics.csv").write_text("epoch,val_pgd10_acc\n1,10.0\n")
+        (run / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n test")
+        evaluate_model(str(run / "best"), dataset=str(data), n=16, attacks=["clean", "pgd5", "autoattack"],
+                       autoattack_version="custom", autoattack_attacks=["apgd-ce"], device="cpu",
+                       command="test").save(run / "best" / "results.json")
+        check = evaluate_model(str(run / "best"), dataset=str(data), n=16, attacks=["clean", "pgd20"], device="cpu",
+                               command="test").save(run / "check.json")
+        return EvaluatedRun(run, check, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def table(tmp_path, monkeypatch) -> dict[str, ZooEntry]:
+    """The zoo table holding only ENTRY (no sha256 yet), its bundles under tmp_path/bundled."""
+    monkeypatch.setattr(zoo, "BUNDLED", tmp_path / "bundled")
+    for name in list(ZOO):
+        monkeypatch.delitem(ZOO, name)
+    monkeypatch.setitem(ZOO, NAME, ENTRY)
+    return ZOO
+
+
+@pytest.fixture()
+def bundled(evaluated, table, monkeypatch) -> hub.Bundle:
+    """ENTRY bundled from the evaluated run, its sha256 in the table."""
+    made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256))
+    return made
+
+
+def _outputs(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+
+def _card_numbers(readme: Path) -> dict[str | None, float]:
+    from huggingface_hub import ModelCard
+
+    return {result.metric_config: result.metric_value for result in ModelCard.load(readme).data.eval_results}
+
+
+def _results_numbers(results: Results) -> dict[str | None, float]:
+    return {None: results.clean_accuracy, **results.robust_accuracy}
+
+
+def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsys):
+    cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
+    out = capsys.readouterr().out
+    folder = zoo.BUNDLED / NAME
+    sha256 = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert f"entry {NAME}: bundle={NAME!r}, sha256={sha256!r}" in out
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "recipe.yaml",
+                                                  "results.json", CHECK_RESULTS, "metrics.csv", "curves.png",
+                                                  "run.json"}
+    results = Results.load(evaluated.run / "best" / "results.json")
+    assert Results.load(folder / "results.json") == results
+    assert Results.load(folder / CHECK_RESULTS) == Results.load(evaluated.check)
+    assert _card_numbers(folder / "README.md") == _results_numbers(results)  # every card number is the results'
+    card = (folder / "README.md").read_text()
+    assert f'sglr_zoo.load("{NAME}")' in card and f"hf-hub:{ENTRY.repo_id}" in card and "float16" not in card
+    # The folder needs nothing else: its card renders the same from the folder alone, and names no local path.
+    assert str(hub.render_card(hub.collect(folder), repo_id=ENTRY.repo_id, name=NAME)) == card
+    for path in folder.iterdir():
+        if path.suffix in (".md", ".json", ".yaml", ".csv"):
+            assert str(evaluated.run.parent) not in path.read_text(), path.name
+
+
+def test_bundled_entry_loads_offline(bundled, evaluated, tmp_path, monkeypatch):
+    """By name and alias, with no network: a published entry whose Hub copy cannot be fetched (offline mode, empty
+    cache) falls back to the bundle without a warning."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    expected = _outputs(load_pretrained(f"local-dir:{evaluated.run / 'best'}"))
+    assert zoo.locate(NAME) == f"local-dir:{bundled.folder}"
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ZOO[NAME], published=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in (NAME, "tiny"):
+            model = sglr_zoo.load(name)
+            assert torch.equal(_outputs(model), expected) and not model.training
+
+
+def test_eval_by_zoo_name(bundled, evaluated, tmp_path, capsys):
+    """`sglr-zoo eval NAME` on the first examples reproduces the bundle's check results (same weights, same data)."""
+    cli.main(["eval", NAME, "--dataset", str(evaluated.data), "--n", "16", "--attacks", "clean,pgd20",
+              "--device", "cpu", "--out", str(tmp_path / "results.json")])
+    measured, check = Results.load(tmp_path / "results.json"), Results.load(bundled.folder / CHECK_RESULTS)
+    assert measured.provenance.model == NAME and measured.n_examples == check.n_examples
+    assert _results_numbers(measured) == _results_numbers(check)
+
+
+def test_changed_bundle_fails_loudly(bundled, monkeypatch):
+    weights = bundled.folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{NAME}: .*model.safetensors has sha256 [0-9a-f]{{64}}, the zoo table "
+                                        f"expects {bundled.sha256}: the bundled weights were changed"):
+        sglr_zoo.load(NAME)
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=None))
+    with pytest.raises(UserError, match="gives no sha256.*sglr-zoo export RUN --zoo-entry"):
+        sglr_zoo.load(NAME)
+    weights.unlink()
+    with pytest.raises(UserError, match="lacks config.json or model.safetensors"):
+        sglr_zoo.load(NAME)
+
+
+def test_fp16_bundle(evaluated, table, monkeypatch):
+    from safetensors import safe_open
+
+    made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256))
+    source = evaluated.run / "best" / "model.safetensors"
+    with safe_open(str(made.folder / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes
+    assert (made.folder / "model.safetensors").stat().st_size < 0.6 * source.stat().st_size
+    model = sglr_zoo.load(NAME)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # computes in float32
+    expected = _outputs(load_pretrained(f"local-dir:{source.parent}"))
+    assert torch.allclose(_outputs(model), expected, atol=1e-2) and not torch.equal(_outputs(model), expected)
+    assert "stored in float16" in (made.folder / "README.md").read_text()
+
+
+def _without_results(evaluated: EvaluatedRun, tmp_path: Path) -> dict:
+    run = Path(shutil.copytree(evaluated.run, tmp_path / "no_results"))
+    (run / "best" / "results.json").unlink()
+    return {"run_or_folder": run}
+
+
+def _results(evaluated: EvaluatedRun, tmp_path: Path, **changes) -> Path:
+    results = Results.load(evaluated.run / "best" / "results.json")
+    return dataclasses.replace(results, **changes).save(tmp_path / "changed.json")
+
+
+def _check(evaluated: EvaluatedRun, tmp_path: Path, **changes) -> Path:
+    return dataclasses.replace(Results.load(evaluated.check), **changes).save(tmp_path / "check_changed.json")
+
+
+REFUSALS = {  # case: (changes to bundle()'s arguments, expected message)
+    "not in the table": (lambda e, t: {"name": "absent"}, "'absent' is not in the zoo table: add it"),
+    "no results": (_without_results, "has no results.json from the evaluator: run `sglr-zoo eval"),
+    "no autoattack": (lambda e, t: {"results": _results(e, t, robust_accuracy={"pgd5": 6.25})},
+                      "no AutoAttack accuracy"),
+    "no check results": (lambda e, t: {"check_results": None}, "--check-results FILE is needed.*--attacks clean,pgd20"),
+    "check without pgd20": (lambda e, t: {"check_results": _check(e, t, robust_accuracy={"pgd10": 5.0})},
+                            "no pgd20 accuracy"),
+    "check on other images": (lambda e, t: {"check_results": _check(
+        e, t, provenance=Provenance(split="test", which="the given images, in order"))}, "not the first n examples"),
+    "check of another threat": (lambda e, t: {"check_results": _check(e, t, eps="4/255")},
+                                "eps '4/255' differs from the results' '8/255'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_bundle_refuses(case, evaluated, table, tmp_path):
+    change, message = REFUSALS[case]
+    arguments = {"run_or_folder": evaluated.run, "name": NAME, "check_results": evaluated.check,
+                 **change(evaluated, tmp_path)}
+    with pytest.raises(UserError, match=message):
+        hub.bundle(**arguments)
+    assert not (zoo.BUNDLED / NAME).exists()
+
+
+def test_bundle_refuses_what_the_table_does_not_say(evaluated, table, monkeypatch, capsys):
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, arch="preactresnet18_cifar"))
+    with pytest.raises(UserError, match="the zoo table says arch 'preactresnet18_cifar', but .* has "
+                                        f"'{ARCH}'"):
+        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, method="pgd_at"))
+    with pytest.raises(UserError, match="says method 'pgd_at', but .* has 'sglr'"):
+        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    monkeypatch.setitem(ZOO, NAME, ENTRY)
+    monkeypatch.setattr(hub, "MAX_BUNDLE_MB", 0.01)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
+    assert exit_info.value.code == 2 and "MiB a bundled entry may commit; pass --fp16" in capsys.readouterr().err
+    monkeypatch.setattr(hub, "MAX_BUNDLE_MB", 5)
+    hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    with pytest.raises(UserError, match="not an empty folder"):  # re-bundling needs the old folder removed
+        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+
+
+def test_list_shows_the_bundled_numbers(bundled, capsys):
+    results = Results.load(bundled.folder / "results.json")
+    (row,) = sglr_zoo.list_models()
+    assert (row.clean, row.autoattack, row.n_examples) == (results.clean_accuracy,
+                                                           results.robust_accuracy["autoattack"], 16)
+    assert row.bundled and not row.published and row.weights and row.aliases == ("tiny",)
+    cli.main(["list"])
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith(NAME))
+    assert line.split()[5:] == [f"{results.clean_accuracy:.2f}", f"{results.robust_accuracy['autoattack']:.2f}",
+                                "16", "bundled"]
+    assert f"tiny -> {NAME}" in printed
+
+
+def test_push_zoo_then_load_prefers_the_hub_copy(bundled, evaluated, hub, hub_client, tmp_path):
+    """`sglr-zoo push --zoo ORG` uploads the bundle; a published entry then loads the Hub copy when its sha256 is
+    the table's, and the bundle (with a warning) when the Hub copy differs, or (silently) when offline."""
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    save_pretrained(create_model(ARCH, 10), other)
+    repo = f"testorg/{ENTRY.repo_id.split('/')[1]}"
+    out = hub_client(f"""
+        import dataclasses, warnings
+        from pathlib import Path
+        import torch
+        from huggingface_hub import constants
+        import sglr_zoo
+        from sglr_zoo import cli, zoo
+        from sglr_zoo.zoo import ZooEntry
+
+        zoo.BUNDLED = Path({str(zoo.BUNDLED)!r})
+        entry = {ZOO[NAME]!r}
+        zoo.ZOO.clear()
+        zoo.ZOO[entry.name] = entry
+        cli.main(["push", "--zoo", "testorg", "--dry-run"])
+        cli.main(["push", "--zoo", "testorg"])
+        x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        bundled = sglr_zoo.load(entry.name)(x)
+        zoo.ZOO[entry.name] = dataclasses.replace(entry, published=True, repo_id={repo!r})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            print("HUB COPY:", zoo.locate(entry.name))
+            assert torch.equal(sglr_zoo.load(entry.name)(x), bundled)
+        cli.main(["push", {str(other)!r}, "--repo-id", {repo!r}])  # the Hub copy now differs from the table
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print("CHANGED HUB:", zoo.locate(entry.name))
+            assert torch.equal(sglr_zoo.load(entry.name)(x), bundled)
+        print("WARNING:", caught[0].message)
+        constants.HF_HUB_OFFLINE = True
+        zoo.ZOO[entry.name] = dataclasses.replace(entry, published=True, repo_id="testorg/never-fetched")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            print("OFFLINE:", zoo.locate(entry.name))
+        print("OK")
+        """, hub.url, HF_TOKEN="hf_test_token", OMP_NUM_THREADS="1")
+    assert out.rstrip().endswith("OK")
+    dry_run, rest = out.split("dry run: nothing uploaded", 1)
+    assert f"would upload {NAME} 9 files to {repo}" in dry_run and CHECK_RESULTS in dry_run
+    assert f"model.safetensors sha256: {bundled.sha256}" in dry_run
+    assert f"{NAME}: published=True, revision='" in rest and f"repo_id={repo!r}" in rest
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith(("HUB", "CHANGED", "WARN",
+                                                                                      "OFFLINE")))
+    assert lines["HUB COPY"] != f"local-dir:{bundled.folder}" and "hf_home" in lines["HUB COPY"]
+    assert lines["CHANGED HUB"] == lines["OFFLINE"] == f"local-dir:{bundled.folder}"
+    assert "not using the Hub copy" in lines["WARNING"] and "the zoo table expects" in lines["WARNING"]
+    # What went up is the bundle: the same bytes, except the card, rendered again to name the repo it is in
+    # (`other` went up later, in a commit without check_results.json).
+    first = next(files for files in hub.repos[repo].commits.values() if CHECK_RESULTS in files)
+    for path in bundled.folder.iterdir():
+        if path.name != "README.md":
+            assert first[path.name] == path.read_bytes(), path.name
+    card = first["README.md"].decode()
+    assert f'sglr_zoo.load("hf-hub:{repo}")' in card and b"model-index" in first["README.md"]
+    assert re.sub(re.escape(repo), ENTRY.repo_id, card) == (bundled.folder / "README.md").read_text()
+
+
+def test_push_zoo_needs_bundled_entries(table, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the table names a bundle that is not there
+        cli.main(["push", "--zoo", "testorg", "--dry-run"])
+    assert exit_info.value.code == 2 and "lacks config.json or model.safetensors" in capsys.readouterr().err
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, bundle=None))
+    with pytest.raises(SystemExit):
+        cli.main(["push", "--zoo", "testorg", "--dry-run"])
+    assert "no zoo entry is bundled yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["push", "--zoo", "testorg", "runs/x"])
+    assert "give no RUN_OR_FOLDER or --repo-id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.bundle is None and not e.published])
+def test_entries_without_weights_name_their_recipe(name):
+    with pytest.raises(UserError, match=f"not published yet.*sglr-zoo train {ZOO[name].recipe}"):
+        sglr_zoo.load(name)
+
+
+def test_names_and_aliases_are_unique():
+    names = [name for entry in ZOO.values() for name in (entry.name, *entry.aliases)]
+    assert len(names) == len(set(names)) and all(name == entry.name for name, entry in ZOO.items())
+    assert len({entry.repo_id for entry in ZOO.values()}) == len(ZOO)
+
+
+def test_paper_scale_entries_keep_their_recipes():
+    for name in PAPER_SCALE:
+        entry = ZOO[name]
+        assert entry.bundle is None and not entry.published, name  # not trained yet: the clear error above
+        assert (REPO / entry.recipe).is_file() and entry.repo_id.startswith(f"{zoo.HUB_ORG}/{entry.arch}.")
+
+
+def test_bundles_ship_as_package_data():
+    """The bundled folders are package data: a wheel carries them as an editable install sees them."""
+    assert zoo.BUNDLED.parent == Path(sglr_zoo.__file__).parent
+    section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    patterns = re.findall(r'"([^"]+)"', re.search(r"sglr_zoo = \[(.*?)\]", section)[1])
+    for file in ("model.safetensors", "config.json", "README.md", "results.json", CHECK_RESULTS, "curves.png"):
+        assert any(Path("bundled", NAME, file).match(pattern) for pattern in patterns), file
+
+
+# ---- the table's real bundled entries -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", REAL_BUNDLED)
+def test_real_bundle_is_intact(name, tmp_path, monkeypatch):
+    """Each bundled entry: weights match the table's sha256 and load offline; its results (AutoAttack included)
+    are the card's numbers; its check results can be re-measured; its name says dataset and method."""
+    from huggingface_hub import constants
+
+    entry = ZOO[name]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    assert zoo.locate(name) == f"local-dir:{entry.folder}"
+    assert hashlib.sha256((entry.folder / "model.safetensors").read_bytes()).hexdigest() == entry.sha256
+    assert sglr_zoo.load(name).pretrained_cfg["architecture"] == entry.arch
+    results = entry.results
+    assert results is not None and results.arch == entry.arch and "autoattack" in results.robust_accuracy
+    assert _card_numbers(entry.folder / "README.md") == _results_numbers(results)
+    hub._check_results(entry.folder / CHECK_RESULTS, results)
+    parts = name.split("-")
+    assert METHOD_TAGS[entry.method] in parts and {"cifar10": "c10", "cifar100": "c100"}[entry.dataset] in parts
+    recipe = load_recipe(entry.folder / "recipe.yaml")
+    if recipe.schedule.epochs < hub.PAPER_EPOCHS or recipe.data.n_train is not None:  # a reduced scale, named
+        scale = entry.repo_id.split(".", 1)[1].split("_")[3:]  # the tag's parts after method, threat, dataset
+        assert scale and set(scale) <= set(parts), f"{name} / {entry.repo_id}: name the scale, e.g. -cpu"
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name", REAL_BUNDLED)
+def test_real_bundle_reproduces_its_check_results(name, real_cifar10):
+    """The bundled weights (float16 ones included) measured again on the same first test images: clean and PGD-20
+    within 1.5 points of the check results committed with them."""
+    check = Results.load(ZOO[name].folder / CHECK_RESULTS)
+    measured = evaluate_model(name, dataset=str(real_cifar10), split=check.provenance.split, n=check.n_examples,
+                              attacks=["clean", "pgd20"], threat=check.threat, eps=check.eps, seed=check.seed,
+                              device="cpu")
+    assert abs(measured.clean_accuracy - check.clean_accuracy) <= 1.5
+    assert abs(measured.robust_accuracy["pgd20"] - check.robust_accuracy["pgd20"]) <= 1.5
