@@ -14,6 +14,11 @@ Threat = Literal["linf", "l2"]
 AttackLoss = Literal["ce", "cw", "kl"]
 
 
+# Random starts are drawn in the logical (contiguous) order: the same seed gives the same start whether x is stored
+# channels_last or not (`*_like` would follow x's memory layout).
+LOGICAL_ORDER = torch.contiguous_format
+
+
 def _per_example_norm(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
 
@@ -25,7 +30,7 @@ class LinfThreat:
         self.eps = eps
 
     def random_start(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.empty_like(x).uniform_(-self.eps, self.eps)
+        return x + torch.empty_like(x, memory_format=LOGICAL_ORDER).uniform_(-self.eps, self.eps)
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
         return x_adv + step_size * grad.sign()
@@ -41,7 +46,7 @@ class L2Threat:
         self.eps = eps
 
     def random_start(self, x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn_like(x)
+        noise = torch.randn_like(x, memory_format=LOGICAL_ORDER)
         return x + self.eps * noise / _per_example_norm(noise)
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
@@ -67,6 +72,20 @@ def model_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[Non
             module.training = training
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients for the block (and are restored after): an attack needs gradients with
+    respect to its input only, and a graph without weight gradients is smaller; torch.compile pays only then."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Carlini-Wagner margin: max wrong logit minus true logit (maximised by the attack), summed."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -86,22 +105,24 @@ def pgd(
     random_start: bool = True,
     loss: AttackLoss = "ce",
     mode: Literal["eval", "train"] = "eval",
+    freeze: bool = True,
 ) -> torch.Tensor:
     """Projected gradient ascent on `loss` within the eps-ball around x, clipped to [0, 1].
 
     loss: "ce" (cross-entropy on y), "cw" (CW margin on y) or "kl" (TRADES: KL to the clean prediction;
     starts from x + 0.001 N(0, 1) as in TRADES' code). Gradients are taken with respect to the input
-    only, the loss is computed in fp32 even under autocast, and the model's mode is restored afterwards.
+    only (with `freeze`, the parameters do not require gradients meanwhile: same result, less work), the loss is
+    computed in fp32 even under autocast, and the model's mode is restored afterwards.
     """
     if eps == 0:
         return x.detach().clone()
     ball = THREATS[threat](eps)
     x = x.detach()
-    with model_mode(model, mode):
+    with model_mode(model, mode), frozen_parameters(model) if freeze else contextlib.nullcontext():
         if loss == "kl":
             with torch.no_grad():
                 clean_probs = model(x).float().softmax(1)
-            x_adv = x + 0.001 * torch.randn_like(x)
+            x_adv = x + 0.001 * torch.randn_like(x, memory_format=LOGICAL_ORDER)
         else:
             x_adv = ball.random_start(x) if random_start else x.clone()
         x_adv = ball.project(x_adv, x).clamp_(0, 1)

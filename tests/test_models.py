@@ -24,6 +24,7 @@ PARAMS = {
     "preactresnet18_cifar": 11.2e6,
     "resnet18_cifar": 11.2e6,
     "preactresnet10_slim_cifar": 1.23e6,
+    "preactresnet10_quarter_cifar": 0.31e6,
     "wrn_tiny_cifar": None,
     "preactresnet_tiny_cifar": None,
     "resnet_tiny_cifar": None,

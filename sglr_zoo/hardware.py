@@ -1,0 +1,222 @@
+"""The machine-dependent speed choices, made at run time: precision, channels_last, torch.compile, threads, malloc.
+
+Every lever is `auto` by default and resolves from what the device is to the setting that benchmarks/RESULTS.md
+measured fastest on that kind of device; an explicit recipe value wins. bf16 is chosen only where the device
+computes it natively: on a CPU that means AMX or AVX512-BF16, confirmed by a timed probe of well under a second,
+because an AVX2-only CPU emulates bf16 about 100x slower than fp32 (issue 8).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sglr_zoo.recipe import RunConfig
+
+# bf16 must beat fp32 by this factor in the probe to be chosen: a margin for timing noise on a shared machine.
+BF16_MIN_SPEEDUP = 1.2
+# What `auto` means per device kind, with the measurement behind it (benchmarks/RESULTS.md, 2-core CPUs); kinds not
+# listed keep the plain path until benchmarks/gpu_check.py has measured them.
+MEASURED_DEFAULTS = {
+    "cpu": {
+        "channels_last": (True, "measured 1.2x (fp32) to 1.9x (bf16) the training images/s"),
+        "compile": (False, "measured +28% images/s once compiled, after minutes of compiling on 2 cores: "
+                           "set it true for runs of hours"),
+        "keep_freed_memory": (True, "glibc keeps freed memory: fewer page faults"),
+    },
+}
+PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A resolved setting and why it was chosen."""
+
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The resolved speed levers of a run, each with its reason (printed at start and recorded in run.json)."""
+
+    mixed_precision: Choice  # accelerate's "no" | "bf16" | "fp16"
+    channels_last: Choice
+    compile: Choice
+    threads: Choice  # int, or None on devices where the CPU thread count does not matter
+    keep_freed_memory: Choice
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(choice) for name, choice in self.__dict__.items()}
+
+    def describe(self) -> str:
+        """One line per lever: `name: value (reason)`."""
+        return "\n".join(f"{name}: {choice.value} ({choice.reason})" for name, choice in self.__dict__.items())
+
+
+def probe_bf16_speedup(device: torch.device, repeats: int = 3) -> float:
+    """fp32 time / bf16 time of a small matmul and 3x3 convolution on `device` (best of `repeats`): above 1, bf16
+    is faster. About 0.05 s where bf16 is native and 0.5 s where it is emulated (about 1 GFLOP/s).
+
+    On a CPU it runs on one thread: on a shared machine a multi-threaded op waits for its slowest thread, and the
+    ratio of the instruction sets is what is asked, not the machine's load.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 256, generator=generator)
+    x = torch.randn(8, 64, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        a_, x_, w_ = (t.to(device, dtype) for t in (a, x, w))
+        total = 0.0
+        for op in (lambda: a_ @ a_, lambda: F.conv2d(x_, w_, padding=1)):
+            times = []
+            for _ in range(repeats + 1):  # the first call selects and compiles kernels
+                started = time.perf_counter()
+                op()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+            total += min(times[1:])
+        return total
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_bf16_hardware(capabilities: Mapping[str, Any], onednn_bf16: bool) -> str | None:
+    """The CPU feature that computes bf16 natively ("AMX-BF16" or "AVX512-BF16"), or None.
+
+    `onednn_bf16` is oneDNN's own answer, which also honours ONEDNN_MAX_CPU_ISA limits.
+    """
+    if not onednn_bf16:
+        return None
+    if capabilities.get("amx_bf16"):
+        return "AMX-BF16"
+    if capabilities.get("avx512_bf16"):
+        return "AVX512-BF16"
+    return None
+
+
+def choose_precision(requested: str, device_type: str, *, cpu_hardware: str | None = None,
+                     cuda_capability: tuple[int, int] | None = None,
+                     probe: Callable[[], float] = lambda: 1.0) -> Choice:
+    """The mixed precision for accelerate ("no", "bf16", "fp16") from the recipe's `run.mixed_precision`.
+
+    `cpu_hardware` is `cpu_bf16_hardware(...)`, `cuda_capability` the GPU's compute capability and `probe` returns
+    the bf16 speedup over fp32 on the device (`probe_bf16_speedup`); they are arguments so tests can inject them.
+    An explicit bf16 on a device that only emulates it warns with the measured slowdown.
+    """
+    if requested == "auto":
+        if device_type == "cuda" and cuda_capability is not None:
+            major, minor = cuda_capability
+            if major >= 8:
+                return Choice("bf16", f"auto: compute capability {major}.{minor} >= 8.0 computes bf16 natively")
+            return Choice("fp16", f"auto: compute capability {major}.{minor} < 8.0 has no native bf16; "
+                                  "fp16 with loss scaling")
+        if device_type == "cpu":
+            if cpu_hardware is None:
+                return Choice("no", "auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated")
+            speedup = probe()
+            if speedup >= BF16_MIN_SPEEDUP:
+                return Choice("bf16", f"auto: {cpu_hardware}; probe: bf16 {speedup:.1f}x faster than fp32")
+            return Choice("no", f"auto: {cpu_hardware}, but the probe found bf16 only {speedup:.2f}x as fast as fp32")
+        return Choice("no", f"auto: no native-bf16 rule for device type {device_type!r}")
+    if requested == "bf16":
+        native = (device_type == "cpu" and cpu_hardware is not None) or (
+            device_type == "cuda" and cuda_capability is not None and cuda_capability[0] >= 8)
+        if not native and device_type in ("cpu", "cuda"):
+            slowdown = 1 / probe()
+            warnings.warn(f"run.mixed_precision: bf16 on a {device_type} that only emulates it: the probe measured "
+                          f"bf16 {slowdown:.1f}x slower than fp32; use auto (picks fp32 here) or no", stacklevel=2)
+            return Choice("bf16", f"set in the recipe; emulated here, {slowdown:.1f}x slower than fp32 in the probe")
+    return Choice(requested, "set in the recipe")
+
+
+def _measured(key: str, device_type: str) -> Choice:
+    if device_type in MEASURED_DEFAULTS:
+        value, why = MEASURED_DEFAULTS[device_type][key]
+        return Choice(value, f"auto on {device_type}: {why}")
+    return Choice(PLAIN_DEFAULTS[key], f"auto: not measured on {device_type} yet; plain path")
+
+
+def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_processes: int,
+                   omp_num_threads: str | None, torch_default: int, load: float) -> Choice:
+    """CPU threads per process. `auto`: OMP_NUM_THREADS if set; else the CPUs this process may use shared among the
+    processes on this machine; else (one process) torch's default, one thread per physical core, less the CPUs that
+    other programs keep busy (`load`, the 1-minute load average at the start): on a 2-core machine shared with
+    another job, one thread trains 3-4x faster than two, which wait for each other at every operation
+    (benchmarks/RESULTS.md)."""
+    if requested != "auto":
+        return Choice(int(requested), "set in the recipe")
+    if device_type != "cpu":
+        return Choice(None, f"auto: left to torch on {device_type}")
+    if omp_num_threads:
+        return Choice(torch_default, f"auto: OMP_NUM_THREADS={omp_num_threads}")
+    if local_processes > 1:
+        return Choice(max(1, cpus // local_processes), f"auto: {cpus} CPUs shared by {local_processes} processes")
+    free = max(1, min(torch_default, round(cpus - load)))
+    if free < torch_default:
+        return Choice(free, f"auto: torch's default is {torch_default}, but other programs keep {load:.1f} of the "
+                            f"{cpus} CPUs busy (load average)")
+    return Choice(torch_default, f"auto: torch's default for one process (load average {load:.1f})")
+
+
+def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -> SpeedSettings:
+    """Resolves the recipe's `auto` speed levers for `device` (runs the bf16 probe on CPUs that may have it)."""
+    cpu_hardware = cuda_capability = None
+    if device.type == "cpu":
+        cpu_hardware = cpu_bf16_hardware(torch.cpu.get_capabilities(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    elif device.type == "cuda":
+        cuda_capability = torch.cuda.get_device_capability(device)
+    precision = choose_precision(run.mixed_precision, device.type, cpu_hardware=cpu_hardware,
+                                 cuda_capability=cuda_capability, probe=lambda: probe_bf16_speedup(device))
+    levers = {}
+    for key in ("channels_last", "compile", "keep_freed_memory"):
+        value = getattr(run, key)
+        levers[key] = _measured(key, device.type) if value == "auto" else Choice(value, "set in the recipe")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = choose_threads(run.threads, device.type, cpus=cpus, local_processes=local_processes,
+                             omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch_default=torch.get_num_threads(),
+                             load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    return SpeedSettings(mixed_precision=precision, threads=threads, **levers)
+
+
+def apply(settings: SpeedSettings) -> None:
+    """Applies the process-wide levers: CPU threads and the glibc malloc setting."""
+    if settings.threads.value is not None:
+        torch.set_num_threads(settings.threads.value)
+    if settings.keep_freed_memory.value:
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """glibc only: keep freed memory in the process (no trimming, mmap only above 32 MiB).
+
+    CPU training allocates and frees the same large activations every step; returning them to the OS costs
+    page faults. This is what MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_/MALLOC_MMAP_THRESHOLD_ do, set at run time
+    (benchmarks/RESULTS.md). It cannot be undone in the process, so it applies only when the option says so.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for option, value in ((m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 30), (m_mmap_threshold, 1 << 25)):
+        libc.mallopt(option, value)

@@ -1,0 +1,210 @@
+"""The run-time speed choices: precision decided from the device (probe and capabilities injected), the other
+`auto` levers, and every speed option giving the plain path's results."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from sglr_zoo import hardware
+from sglr_zoo.attacks import pgd
+from sglr_zoo.hardware import Choice, choose_precision, choose_threads, cpu_bf16_hardware, probe_bf16_speedup
+from sglr_zoo.models import create_model
+from sglr_zoo.recipe import RunConfig, from_dict
+from sglr_zoo.training import train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def no_probe() -> float:
+    raise AssertionError("the probe must not run here")
+
+
+# (requested, device type, CPU bf16 hardware, CUDA capability, probe's bf16 speedup, value, fragment of the reason)
+PRECISION = [
+    ("auto", "cpu", "AMX-BF16", None, 3.0, "bf16", "AMX-BF16; probe: bf16 3.0x faster"),
+    ("auto", "cpu", "AVX512-BF16", None, 1.5, "bf16", "AVX512-BF16"),
+    ("auto", "cpu", "AMX-BF16", None, 0.9, "no", "only 0.90x as fast"),  # the probe overrules the flag
+    ("auto", "cpu", None, None, None, "no", "neither AMX-BF16 nor AVX512-BF16"),  # no probe needed
+    ("auto", "cuda", None, (9, 0), None, "bf16", "9.0 >= 8.0"),
+    ("auto", "cuda", None, (8, 0), None, "bf16", "8.0 >= 8.0"),
+    ("auto", "cuda", None, (7, 5), None, "fp16", "fp16 with loss scaling"),
+    ("auto", "mps", None, None, None, "no", "no native-bf16 rule"),
+    ("no", "cpu", "AMX-BF16", None, None, "no", "set in the recipe"),
+    ("bf16", "cpu", "AMX-BF16", None, None, "bf16", "set in the recipe"),
+    ("fp16", "cuda", None, (7, 5), None, "fp16", "set in the recipe"),
+    ("bf16", "cuda", None, (9, 0), None, "bf16", "set in the recipe"),
+]
+
+
+@pytest.mark.parametrize("requested, device, cpu_hw, capability, speedup, value, reason", PRECISION)
+def test_choose_precision(requested, device, cpu_hw, capability, speedup, value, reason):
+    probe = no_probe if speedup is None else (lambda: speedup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these warns
+        choice = choose_precision(requested, device, cpu_hardware=cpu_hw, cuda_capability=capability, probe=probe)
+    assert choice.value == value and reason in choice.reason, choice
+
+
+@pytest.mark.parametrize("device, capability", [("cpu", None), ("cuda", (7, 0))])
+def test_explicit_bf16_where_it_is_emulated_warns_with_the_slowdown(device, capability):
+    with pytest.warns(UserWarning, match=r"run.mixed_precision: bf16 .* 20.0x slower than fp32"):
+        choice = choose_precision("bf16", device, cpu_hardware=None, cuda_capability=capability, probe=lambda: 0.05)
+    assert choice.value == "bf16" and "emulated" in choice.reason
+
+
+@pytest.mark.parametrize("capabilities, onednn, expected", [
+    ({"amx_bf16": True, "avx512_bf16": True}, True, "AMX-BF16"),
+    ({"amx_bf16": False, "avx512_bf16": True}, True, "AVX512-BF16"),
+    ({"avx2": True}, True, None),  # oneDNN can emulate bf16 on AVX2-only CPUs: not native
+    ({"amx_bf16": True, "avx512_bf16": True}, False, None),  # oneDNN limited (e.g. ONEDNN_MAX_CPU_ISA=AVX2)
+    ({}, False, None),
+])
+def test_cpu_bf16_hardware(capabilities, onednn, expected):
+    assert cpu_bf16_hardware(capabilities, onednn) == expected
+
+
+@pytest.mark.parametrize("requested, device, cpus, processes, omp, load, value", [
+    ("auto", "cpu", 8, 1, None, 0.3, 5),  # torch's default (here 5) for one process on an idle machine
+    ("auto", "cpu", 8, 1, None, 4.6, 3),  # 8 CPUs, about 5 of them busy with other programs
+    ("auto", "cpu", 2, 1, None, 6.0, 1),
+    ("auto", "cpu", 8, 2, None, 0.0, 4),
+    ("auto", "cpu", 2, 4, None, 0.0, 1),
+    ("auto", "cpu", 8, 2, "3", 0.0, 5),  # OMP_NUM_THREADS: torch has applied it already
+    ("auto", "cuda", 8, 1, None, 0.0, None),
+    (6, "cpu", 8, 2, "3", 9.0, 6),
+])
+def test_choose_threads(requested, device, cpus, processes, omp, load, value):
+    choice = choose_threads(requested, device, cpus=cpus, local_processes=processes, omp_num_threads=omp,
+                            torch_default=5, load=load)
+    assert choice.value == value
+
+
+def test_explicit_levers_win():
+    run = RunConfig(mixed_precision="no", channels_last=False, compile=True, threads=1, keep_freed_memory=False)
+    speed = hardware.resolve(run, torch.device("cpu"))
+    assert speed.to_dict() == {
+        "mixed_precision": {"value": "no", "reason": "set in the recipe"},
+        "channels_last": {"value": False, "reason": "set in the recipe"},
+        "compile": {"value": True, "reason": "set in the recipe"},
+        "threads": {"value": 1, "reason": "set in the recipe"},
+        "keep_freed_memory": {"value": False, "reason": "set in the recipe"}}
+
+
+def test_auto_levers_on_cpu(monkeypatch):
+    monkeypatch.setattr(hardware, "probe_bf16_speedup", lambda device: 3.0)
+    speed = hardware.resolve(RunConfig(), torch.device("cpu"))
+    for key, (value, why) in hardware.MEASURED_DEFAULTS["cpu"].items():
+        assert getattr(speed, key) == Choice(value, f"auto on cpu: {why}")
+    native = cpu_bf16_hardware(torch.cpu.get_capabilities(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert speed.mixed_precision.value == ("bf16" if native else "no")
+    assert 1 <= speed.threads.value <= torch.get_num_threads()
+    assert all(name in speed.describe() for name in speed.to_dict())
+
+
+def test_real_probe():
+    threads = torch.get_num_threads()
+    speedup = probe_bf16_speedup(torch.device("cpu"))
+    assert math.isfinite(speedup) and speedup > 0
+    assert torch.get_num_threads() == threads  # it probes on one thread and restores the count
+
+
+# ---- every speed option gives the plain path's results -----------------------------------------------------------
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return create_model("preactresnet_tiny_cifar", 10).eval()
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(8, 3, 32, 32, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+def test_frozen_parameters_attack_matches(model, batch, loss):
+    x, y = batch
+    results = []
+    for freeze in (True, False):
+        torch.manual_seed(2)
+        results.append(pgd(model, x, y, steps=3, loss=loss, freeze=freeze))
+    assert torch.equal(*results)
+
+
+def test_frozen_parameters_are_restored(model, batch):
+    x, y = batch
+    model.fc.weight.requires_grad_(False)  # frozen before the attack (fine-tuning): stays frozen after it
+    pgd(model, x, y, steps=1)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["fc.weight"]
+
+    def failing_forward(images: torch.Tensor) -> torch.Tensor:
+        assert not any(p.requires_grad for p in model.parameters())  # frozen while attacking
+        raise RuntimeError("boom")
+
+    model.forward = failing_forward
+    with pytest.raises(RuntimeError, match="boom"):
+        pgd(model, x, y, steps=1)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["fc.weight"]
+
+
+@pytest.mark.skipif(not os.environ.get("SGLR_ZOO_COMPILE_TESTS"),
+                    reason="torch.compile takes 1-3 minutes on a shared 2-core CPU; set SGLR_ZOO_COMPILE_TESTS=1")
+def test_compiled_attack_matches_eager(model, batch):
+    """The one torch.compile test: PGD through a compiled model with frozen parameters, as the trainer runs it with
+    `run.compile`, finds the eager attack's x_adv."""
+    x, y = batch
+    results = []
+    for forward in (model, torch.compile(model)):
+        torch.manual_seed(2)
+        results.append(pgd(forward, x, y, steps=2, random_start=True))
+    torch.testing.assert_close(*results, atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one state per process and refuses a second mixed-precision setting."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_weights(dataset, output_dir, *overrides: str) -> dict[str, torch.Tensor]:
+    """Weights after 3 steps (batch 16, PGD-2, SGLR with refined labels from the start) of the tiny model."""
+    recipe = from_dict({
+        "data": {"dataset": str(dataset)}, "model": {"arch": "preactresnet_tiny_cifar"}, "attack": {"steps": 2},
+        "method": {"name": "sglr", "start_epoch": 1}, "schedule": {"epochs": 1, "name": "constant"},
+        "optim": {"lr": 0.05},
+        "eval": {"n": 8, "steps": 1, "batch_size": 8, "final_attacks": ["clean"], "final_n": 8},
+        "run": {"output_dir": str(output_dir), "name": "run", "batch_size": 16, "max_steps": 3,
+                "mixed_precision": "no", "channels_last": False, "threads": 1}}, list(overrides))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return load_file(train(recipe) / "last" / "model.safetensors")
+
+
+# run.keep_freed_memory is left out: it changes where glibc puts memory, no arithmetic, and cannot be undone in
+# the test process. run.compile: test_compiled_attack_matches_eager.
+@pytest.mark.parametrize("lever", ["run.channels_last=true", "run.threads=2"])
+def test_speed_levers_train_the_same_weights(tmp_path, tiny_dataset, fresh_accelerate, lever):
+    plain = train_weights(tiny_dataset, tmp_path / "plain")
+    fast = train_weights(tiny_dataset, tmp_path / "fast", lever)
+    assert plain.keys() == fast.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-4, rtol=1e-4, msg=name)
