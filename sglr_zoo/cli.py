@@ -11,14 +11,40 @@ from sglr_zoo.errors import UserError
 
 def _train(args: argparse.Namespace) -> None:
     from sglr_zoo.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before importing the trainer: a bad recipe fails at once
     from sglr_zoo.training import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, command=args.command)
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from sglr_zoo.finetune import finetune_recipe
+    from sglr_zoo.training import train
+
+    recipe = finetune_recipe(args.target, data=args.data, mode=args.mode, overrides=args.overrides)
+    train(recipe, command=args.command)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from sglr_zoo.models.convert import import_checkpoint, save_imported
+
+    imported = import_checkpoint(args.file, args.arch, args.normalization)
+    folder = save_imported(imported, args.out, source_name=Path(args.file).name)
+    for key, values in imported.checkpoint_normalization.items():
+        print(f"note: the checkpoint holds a normalisation buffer {key} = {values}; the model applies the stated "
+              f"--normalization {args.normalization}")
+    if imported.dropped:
+        print(f"dropped {len(imported.dropped)} keys no forward pass uses: {', '.join(imported.dropped[:3])}"
+              + (", ..." if len(imported.dropped) > 3 else ""))
+    print(f"wrote {folder} ({imported.arch}, {imported.num_classes} classes); evaluate it with "
+          f"`sglr-zoo eval {folder}`")
+
+
 def _eval(args: argparse.Namespace) -> None:
-    from sglr_zoo.evaluate import evaluate_model, format_results, save_results
+    from sglr_zoo.evaluate import evaluate_model
 
     results = evaluate_model(
         args.model, dataset=args.dataset, split=args.split, n=args.n, device=args.device, threat=args.threat,
@@ -27,8 +53,8 @@ def _eval(args: argparse.Namespace) -> None:
         autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
         state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command,
         weights=args.weights)
-    print(format_results(results))
-    print(f"wrote {save_results(results, args.out)}")
+    print(results.summary())
+    print(f"wrote {results.save(args.out)}")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -39,43 +65,89 @@ def _list(args: argparse.Namespace) -> None:
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    header = ("name", "arch", "dataset", "threat", "eps", "clean %", "AA %", "weights")
+    def weights(row) -> str:
+        return " + ".join(where for where, present in (("bundled", row.bundled), ("Hub", row.published))
+                          if present) or "no"
+
+    listed = list_models()
+    header = ("name", "arch", "dataset", "threat", "eps", "clean %", "AA %", "n", "weights")
     rows = [header] + [(r.name, r.arch, r.dataset, r.threat, r.eps, percent(r.clean), percent(r.autoattack),
-                        "yes" if r.weights else "no") for r in list_models()]
+                        str(r.n_examples or "-"), weights(r)) for r in listed]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print("\nweights marked 'no' are not published yet: `sglr_zoo.load(NAME)` names the recipe that trains them.")
+    print("\naccuracies: the evaluator's results committed with each entry, on its first n test images (AA: "
+          "AutoAttack).\nweights: 'bundled' load offline from this install, 'Hub' download (sha256-checked); "
+          "for 'no', `sglr_zoo.load(NAME)` names the recipe that trains them.")
+    aliases = [f"  {alias} -> {r.name}" for r in listed for alias in r.aliases]
+    if aliases:
+        print("\naliases:\n" + "\n".join(aliases))
     print("\narchitectures (timm.create_model):")
     print("\n".join(f"  {name}" for name in timm.list_models("*_cifar")))
 
 
 def _push(args: argparse.Namespace) -> None:
-    from sglr_zoo.hub import push
+    from sglr_zoo.hub import push, push_zoo
+    from sglr_zoo.zoo import ZOO
 
-    upload = push(args.run_or_folder, args.repo_id, which=args.which, results=args.results, private=args.private,
-                  revision=args.revision, create_pr=args.create_pr, dry_run=args.dry_run)
-    verb = "would upload" if args.dry_run else "uploaded"
-    print(f"{verb} {len(upload.files)} files to {args.repo_id}" + (f"@{args.revision}" if args.revision else "") + ":")
-    for path, size in upload.files:
-        print(f"  {size:>12,d}  {path}")
-    print(f"model.safetensors sha256: {upload.sha256}")
-    if args.dry_run:
-        print("dry run: nothing uploaded")
+    def announce(line: str) -> None:
+        print(line, flush=True)  # before the upload starts
+
+    options = dict(private=args.private, revision=args.revision, create_pr=args.create_pr, dry_run=args.dry_run,
+                   announce=announce)
+    if args.zoo:
+        if args.run_or_folder or args.repo_id:
+            raise UserError("--zoo ORG uploads the bundled zoo entries: give no RUN_OR_FOLDER or --repo-id with it")
+        uploads = push_zoo(args.zoo, names=args.only, **options)
+    elif not args.run_or_folder or not args.repo_id:
+        raise UserError("give RUN_OR_FOLDER and --repo-id ORG/NAME, or --zoo ORG to upload the bundled zoo entries")
+    elif args.only:
+        raise UserError("--only picks zoo entries for --zoo ORG; drop it when pushing RUN_OR_FOLDER")
     else:
-        print(f"done: {upload.url}")
+        uploads = [(None, args.repo_id, push(args.run_or_folder, args.repo_id, which=args.which,
+                                             results=args.results, **options))]
+    verb = "would upload" if args.dry_run else "uploaded"
+    for name, repo_id, upload in uploads:
+        where = repo_id + (f"@{args.revision}" if args.revision else "")
+        print(f"{verb} {f'{name} ' if name else ''}{len(upload.files)} files to {where} "
+              f"({'private' if upload.private else 'public'}):")
+        for path, size in upload.files:
+            print(f"  {size:>12,d}  {path}")
+        print(f"model.safetensors sha256: {upload.sha256}")
+        print("dry run: nothing uploaded" if args.dry_run else f"done: {upload.url}")
+    if args.zoo and not args.dry_run:
+        print("\nfor sglr_zoo.load(NAME) to prefer these Hub copies, set in sglr_zoo/zoo.py:")
+        for name, repo_id, upload in uploads:
+            moved = f", repo_id={repo_id!r}" if repo_id != ZOO[name].repo_id else ""
+            print(f"  {name}: published=True, revision={upload.commit!r}{moved}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sglr_zoo.hub import export_folder, write_zoo_cards
+    from sglr_zoo.hub import bundle, export_folder, write_zoo_cards
 
+    if args.zoo_entry:
+        if args.zoo_cards or args.repo_id:
+            raise UserError("--zoo-entry writes the entry's folder and card for the repo its table entry names; "
+                            "drop --zoo-cards and --repo-id")
+        if not args.run_or_folder:
+            raise UserError("give the run to bundle: sglr-zoo export RUN --zoo-entry NAME --check-results FILE")
+        made = bundle(args.run_or_folder, args.zoo_entry, check_results=args.check_results, which=args.which,
+                      results=args.results, half=args.fp16, out=args.out)
+        print(f"wrote {made.folder}:")
+        for path, size in made.files:
+            print(f"  {size:>12,d}  {path}")
+        print(f"zoo table (sglr_zoo/zoo.py), entry {made.name}: bundle={made.folder.name!r}, sha256={made.sha256!r}")
+        return
+    if args.check_results:
+        raise UserError("--check-results goes with --zoo-entry NAME")
     if args.zoo_cards:
         written = write_zoo_cards(args.runs_dir, args.out or "model_cards")
         print("\n".join(str(path) for path in written) or f"no zoo runs found under {args.runs_dir}/")
         return
     if not args.run_or_folder or not args.out:
-        raise UserError("give RUN_OR_FOLDER and --out DIR (or --zoo-cards)")
-    folder = export_folder(args.run_or_folder, args.out, which=args.which, results=args.results, repo_id=args.repo_id)
+        raise UserError("give RUN_OR_FOLDER and --out DIR (or --zoo-entry NAME, or --zoo-cards)")
+    folder = export_folder(args.run_or_folder, args.out, which=args.which, results=args.results, repo_id=args.repo_id,
+                           half=args.fp16)
     print("\n".join(str(path) for path in sorted(folder.iterdir())))
 
 
@@ -98,6 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cifar10.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. schedule.epochs=10 run.seed=1")
     train.set_defaults(func=_train)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a pretrained (robust) backbone on new data",
+        description="Fine-tune from a recipe with a finetune: section, or MODEL (a zoo name, hf-hub:ORG/NAME, "
+                    "local-dir:PATH, a run directory or model folder, a timm name.tag) with --data and defaults. "
+                    "Multi-process: `accelerate launch train.py RECIPE ...`.")
+    finetune.add_argument("target", metavar="RECIPE_OR_MODEL", help="a YAML recipe, or the backbone to fine-tune")
+    finetune.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. finetune.mode=linear_probe")
+    finetune.add_argument("--data", help="image folder (a sub-folder per class), parquet folder, CSV of image paths "
+                                         "or Hub dataset id (the same as data.dataset=...)")
+    finetune.add_argument("--mode", choices=("linear_probe", "full", "partial"),
+                          help="how the backbone is adapted (the same as finetune.mode=...; default full)")
+    finetune.set_defaults(func=_finetune)
+
+    importer = commands.add_parser(
+        "import", help="import a foreign CIFAR checkpoint into one of our architectures",
+        description="Read a .safetensors file or a torch.save file (with weights_only=True: code in pickles is "
+                    "refused), rename its layout (the SGLR authors' code, pytorch-cifar, TRADES, RobustBench), load "
+                    "it strictly and write a model folder that every command accepts.")
+    importer.add_argument("file", metavar="FILE", help="the checkpoint (.safetensors, .pt, .pth, .tar, .bin, .ckpt)")
+    importer.add_argument("--arch", required=True, help="our architecture, e.g. wrn34_10_cifar, preactresnet18_cifar, "
+                                                        "resnet18_cifar (see `sglr-zoo list`)")
+    importer.add_argument("--normalization", required=True, metavar="none|cifar10|cifar100|MEAN,STD",
+                          help="what the model's own code applies to [0, 1] inputs; the weights do not say")
+    importer.add_argument("--out", required=True, metavar="FOLDER", help="the new model folder")
+    importer.set_defaults(func=_import)
 
     ev = commands.add_parser("eval", help="clean and robust accuracy (PGD, CW, AutoAttack) with sanity checks",
                              description="Evaluate on the first N examples of a split, in order, and write one "
@@ -127,18 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list the architectures and zoo models")
     listing.set_defaults(func=_list)
 
-    def checkpoint_args(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", help="a run directory (runs/NAME) or a model folder")
+    def checkpoint_args(sub: argparse.ArgumentParser, optional: bool = False) -> None:
+        sub.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?" if optional else None,
+                         help="a run directory (runs/NAME) or a model folder")
         sub.add_argument("--which", choices=("best", "last"), default="best",
                          help="which export of a run (default best)")
         sub.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
 
-    push = commands.add_parser("push", help="upload a run's model with its model card to the Hugging Face Hub",
+    push = commands.add_parser("push", help="upload a run's model, or the bundled zoo entries, to the Hugging Face Hub",
                                description="Export weights, config, model card, recipe and results and upload them "
-                                           "with huggingface_hub (token from HF_TOKEN or `hf auth login`).")
-    checkpoint_args(push)
-    push.add_argument("--repo-id", required=True, help="ORG/NAME, e.g. sglr-zoo/wrn34_10_cifar.sglr_linf8_c10")
-    push.add_argument("--private", action="store_true", help="create the repo private")
+                                           "with huggingface_hub (token from HF_TOKEN or `hf auth login`); with "
+                                           "--zoo ORG, upload every bundled zoo entry to ORG/<arch>.<tag>.")
+    checkpoint_args(push, optional=True)
+    push.add_argument("--repo-id", help="ORG/NAME, e.g. sglr-zoo/wrn34_10_cifar.sglr_linf8_c10")
+    push.add_argument("--zoo", metavar="ORG", help="upload the bundled zoo entries (sglr_zoo/bundled/) to ORG, "
+                                                   "e.g. sglr-zoo, instead of RUN_OR_FOLDER")
+    push.add_argument("--only", nargs="+", metavar="NAME", help="with --zoo: only these entries")
+    push.add_argument("--private", action="store_true",
+                      help="create the repo private (without it a new repo is public; an existing public repo is "
+                           "refused)")
     push.add_argument("--revision", help="branch to push to (created if missing)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
@@ -148,11 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Write a folder loadable with `timm.create_model('local-dir:OUT')`; "
                                              "with --zoo-cards, write model_cards/<name>.md for zoo runs that exist.")
     export.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?", help="a run directory or a model folder")
-    export.add_argument("--out", help="the new folder (with --zoo-cards: the cards folder, default model_cards)")
+    export.add_argument("--out", help="the new folder (with --zoo-entry: default sglr_zoo/bundled/<bundle>; with "
+                                      "--zoo-cards: the cards folder, default model_cards)")
     export.add_argument("--which", choices=("best", "last"), default="best",
                         help="which export of a run (default best)")
     export.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
     export.add_argument("--repo-id", help="the Hub repo the card should point to")
+    export.add_argument("--zoo-entry", metavar="NAME",
+                        help="bundle the run as zoo entry NAME (in the table of sglr_zoo/zoo.py): write "
+                             "sglr_zoo/bundled/<bundle>/ (or --out) and print the sha256 line for the table")
+    export.add_argument("--check-results", metavar="FILE",
+                        help="with --zoo-entry: the evaluator's clean + PGD-20 results on the first 200 test images "
+                             "(`sglr-zoo eval RUN/best --n 200 --attacks clean,pgd20 --out FILE`)")
+    export.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
     export.add_argument("--zoo-cards", action="store_true", help="write cards for every zoo entry whose run exists")
     export.add_argument("--runs-dir", default="runs", help="where the zoo runs are (with --zoo-cards)")
     export.set_defaults(func=_export)
@@ -167,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options: `finetune MODEL --data DIR key=value` leaves the overrides over.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     args.command = shlex.join(["sglr-zoo", *argv])
     try:
         args.func(args)
