@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -390,6 +391,17 @@ def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, de
 
 def train(recipe: Recipe, *, command: str = "") -> Path:
     """Trains the recipe's model and returns the run directory."""
+    try:
+        return _train(recipe, command)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # Accelerate's state is process-wide and fixes the precision on first use: reset it (accelerate's own
+            # tests do the same) so that the next train() in this process, after success or an error, chooses again.
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+
+def _train(recipe: Recipe, command: str) -> Path:
     started = time.perf_counter()  # schedule.budget counts from here
     run = RunDir(Path(recipe.run.output_dir) / (recipe.run.name or "run"))
     # Under torchrun on a machine without GPUs, accelerate goes multi-process (gloo) only with cpu=True; without it
