@@ -1,17 +1,41 @@
-"""Training throughput of `sglr_zoo.training.train` against the reference PGD-AT step, measured in the same run.
+"""Training throughput: the reference PGD-AT step and ours on the same model, batch and machine, in one run.
 
-The reference is shared/bench/ref_pgd_at.py (plain PyTorch, fixed tensors, no data loading): our number is
-the whole trainer's epoch (data, augmentation, attack, objective, logging), so the ratio is conservative.
+The reference is shared/bench/ref_pgd_at.py's step (the official repositories' PGD-AT loop: plain PyTorch, fixed
+tensors) run on our timm model. Ours is the step of `sglr_zoo.training.train` (uint8 batch -> augmentation ->
+`sglr_zoo.attacks.pgd` -> objective -> Accelerate backward -> SGD -> the objective's state update) with the speed
+levers that `auto` resolves to on this machine (sglr_zoo.hardware), and any variants named with --ours.
+`--ours trainer` also runs the whole trainer (two short epochs on synthetic data) and reads its images/s.
 
-    python benchmarks/train_throughput.py --arch preactresnet18_cifar --ref-model prn18 --steps 10 --batch 128
-    python benchmarks/train_throughput.py --variant bf16_cl --method sglr   # SGLR's extra clean forward included
+The reference variant the issue sets the target against is bf16 + channels_last where this CPU computes bf16
+natively, fp32 otherwise (--ref-variants auto). Each configuration runs in its own process (its own malloc state
+and peak memory), one at a time. Columns: img/s = batch / median step time; ratio = img/s over the target
+reference's; img/cpu-s = batch / the median process CPU time of a step, and its ratio to the target reference's:
+with --threads 1 another job on the machine changes it little (a thread waiting for a core adds no CPU time), so
+these are the numbers to compare on a shared machine; atk% = share of the step in the attack; %peak = counted
+matmul/conv FLOPs (torch.utils.flop_counter, fp32 eager, per image) x img/s / the measured 2048^3 matmul peak in the
+step's precision; mem = peak resident memory growth over the steps (MiB); 1st_s = the first step (torch.compile's
+compilation included); cpu% = process CPU time / (wall x threads): well below 95 means another process took
+the cores, so compare img/cpu-s, or rerun.
+
+    python benchmarks/train_throughput.py                                    # quickstart model and PreActResNet-18
+    python benchmarks/train_throughput.py --models quickstart --pgd-steps 3 \\
+        --ours auto,channels_last=false,freeze=false,compile=true,keep_freed_memory=false,trainer
+    python benchmarks/train_throughput.py --emulate-avx2                     # this CPU limited to AVX2 (see below)
+
+--emulate-avx2 reruns the script with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2:
+oneDNN, ATen and MKL then use AVX2 kernels only and bf16 is emulated, as on an AVX2-only CPU. The numbers are
+labelled "emulated AVX2 on <cpu>": an approximation, not a real AVX2 machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,12 +44,25 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+REFERENCE = REPO.parent / "shared" / "bench" / "ref_pgd_at.py"
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_memory")
 
-from conftest import write_parquet_dataset  # noqa: E402
 
-from sglr_zoo.recipe import from_dict  # noqa: E402
-from sglr_zoo.training import train  # noqa: E402
+def cpu_label() -> str:
+    """The CPU model, its bf16-relevant flags, and whether this process is limited to AVX2 (emulation)."""
+    flags, model = set(), "unknown CPU"
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    label = f"{model} ({os.cpu_count()} CPUs; flags: {' '.join(shown)})"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
+        label = f"emulated AVX2 on {label}"
+    return label
 
 
 def load_reference(path: Path):
@@ -35,51 +72,280 @@ def load_reference(path: Path):
     return module
 
 
-def reference_img_per_s(ref, model_name: str, variant: str, batch: int, pgd_steps: int, timed: int) -> float:
-    """Median images/s of the reference step over `timed` steps after one warm-up step."""
-    result = ref.bench_train(model_name, variant, batch, 1, timed, "ref", pgd_steps)
-    return batch / result["t_med"]
+def parse_ours(variant: str) -> dict:
+    """`auto` or `key=value[+key=value...]` over the auto levers; keys: the run levers and `freeze` (the attack's)."""
+    settings = {}
+    if variant not in ("auto", "trainer"):
+        for item in variant.split("+"):
+            key, _, value = item.partition("=")
+            if key not in (*LEVERS, "freeze"):
+                raise SystemExit(f"--ours {variant}: unknown lever {key!r}; choose from {', '.join(LEVERS)}, freeze")
+            settings[key] = {"true": True, "false": False}.get(value, value)
+    return settings
 
 
-def ours_img_per_s(arch: str, variant: str, method: str, batch: int, pgd_steps: int, n_steps: int, work: Path) -> float:
-    """Images/s of the trainer's second epoch (the first one warms up), from its metrics.csv."""
-    data = write_parquet_dataset(work / "data", n_train=batch * n_steps, n_test=16)
-    recipe = from_dict({
-        "data": {"dataset": str(data)},
-        "model": {"arch": arch},
-        "attack": {"steps": pgd_steps},
-        "method": {"name": method, "start_epoch": 1},
-        "schedule": {"epochs": 2, "name": "constant"},
-        "eval": {"n": 16, "steps": 1, "every": 100, "final_attacks": ["clean"], "final_n": 16},
-        "run": {"output_dir": str(work / "runs"), "name": "bench", "batch_size": batch,
-                "mixed_precision": "bf16" if "bf16" in variant else "no", "channels_last": "cl" in variant.split("_"),
-                "checkpoint_every": 100},
-    })
-    run_dir = train(recipe)
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return float(rows[-1]["img_per_s"])
+# ---- the child process: one configuration ---------------------------------------------------------------------
+
+def make_our_step(arch: str, settings: dict, method: str, batch: int, pgd_steps: int,
+                  device: torch.device = torch.device("cpu")):
+    """Our training step as sglr_zoo.training.train runs it; returns (step(images, labels, index, timings), the
+    resolved levers). `settings` override the `auto` levers; `freeze` is the attack's."""
+    from accelerate import Accelerator
+
+    from sglr_zoo import hardware
+    from sglr_zoo.attacks import pgd
+    from sglr_zoo.data import augment, to_float
+    from sglr_zoo.models import create_model
+    from sglr_zoo.objectives import build_objective
+    from sglr_zoo.recipe import from_dict
+
+    run = {k: v for k, v in settings.items() if k in LEVERS}
+    recipe = from_dict({"model": {"arch": arch}, "attack": {"steps": pgd_steps},
+                        "method": {"name": method, "start_epoch": 1}, "run": {"batch_size": batch, **run}})
+    speed = hardware.resolve(recipe.run, device)
+    hardware.apply(speed)
+    accelerator = Accelerator(mixed_precision=speed.mixed_precision.value, cpu=device.type == "cpu")
+    memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
+    model = create_model(arch, 10).to(device, memory_format=memory_format)
+    objective = build_objective(recipe.method, labels=torch.randint(0, 10, (batch,)), num_classes=10,
+                                start_epoch=1, model=model).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if speed.compile.value:  # as the trainer does: after prepare (one process: model is raw_model)
+        model = raw_model = torch.compile(raw_model)
+    attack, freeze = recipe.attack, settings.get("freeze", True)
+
+    def step(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, timings: list) -> None:
+        started = time.perf_counter()
+        x = augment(to_float(images, 32)).contiguous(memory_format=memory_format)
+        with accelerator.autocast():
+            x_adv = pgd(raw_model, x, labels, threat=attack.threat, eps=float(attack.eps),
+                        step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
+                        loss=objective.attack_loss, mode=attack.model_mode, freeze=freeze)
+            attacked = time.perf_counter()
+            out = objective(model, x, x_adv, labels, index, 1)
+        accelerator.backward(out["loss"])
+        accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.after_step(out, raw_model, accelerator.gather_for_metrics)
+        timings.append((attacked - started, time.perf_counter() - attacked))
+
+    levers = {name: value["value"] for name, value in speed.to_dict().items()}
+    return step, {**levers, "freeze": freeze}
+
+
+def time_steps(step, batch: int, warmup: int, steps: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels, index = torch.randint(0, 10, (batch,), generator=generator), torch.arange(batch)
+    rss_before = _rss_mib()
+    times, cpu_times, parts, first = [], [], [], None
+    for i in range(warmup + steps):
+        wall, cpu_started = time.perf_counter(), time.process_time()
+        step(images, labels, index, parts)
+        elapsed = time.perf_counter() - wall
+        first = elapsed if i == 0 else first
+        if i >= warmup:
+            times.append(elapsed)
+            cpu_times.append(time.process_time() - cpu_started)
+    parts = parts[warmup:]
+    return {"t_med": statistics.median(times), "attack_frac": statistics.median(a / (a + u) for a, u in parts),
+            "first_step_s": first, "cpu_util": sum(cpu_times) / sum(times) / torch.get_num_threads(),
+            "cpu_s_med": statistics.median(cpu_times),
+            "mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before}
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trainer_img_per_s(arch: str, method: str, batch: int, pgd_steps: int, steps: int) -> dict:
+    """The whole trainer, auto levers: two epochs of `steps` steps on synthetic data; images/s of the second."""
+    import csv
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_parquet_dataset
+
+    from sglr_zoo.recipe import from_dict
+    from sglr_zoo.training import train
+
+    with tempfile.TemporaryDirectory() as work:
+        data = write_parquet_dataset(Path(work) / "data", n_train=batch * steps, n_test=16)
+        recipe = from_dict({
+            "data": {"dataset": str(data)}, "model": {"arch": arch}, "attack": {"steps": pgd_steps},
+            "method": {"name": method, "start_epoch": 1}, "schedule": {"epochs": 2, "name": "constant"},
+            "eval": {"n": 16, "steps": 1, "every": 100, "final_attacks": ["clean"], "final_n": 16},
+            "run": {"output_dir": str(Path(work) / "runs"), "name": "bench", "batch_size": batch,
+                    "checkpoint_every": 100}})
+        rows = list(csv.DictReader((train(recipe) / "metrics.csv").open()))
+    return {"img_per_s": float(rows[-1]["img_per_s"])}
+
+
+def child(config: dict) -> dict:
+    """Measures one configuration (in its own process)."""
+    import sglr_zoo.models  # noqa: F401  (registers our architectures for the reference's `timm_<name>` models)
+
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    if config["who"] == "ref":
+        ref = load_reference(Path(config["reference"]))
+        rss_before = _rss_mib()
+        result = ref.bench_train(f"timm_{config['arch']}", config["variant"], config["batch"], config["warmup"],
+                                 config["steps"], "ref", config["pgd_steps"])
+        result["mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+        # ref_pgd_at.py reports CPU time as a utilisation of the timed steps: back to seconds per step (a mean).
+        result["cpu_s_med"] = result["cpu_util"] * result["t_med"] * torch.get_num_threads()
+        result["bf16"] = "bf16" in config["variant"]
+        return result
+    if config["variant"] == "trainer":
+        return trainer_img_per_s(config["arch"], config["method"], config["batch"], config["pgd_steps"],
+                                 config["steps"])
+    settings = parse_ours(config["variant"])
+    if config["threads"]:
+        settings.setdefault("threads", config["threads"])
+    step, levers = make_our_step(config["arch"], settings, config["method"], config["batch"], config["pgd_steps"])
+    return {**time_steps(step, config["batch"], config["warmup"], config["steps"]), "levers": levers,
+            "batch": config["batch"],
+            "bf16": levers["mixed_precision"] == "bf16"}
+
+
+# ---- the parent: FLOPs, peaks, the table ----------------------------------------------------------------------
+
+def step_flops(arch: str, method: str, pgd_steps: int, batch: int = 4) -> dict[str, float]:
+    """Counted conv/matmul FLOPs per image of the reference step and of ours (fp32, eager, plain levers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sglr_zoo.models import create_model
+
+    ref = load_reference(REFERENCE)
+    counts = {}
+    for who in ("ref", "ours"):
+        torch.manual_seed(0)
+        if who == "ref":
+            step = ref.RefStep(create_model(arch, 10), pgd_steps=pgd_steps)
+            x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+            run = lambda: step(x, y)  # noqa: E731
+        else:
+            step, _ = make_our_step(arch, {"mixed_precision": "no", "channels_last": False, "compile": False,
+                                           "keep_freed_memory": False}, method, batch, pgd_steps)
+            images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+            run = lambda: step(images, torch.randint(0, 10, (batch,)), torch.arange(batch), [])  # noqa: E731
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = ref._NoModTracker()  # its module tracker breaks torch.autograd.grad on a leaf
+        with counter:
+            run()
+        counts[who] = counter.get_total_flops() / batch
+    return counts
+
+
+def run_child(config: dict) -> dict | None:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True)
+    if done.returncode:
+        print(f"  {config['who']} {config['variant']} FAILED:\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="preactresnet18_cifar", help="our timm name")
-    parser.add_argument("--ref-model", default="prn18", help="the same architecture in ref_pgd_at.py")
-    parser.add_argument("--variant", default="bf16_cl", choices=["fp32", "cl", "bf16", "bf16_cl"])
-    parser.add_argument("--method", default="pgd_at", choices=["pgd_at", "sglr", "trades"])
+    parser.add_argument("--models", default="quickstart,preactresnet18_cifar",
+                        help="timm names of our architectures; `quickstart` = the quickstart recipe's")
+    parser.add_argument("--ours", default="auto", help="comma list: auto, trainer, or lever=value+lever=value")
+    parser.add_argument("--ref-variants", default="auto",
+                        help="comma list of ref_pgd_at.py variants; auto = the target; empty = none")
+    parser.add_argument("--method", default="sglr", choices=["sglr", "pgd_at", "trades"],
+                        help="our objective (sglr: after its start epoch, with its extra clean forward)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="PGD steps")
-    parser.add_argument("--n-steps", type=int, default=4, help="training steps timed per epoch")
-    parser.add_argument("--reference", default=str(REPO.parent / "shared" / "bench" / "ref_pgd_at.py"))
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence (best round is kept)")
+    parser.add_argument("--threads", type=int, help="CPU threads in every configuration (default: the auto lever's)")
+    parser.add_argument("--emulate-avx2", action="store_true", help="rerun limited to AVX2 kernels (see above)")
+    parser.add_argument("--json", help="append every result as one JSON line to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.emulate_avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **AVX2_ENV})
 
-    ref = load_reference(Path(args.reference))
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M')}")
-    reference = reference_img_per_s(ref, args.ref_model, args.variant, args.batch, args.steps, args.n_steps)
-    with tempfile.TemporaryDirectory() as work:
-        ours = ours_img_per_s(args.arch, args.variant, args.method, args.batch, args.steps, args.n_steps, Path(work))
-    print(f"{'arch':<24}{'variant':<9}{'method':<8}{'batch':>6}{'pgd':>4}{'ref img/s':>11}{'ours img/s':>12}{'ratio':>7}")
-    print(f"{args.arch:<24}{args.variant:<9}{args.method:<8}{args.batch:>6}{args.steps:>4}{reference:>11.1f}{ours:>12.1f}"
-          f"{ours / reference:>7.2f}")
+    from sglr_zoo import hardware
+    from sglr_zoo.recipe import RunConfig, load_recipe
+
+    ref = load_reference(REFERENCE)
+    if args.threads:  # the peaks on the threads the steps use
+        torch.set_num_threads(args.threads)
+    auto = hardware.resolve(RunConfig(), torch.device("cpu"))
+    native_bf16 = auto.mixed_precision.value == "bf16"
+    peaks = {False: ref.mm_peak(torch.float32)}
+    if native_bf16:
+        peaks[True] = ref.mm_peak(torch.bfloat16)
+    print(f"# {cpu_label()}\n# torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, batch {args.batch}, PGD-{args.pgd_steps}, our method {args.method}\n"
+          f"# auto levers here: {auto.describe().replace(chr(10), '; ')}\n"
+          f"# 2048^3 matmul peak: " + ", ".join(f"{'bf16' if k else 'fp32'} {v:.0f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
+    target = "bf16_cl" if native_bf16 else "fp32"
+    ref_variants = [target if v == "auto" else v for v in args.ref_variants.split(",") if v]
+    quickstart = load_recipe(REPO / "recipes" / "quickstart_cifar10.yaml").model.arch
+    print(f"\n{'model':<30}{'who':<5}{'variant':<48}{'img/s':>8}{'ratio':>7}{'img/cpu-s':>10}{'ratio':>7}"
+          f"{'atk%':>6}{'%peak':>7}{'mem':>7}"
+          f"{'1st_s':>7}{'cpu%':>6}", flush=True)
+    for name in args.models.split(","):
+        arch = quickstart if name == "quickstart" else name
+        flops = step_flops(arch, args.method, args.pgd_steps)
+        configs = [("ref", v) for v in ref_variants] + [("ours", v) for v in args.ours.split(",")]
+        best: dict[tuple[str, str], dict] = {}
+        for _ in range(args.rounds):
+            for who, variant in configs:
+                result = run_child({"who": who, "variant": variant, "arch": arch, "method": args.method,
+                                    "batch": args.batch, "pgd_steps": args.pgd_steps, "warmup": args.warmup,
+                                    "steps": args.steps, "threads": args.threads, "reference": str(REFERENCE)})
+                if result is None:
+                    continue
+                result["img_per_s"] = result.get("img_per_s") or args.batch / result["t_med"]
+                reference = best.get(("ref", target), result if (who, variant) == ("ref", target) else {})
+                print_row(arch, who, variant, result, reference, flops[who], peaks, args.json)
+                if (who, variant) not in best or speed(result) > speed(best[(who, variant)]):
+                    best[(who, variant)] = result
+        if args.rounds > 1:
+            print(f"# {arch}: best of {args.rounds} rounds (by img/cpu-s where measured)", flush=True)
+            for (who, variant), result in best.items():
+                print_row(arch, who, variant, result, best.get(("ref", target), {}), flops[who], peaks, None)
+
+
+def speed(result: dict) -> float:
+    """Images per CPU-second where the step was timed (robust to other jobs on the machine), else images/s."""
+    return result["batch"] / result["cpu_s_med"] if "cpu_s_med" in result else result["img_per_s"]
+
+
+def print_row(arch: str, who: str, variant: str, r: dict, reference: dict, flops: float,
+              peaks: dict[bool, float], json_path: str | None) -> None:
+    """One line of the table (and of the JSON file); `reference` is the target reference's result (or {})."""
+    ratio = r["img_per_s"] / reference["img_per_s"] if reference else float("nan")
+    label = variant
+    if "levers" in r:
+        levers = r["levers"]
+        label = (f"{variant}: {levers['mixed_precision']}" + " cl" * bool(levers["channels_last"])
+                 + " compile" * bool(levers["compile"]) + " frz" * bool(levers["freeze"])
+                 + " malloc" * bool(levers["keep_freed_memory"]))
+    cells = [f"{r['img_per_s']:>8.1f}", f"{ratio:>7.2f}"]
+    if "t_med" in r:
+        cpu_ratio = speed(r) / speed(reference) if "cpu_s_med" in reference else float("nan")
+        cells += [f"{speed(r):>10.1f}", f"{cpu_ratio:>7.2f}"]
+        percent = 100 * flops * r["img_per_s"] / (peaks.get(r["bf16"], peaks[False]) * 1e9)
+        cells += [f"{100 * r['attack_frac']:>6.0f}", f"{percent:>7.1f}", f"{r['mem_mib']:>7.0f}",
+                  f"{r['first_step_s'] or float('nan'):>7.1f}", f"{100 * r['cpu_util']:>6.0f}"]
+    print(f"{arch:<30}{who:<5}{label:<48}" + "".join(cells), flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(json.dumps({"cpu": cpu_label(), "arch": arch, "who": who, "variant": variant, "ratio": ratio,
+                                "img_per_cpu_s": speed(r),
+                                "gflop_per_img": flops / 1e9, "peaks": peaks, **r}) + "\n")
 
 
 if __name__ == "__main__":
