@@ -9,6 +9,7 @@ because an AVX2-only CPU emulates bf16 about 100x slower than fp32 (issue 8).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import time
@@ -169,7 +170,7 @@ def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_p
         return Choice(torch_default, f"auto: OMP_NUM_THREADS={omp_num_threads}")
     if local_processes > 1:
         return Choice(max(1, cpus // local_processes), f"auto: {cpus} CPUs shared by {local_processes} processes")
-    free = max(1, min(torch_default, round(cpus - load)))
+    free = max(1, min(torch_default, math.ceil(cpus - load)))  # give a thread up only for a whole busy CPU
     if free < torch_default:
         return Choice(free, f"auto: torch's default is {torch_default}, but other programs keep {load:.1f} of the "
                             f"{cpus} CPUs busy (load average)")
