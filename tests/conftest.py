@@ -166,3 +166,20 @@ def hub_client(tmp_path) -> Callable[..., str]:
         return done.stdout
 
     return run
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """One thread (the machine is shared; subprocesses get OMP_NUM_THREADS=1), and a fresh Accelerator state:
+    accelerate keeps one per process and refuses a second mixed-precision setting."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)

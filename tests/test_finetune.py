@@ -14,7 +14,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,16 +47,7 @@ TINY_RUN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 def randomize_batchnorm(model: nn.Module) -> nn.Module:

@@ -104,16 +104,6 @@ def budget_recipe(dataset, output_dir, *overrides: str):
                 "channels_last": False, "threads": 1}}, list(overrides))
 
 
-@pytest.fixture
-def fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, capsys, monkeypatch):

@@ -59,18 +59,7 @@ VIT = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """One thread (the machine is shared; subprocesses get OMP_NUM_THREADS=1), and a fresh Accelerator state:
-    accelerate keeps one per process and refuses a second mixed-precision setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 def make_recipe(base: dict, dataset: Path, output_dir: Path, *overrides: str) -> Recipe:
