@@ -31,14 +31,13 @@ from sglr_zoo import sanity
 from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
-from sglr_zoo.recipe import parse_fraction
+from sglr_zoo.recipe import STANDARD_EPS, parse_fraction
 from sglr_zoo.results import Provenance, Results, percent
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
            "evaluate", "evaluate_model", "format_results", "load_results", "make_autoattack", "save_results"]
 
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw20", "autoattack")
-DEFAULT_EPS = {"linf": Fraction(8, 255), "l2": Fraction(1, 2)}
 # evaluate()'s keywords before provenance= grouped them, still accepted (deprecated): old name -> Provenance field.
 LEGACY_PROVENANCE = {"model_name": "model", "dataset": "dataset", "split": "split", "source": "source",
                      "which": "which", "command": "command"}
@@ -232,12 +231,12 @@ def _provenance(provenance: Provenance | None, legacy: dict[str, str | None]) ->
 def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Sequence[str],
                    batch_size: int) -> tuple[Fraction, dict[str, tuple[str, int]]]:
     """Checks the options every evaluation takes; returns eps and our quick attacks as {name: (loss, steps)}."""
-    if threat not in DEFAULT_EPS:
+    if threat not in STANDARD_EPS:
         raise UserError(f"threat {threat!r}: choose linf or l2")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch size {batch_size!r} (--batch-size): give a whole number of examples, at least 1")
     try:
-        value = parse_fraction(eps if eps is not None else DEFAULT_EPS[threat])
+        value = parse_fraction(eps if eps is not None else STANDARD_EPS[threat])
     except ValueError as error:
         raise UserError(f"eps (--eps): {error}") from None
     if value < 0:

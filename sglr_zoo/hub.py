@@ -117,7 +117,7 @@ class ModelSource:
     def eps(self) -> str | None:
         if self.results:
             return self.results.eps
-        return str(format_fraction(self.recipe.attack.eps)) if self.recipe else None
+        return str(format_fraction(self.recipe.eval_eps)) if self.recipe else None
 
     def record(self, name: str) -> Path | None:
         """A file describing the run, by its RunDir attribute ("recipe", "run_info", "metrics", "curves"): the copy

@@ -18,6 +18,7 @@ import yaml
 from sglr_zoo.errors import UserError
 from sglr_zoo.schedule import parse_budget
 
+STANDARD_EPS = {"linf": Fraction(8, 255), "l2": Fraction(1, 2)}  # RobustBench's CIFAR radii
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few kB; a bigger file is a mistake, refused before it is parsed
 _MAX_DEPTH = 32  # nesting levels (recipes use 3); PyYAML's composer recurses once per level
 _HUGE_EXPONENT = re.compile(r"[eE][-+]?0*[0-9]{4,}")  # Fraction("1e99999") would build a 10**99999 integer
@@ -194,8 +195,10 @@ class EvalConfig:
     batch_size: int = 256
     final_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # run on the exports at the end
     final_n: int = 1000  # first n test examples for the final evaluation
+    eps: Fraction | None = None  # attack radius of monitoring and final evaluation; None: Recipe.eval_eps
 
     def __post_init__(self) -> None:
+        _check(self.eps is None or self.eps >= 0, "eps", "must be >= 0 (or null: attack.eps, else the threat's standard)")
         _check(self.n >= 1, "n", "must be >= 1")
         _check(self.final_n >= 1, "final_n", "must be >= 1")
         _check(all(re.fullmatch(r"clean|autoattack|(pgd|cw)[1-9][0-9]*", a) for a in self.final_attacks),
@@ -287,6 +290,14 @@ class Recipe:
         """The 1-based epoch from which SGLR uses refined labels; a fraction f < 1 means epoch round(f * epochs)."""
         start = self.method.start_epoch
         return max(1, round(start * self.schedule.epochs)) if start < 1 else int(start)
+
+    @property
+    def eval_eps(self) -> Fraction:
+        """The radius robust accuracy is measured at: eval.eps, else attack.eps, else (clean training, attack.eps
+        0) the threat's standard radius (8/255 linf, 1/2 l2), so that a clean model's robustness is still reported."""
+        if self.eval.eps is not None:
+            return self.eval.eps
+        return self.attack.eps or STANDARD_EPS[self.attack.threat]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-safe dict (fractions written as `p/q`)."""

@@ -132,7 +132,7 @@ def monitor(model: nn.Module, splits: Splits, recipe: Recipe, accelerator: Accel
         mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
         images, labels = to_float(data.images[mine], recipe.data.image_size), data.labels[mine]
         counts = [int(attack_correct(model, images, labels, attack=name, threat=recipe.attack.threat,
-                                     eps=recipe.attack.eps, batch_size=recipe.eval.batch_size,
+                                     eps=recipe.eval_eps, batch_size=recipe.eval.batch_size,
                                      device=accelerator.device).sum()) if len(mine) else 0
                   for name in ("clean", attack)]
         clean, robust = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
@@ -316,7 +316,7 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
         y = splits.test.labels[:probe_n].to(device)
         for _ in range(2):  # the same: warm-up, then timed
             clock = time.perf_counter()
-            pgd(trained, x, y, threat=recipe.attack.threat, eps=float(recipe.attack.eps), steps=recipe.eval.steps)
+            pgd(trained, x, y, threat=recipe.attack.threat, eps=float(recipe.eval_eps), steps=recipe.eval.steps)
             pass_s = (time.perf_counter() - clock) / (probe_n * recipe.eval.steps)
     # Every process sizes the run from the slowest one's times.
     step_s, pass_s, elapsed = accelerator.gather(torch.tensor(
@@ -377,7 +377,7 @@ def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, de
     n = min(recipe.eval.final_n, len(splits.test))
     model = load_pretrained(f"local-dir:{run.export(which)}").to(device)
     results = evaluate(model, to_float(splits.test.images[:n], recipe.data.image_size), splits.test.labels[:n],
-                       threat=recipe.attack.threat, eps=recipe.attack.eps, attacks=recipe.eval.final_attacks,
+                       threat=recipe.attack.threat, eps=recipe.eval_eps, attacks=recipe.eval.final_attacks,
                        batch_size=recipe.eval.batch_size, seed=recipe.run.seed, num_classes=splits.num_classes,
                        state_path=run.autoattack_state(which), device=device, progress=True,
                        provenance=Provenance(model=f"{run.root.name}/{which}", dataset=recipe.data.dataset,

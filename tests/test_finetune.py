@@ -145,11 +145,12 @@ def test_finetune_image_folder_end_to_end_from_local_dir(backbone, image_folder,
 
 def test_training_loop_applies_the_backbone_learning_rate(backbone, image_folder, tmp_path):
     """With backbone_lr_scale 1e-12 the backbone's weights move by about 1e-14; at optim.lr they would move by
-    about 1e-3."""
+    about 1e-3. Clean fine-tuning (attack.eps 0) is still evaluated at the standard 8/255."""
     main(["finetune", f"local-dir:{backbone}", "--data", str(image_folder), "finetune.backbone_lr_scale=1e-12",
-          f"run.output_dir={tmp_path}", "run.name=slow", "schedule.epochs=1", "run.max_steps=2", "attack.steps=1",
-          "eval.n=8", "eval.steps=1", "eval.final_attacks=[clean]", "eval.final_n=8", "run.batch_size=8",
+          f"run.output_dir={tmp_path}", "run.name=slow", "schedule.epochs=1", "run.max_steps=2", "attack.eps=0",
+          "eval.n=8", "eval.steps=1", "eval.final_attacks=[clean,pgd1]", "eval.final_n=8", "run.batch_size=8",
           "run.compile=false", "run.mixed_precision=no"])
+    assert json.loads((tmp_path / "slow/last/results.json").read_text())["eps"] == "8/255"  # clean, robustness at 8/255
     original = load_file(str(backbone / "model.safetensors"))
     tuned = load_file(str(tmp_path / "slow/last/model.safetensors"))
     parameters = [n for n, _ in timm.create_model("preactresnet_tiny_cifar").named_parameters()

@@ -143,6 +143,18 @@ def test_start_epoch_resolves_fractions(start, epochs, expected):
     assert overridden.start_epoch == expected
 
 
+@pytest.mark.parametrize("attack, evaluation, expected", [
+    ({}, {}, Fraction(8, 255)),
+    ({"eps": "4/255"}, {}, Fraction(4, 255)),
+    ({"eps": 0}, {}, Fraction(8, 255)),  # clean training: robustness still measured at the standard radius
+    ({"eps": 0, "threat": "l2"}, {}, Fraction(1, 2)),
+    ({"eps": 0}, {"eps": 0}, Fraction(0)),
+    ({}, {"eps": "16/255"}, Fraction(16, 255)),
+])
+def test_eval_eps(attack, evaluation, expected):
+    assert from_dict({"attack": attack, "eval": evaluation}).eval_eps == expected
+
+
 def test_defaults_are_valid():
     recipe = Recipe()
     assert recipe.start_epoch == 90
