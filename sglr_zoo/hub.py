@@ -555,7 +555,7 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "refined_from": recipe.start_epoch if recipe and recipe.method.name.startswith("sglr") else None,
         "finetune": recipe.finetune if recipe and recipe.finetune.backbone else None,
         "backbone": public_text(recipe.finetune.backbone) if recipe and recipe.finetune.backbone else None,
-        "facts": _training_facts(run),
+        "facts": _training_facts(run), "imported": source.config.get("sglr_zoo_import"),
         "hub_id": hub_id, "repo_id": repo_id, "zoo_name": name, "num_classes": source.config.get("num_classes", "N"),
         "label_names": source.config.get("label_names"),
         "cpu_scale": bool(recipe) and (recipe.schedule.epochs < PAPER_EPOCHS or recipe.data.n_train is not None),

@@ -380,3 +380,14 @@ def test_save_imported_records_the_source(tmp_path):
     folder = save_imported(imported, tmp_path / "out", source_name="model.pt")
     record = json.loads((folder / "config.json").read_text())["sglr_zoo_import"]
     assert record["source"] == "model.pt" and len(record["source_sha256"]) == 64
+
+
+def test_card_of_an_import_names_its_source(tmp_path):
+    from sglr_zoo.hub import export_folder
+
+    path = _write("plain", KLResNet(**TINY), tmp_path)
+    folder = save_imported(import_checkpoint(path, "resnet_tiny_cifar", "cifar10"), tmp_path / "imported",
+                           source_name="model.pt")
+    card = (export_folder(folder, tmp_path / "export") / "README.md").read_text()
+    digest = json.loads((folder / "config.json").read_text())["sglr_zoo_import"]["source_sha256"]
+    assert "imported with `sglr-zoo import` from `model.pt`" in card and digest in card and "`cifar10`" in card
