@@ -33,7 +33,7 @@ from sglr_zoo.attacks import pgd
 from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
-from sglr_zoo.evaluate import attack_correct, evaluate
+from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.objectives import Objective, build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
@@ -375,7 +375,7 @@ def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, de
     its `results.json`: the numbers model cards show. AutoAttack's progress is kept beside it, so a killed
     evaluation resumes where it stopped."""
     n = min(recipe.eval.final_n, len(splits.test))
-    model = load_pretrained(f"local-dir:{run.export(which)}").to(device)
+    model = for_evaluation(load_pretrained(f"local-dir:{run.export(which)}"), device)
     results = evaluate(model, to_float(splits.test.images[:n], recipe.data.image_size), splits.test.labels[:n],
                        threat=recipe.attack.threat, eps=recipe.eval_eps, attacks=recipe.eval.final_attacks,
                        batch_size=recipe.eval.batch_size, seed=recipe.run.seed, num_classes=splits.num_classes,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import re
 from fractions import Fraction
@@ -472,3 +474,25 @@ def test_autoattack_on_fewer_than_ten_classes():
     subs = results.attacks["autoattack"]["sub_attacks"]
     assert subs["apgd-t"]["n_target_classes"] == subs["fab-t"]["n_target_classes"] == 4
     assert results.robust_accuracy["autoattack"] <= results.clean_accuracy
+
+
+def test_channels_last_model_gives_the_same_results():
+    """for_evaluation's channels_last (CPU) changes how oneDNN sums, not what the attacks see: the same logits and
+    input gradients to float rounding, and AutoAttack's gradient attacks (whose checks call .view() on input
+    gradients) run on it."""
+    torch.manual_seed(0)
+    model = create_model("preactresnet_tiny_cifar", 10).eval()
+    x, y = _data(model, n=8)
+    x.requires_grad_(True)
+    logits = model(x)
+    gradient, = torch.autograd.grad(F.cross_entropy(logits, y), x)
+    converted = ev.for_evaluation(copy.deepcopy(model), "cpu")
+    assert next(p for p in converted.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    fast_logits = converted(x)
+    fast_gradient, = torch.autograd.grad(F.cross_entropy(fast_logits, y), x)
+    torch.testing.assert_close(fast_logits, logits)
+    torch.testing.assert_close(fast_gradient, gradient, rtol=1e-4, atol=1e-9)
+    options = dict(attacks=["clean", "pgd5", "autoattack"], autoattack_version="custom",
+                   autoattack_attacks=["apgd-ce", "apgd-t"])
+    assert ev.evaluate(converted, x.detach(), y, **options).robust_accuracy == \
+        ev.evaluate(model, x.detach(), y, **options).robust_accuracy
