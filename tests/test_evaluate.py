@@ -335,7 +335,7 @@ def test_the_results_module_imports_no_torch():
 
 def test_reads_a_version_1_results_file():
     """The schema moved provenance into one object (version 2); committed version-1 files still load."""
-    path = REPO / "model_cards" / "quickstart-sglr.results.json"
+    path = REPO / "tests" / "data" / "results_v1.json"  # written by the evaluator before the schema moved
     data = json.loads(path.read_text())
     assert data["schema"] == "sglr_zoo.results/1"
     results = Results.load(path)

@@ -25,7 +25,7 @@ from sglr_zoo.hub import collect, export_folder, export_robustbench, robustbench
 from sglr_zoo.models import create_model, load_pretrained, save_pretrained
 from sglr_zoo.recipe import Recipe, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, SanityCheck
-from sglr_zoo.zoo import ZOO, list_models
+from sglr_zoo.zoo import ZOO, list_models, lookup
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "preactresnet_tiny_cifar"
@@ -216,7 +216,7 @@ def test_unknown_name_suggests_close_names(name, suggestion):
 def test_zoo_table_and_list(capsys):
     assert {e.name for e in ZOO.values()} >= {"wrn34-sglr", "prn18-sglr", "resnet18-sglr", "wrn34-pgdat",
                                               "wrn34-trades", "prn18-pgdat", "prn18-trades", "resnet18-pgdat",
-                                              "resnet18-trades", "quickstart-sglr"}
+                                              "resnet18-trades", "prn10q-c10-sglr-cpu"}
     committed = {}
     for entry in ZOO.values():
         assert timm.is_model(entry.arch) and entry.repo_id.startswith(f"sglr-zoo/{entry.arch}.")
@@ -227,8 +227,8 @@ def test_zoo_table_and_list(capsys):
             assert entry.results.arch == entry.arch
         else:
             assert entry.results is None
-    assert "quickstart-sglr" in committed  # a version-1 results file, read through the results schema
-    assert ZOO["quickstart-sglr"].arch == "preactresnet10_slim_cifar"
+    assert "prn10q-c10-sglr-cpu" in committed  # bundled: its results.json
+    assert lookup("quickstart-sglr") is ZOO["prn10q-c10-sglr-cpu"]
     assert ZOO["wrn34-sglr"].repo_id == "sglr-zoo/wrn34_10_cifar.sglr_linf8_c10"
     rows = list_models()
     assert len(rows) == len(ZOO)
@@ -239,17 +239,18 @@ def test_zoo_table_and_list(capsys):
         assert row.autoattack == (data["robust_accuracy"].get("autoattack") if data else None)
     cli.main(["list"])
     printed = capsys.readouterr().out
-    assert "wrn34-sglr" in printed and "quickstart-sglr" in printed and "wrn34_10_cifar" in printed
+    assert "wrn34-sglr" in printed and "prn10q-c10-sglr-cpu" in printed and "wrn34_10_cifar" in printed
     assert "preactresnet_tiny_cifar" in printed.split("architectures")[1]
 
 
 def test_write_zoo_cards(run_dir, tmp_path):
     runs = tmp_path / "runs"
-    shutil.copytree(run_dir, runs / "quickstart_cifar10")
+    shutil.copytree(run_dir, runs / "prn18_cifar10")  # the default run name of prn18-sglr's recipe
+    shutil.copytree(run_dir, runs / "quickstart_cifar10")  # a bundled entry's: its card is in its bundle
     written = write_zoo_cards(runs, tmp_path / "cards")
-    assert written == [tmp_path / "cards" / "quickstart-sglr.md"]
-    assert 'sglr_zoo.load("quickstart-sglr")' in written[0].read_text()
-    assert Results.load(tmp_path / "cards" / "quickstart-sglr.results.json") == TEST_RESULTS
+    assert written == [tmp_path / "cards" / "prn18-sglr.md"]
+    assert 'sglr_zoo.load("prn18-sglr")' in written[0].read_text()
+    assert Results.load(tmp_path / "cards" / "prn18-sglr.results.json") == TEST_RESULTS
 
 
 # ---- against the fake Hubs of conftest.py (client in subprocesses) ---------------------------------------------
@@ -288,10 +289,10 @@ def test_load_from_hub_mirror(mirrored, hub_client):
             assert torch.equal(run(timm.create_model(zoo.locate("hf-hub:testorg/tiny"), pretrained=True)), expected)
             tuned = create_model("{ARCH}", 3, pretrained="hf-hub:testorg/tiny")  # a new head for fine-tuning
             assert run(tuned).shape == (4, 3)
-            entry = dataclasses.replace(zoo.ZOO["quickstart-sglr"], repo_id="testorg/tiny", published=True,
-                                        sha256={mirrored['sha256']!r}, bundle=None)  # published on the mirror only
-            zoo.ZOO["quickstart-sglr"] = entry
-            assert torch.equal(run(sglr_zoo.load("quickstart-sglr")), expected)
+            entry = dataclasses.replace(zoo.ZOO["prn18-sglr"], repo_id="testorg/tiny", published=True,
+                                        sha256={mirrored['sha256']!r})  # published on the mirror only
+            zoo.ZOO["prn18-sglr"] = entry
+            assert torch.equal(run(sglr_zoo.load("prn18-sglr")), expected)
 
         def error(load, name):
             try:
@@ -300,8 +301,8 @@ def test_load_from_hub_mirror(mirrored, hub_client):
                 return str(e)
             raise AssertionError(name + " loaded")
 
-        zoo.ZOO["quickstart-sglr"] = dataclasses.replace(entry, sha256="0" * 64)
-        print("SHA:", error(sglr_zoo.load, "quickstart-sglr"))
+        zoo.ZOO["prn18-sglr"] = dataclasses.replace(entry, sha256="0" * 64)
+        print("SHA:", error(sglr_zoo.load, "prn18-sglr"))
         print("PICKLE:", error(sglr_zoo.load, "hf-hub:testorg/pickle-only"))
         print("MODELS PICKLE:", error(load_pretrained, "hf-hub:testorg/pickle-only"))
         print("CREATE PICKLE:", error(lambda n: create_model("{ARCH}", 10, pretrained=n), "hf-hub:testorg/pickle-only"))

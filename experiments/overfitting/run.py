@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))  # report.py, beside this file
 import torch  # noqa: E402
 from report import METHODS, SEEDS, Experiment, recipe_names, write_report  # noqa: E402
 
+from sglr_zoo import zoo  # noqa: E402
 from sglr_zoo.data import DATA_ENV  # noqa: E402
 from sglr_zoo.errors import UserError  # noqa: E402
 from sglr_zoo.evaluate import evaluate_model  # noqa: E402
@@ -273,7 +274,7 @@ def plan(driver: Driver) -> str:
     step = Cost(cost.wall / (len(x) * recipe.eval.steps), cost.cpu / (len(x) * recipe.eval.steps))
     lines.append(f"evaluator's PGD (fp32): {1000 * step.wall:.2f} ms wall, {1000 * step.cpu:.2f} ms CPU per image "
                  "and step")
-    reference = Results.load(REPO / "model_cards" / "quickstart-sglr.results.json")
+    reference = zoo.ZOO["prn10q-c10-sglr-cpu"].results  # the quickstart model: PGD-20 and AutoAttack, timed
     ratio = reference.attack_seconds["autoattack"] / reference.attack_seconds["pgd20"]
 
     # Units of work: training images, and attack steps on single images (monitoring, final evaluation, AutoAttack).
@@ -287,7 +288,7 @@ def plan(driver: Driver) -> str:
         final = r.eval.final_n * ATTACKED * 20 + training.FINAL_SANITY_PASSES  # PGD-20 and the sanity checks
         work["final evaluation"] += seeds * len(EXPORTS) * final
     lines.append(f"assumed: {ATTACKED:.0%} of monitored / evaluated images clean-correct; AutoAttack = {ratio:.0f}x "
-                 "PGD-20 on the same images (model_cards/quickstart-sglr.results.json); a dedicated 2-core machine "
+                 "PGD-20 on the same images (the bundled quickstart model's results.json); a dedicated 2-core machine "
                  f"runs {TWO_CORE_SPEEDUP}x one thread's CPU time")
     lines.append("| part | this machine now (wall) | dedicated 2-core machine |")
     lines.append("|---|---|---|")
