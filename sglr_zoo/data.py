@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -93,6 +94,11 @@ def _load_dataset_dict(source: str):
     local = Path(source).exists()
     if local and not any(p.is_file() for p in Path(source).rglob("*")):
         raise UserError(f"data.dataset: {source} holds no files; point it at a parquet folder or an image folder")
+    # A local folder's README.md without a YAML header (like ../shared/datasets/cifar10) is no error: silence
+    # huggingface_hub's "Repo card metadata block was not found" while datasets reads it.
+    card_logger = logging.getLogger("huggingface_hub.repocard")
+    level = card_logger.level
+    card_logger.setLevel(logging.ERROR)
     try:
         return datasets.load_dataset(source)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -104,6 +110,8 @@ def _load_dataset_dict(source: str):
     except ConnectionError as error:
         raise UserError(f"data.dataset: could not reach the Hub for {source!r} ({error}); set {DATA_ENV} to a "
                         "folder with a local copy, or give a local path") from None
+    finally:
+        card_logger.setLevel(level)
 
 
 def _csv_files(source: str) -> dict[str, str]:
