@@ -183,3 +183,17 @@ def fresh_accelerate():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster than two fighting for cores.
+
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

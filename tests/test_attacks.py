@@ -13,13 +13,7 @@ from sglr_zoo.models import create_model
 THREATS = [("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.125)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from sglr_zoo.models import create_model
 from sglr_zoo.recipe import RunConfig, from_dict
 from sglr_zoo.training import train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def no_probe() -> float:

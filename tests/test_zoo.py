@@ -40,13 +40,7 @@ PAPER_SCALE = ["wrn34-sglr", "wrn34-pgdat", "wrn34-trades", "prn18-sglr", "prn18
                "resnet18-sglr", "resnet18-pgdat", "resnet18-trades"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a busy 2-core machine: one intra-op thread is many times faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EvaluatedRun(NamedTuple):
