@@ -34,6 +34,13 @@ MEASURED_DEFAULTS = {
                            "set it true for runs of hours"),
         "keep_freed_memory": (True, "glibc keeps freed memory: fewer page faults"),
     },
+    "cuda": {
+        "channels_last": (True, "measured 1.11x (WRN-34-10) and 1.18x (PreActResNet-18) the bf16 training images/s "
+                                "on an H100"),
+        "compile": (False, "measured 1.08x the channels_last images/s on PreActResNet-18 (H100) after 40 s of "
+                           "compiling; not measured on WRN-34-10: set it true for runs of hours"),
+        "keep_freed_memory": (False, "a CPU allocator setting; the CUDA caching allocator keeps memory already"),
+    },
 }
 PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False}
 

@@ -109,6 +109,14 @@ def test_auto_levers_on_cpu(monkeypatch):
     assert all(name in speed.describe() for name in speed.to_dict())
 
 
+def test_auto_levers_elsewhere():
+    """CUDA's defaults are measured (benchmarks/RESULTS.md); a device never measured gets the plain path, and says so."""
+    why = hardware.MEASURED_DEFAULTS["cuda"]["channels_last"][1]
+    assert hardware._measured("channels_last", "cuda") == Choice(True, f"auto on cuda: {why}")
+    for key, value in hardware.PLAIN_DEFAULTS.items():
+        assert hardware._measured(key, "mps") == Choice(value, "auto: not measured on mps yet; plain path")
+
+
 def test_real_probe():
     threads = torch.get_num_threads()
     speedup = probe_bf16_speedup(torch.device("cpu"))
