@@ -173,4 +173,4 @@ def test_full_scale_data_is_as_documented(real_cifar10, monkeypatch):
     monkeypatch.setenv("SGLR_ZOO_DATA", str(real_cifar10.parent))
     splits = load_splits(load_recipe(EXPERIMENT / "common.yaml").data)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1000, 500, 1000)
-    assert splits.train.labels.bincount(minlength=10).min() >= 150  # every class is there, roughly balanced
+    assert splits.train.labels.bincount(minlength=10).min() >= 75  # every class is there, roughly balanced (85-112)
