@@ -98,11 +98,12 @@ class _NoModTracker:
         return False
 
 
-def measure(arch: str, precision: str, compile_: bool, channels_last: bool, batch: int, pgd_steps: int,
-            device: torch.device, warmup: int, seconds: float) -> dict:
+def measure(arch: str, precision: str, compile_: bool, channels_last: bool, cudnn_benchmark: bool, batch: int,
+            pgd_steps: int, device: torch.device, warmup: int, seconds: float) -> dict:
     """Images/s of the trainer's step over timed steps after `warmup` steps; peak memory per step."""
     _reset()
-    settings = {"mixed_precision": precision, "compile": compile_, "channels_last": channels_last}
+    settings = {"mixed_precision": precision, "compile": compile_, "channels_last": channels_last,
+                "cudnn_benchmark": cudnn_benchmark}
     step, levers = make_our_step(arch, settings, "sglr", batch, pgd_steps, device)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels, index = torch.randint(0, 10, (batch,), device=device), torch.arange(batch, device=device)
@@ -122,8 +123,8 @@ def measure(arch: str, precision: str, compile_: bool, channels_last: bool, batc
     _sync(device)
     elapsed = time.perf_counter() - started
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"arch": arch, "precision": precision, "compile": compile_, "channels_last": channels_last, "batch": batch,
-            "pgd_steps": pgd_steps,
+    return {"arch": arch, "precision": precision, "compile": compile_, "channels_last": channels_last,
+            "cudnn_benchmark": cudnn_benchmark, "batch": batch, "pgd_steps": pgd_steps,
             "img_per_s": batch * steps / elapsed, "timed_steps": steps, "warmup_s": first_s, "peak_mem_gib": memory,
             "levers": levers}
 
@@ -157,19 +158,19 @@ def main() -> None:
     flops = {arch: flops_per_image(model, pgd_steps, device) for arch, model in archs.items()}
     print("# step GFLOP per image: " + ", ".join(f"{arch} {f / 1e9:.1f}" for arch, f in flops.items()), flush=True)
 
-    # The targets' configuration first: WRN-34-10 in bf16 with channels_last (the fastest eager setting on the H100,
-    # benchmarks/RESULTS.md), eager and then compiled (about a minute of compilation: never measured yet), then the
-    # rest of the grid. (arch, precision, compile, channels_last)
+    # Most important first. Measured on an H100 (benchmarks/RESULTS.md): eager bf16 with channels_last was the fastest
+    # WRN-34-10 setting; not yet measured: cuDNN's algorithm search (cudnn.benchmark) and WRN-34-10 compiled (about
+    # a minute of compilation). Then the rest of the grid. (arch, precision, compile, channels_last, cudnn_benchmark)
     wrn, prn = "wrn34_10_cifar", "preactresnet18_cifar"
-    plan = [(wrn, "bf16", False, True), (wrn, "bf16", True, True), (prn, "bf16", False, True),
-            (prn, "bf16", True, True), (wrn, "bf16", False, False), (prn, "bf16", False, False),
-            (wrn, "no", False, False), (prn, "no", False, False), (wrn, "bf16", True, False), (prn, "bf16", True, False),
-            (wrn, "no", True, False), (prn, "no", True, False)]
-    print(f"\n{'arch':<22}{'precision':<10}{'compile':<8}{'cl':<6}{'img/s':>9}{'MFU sheet':>10}{'MFU meas':>10}"
+    plan = [(wrn, "bf16", False, True, False), (wrn, "bf16", False, True, True), (wrn, "bf16", True, True, True),
+            (prn, "bf16", False, True, False), (prn, "bf16", False, True, True), (prn, "bf16", True, True, True),
+            (wrn, "no", False, True, True), (wrn, "no", True, True, True), (prn, "no", False, True, True),
+            (prn, "no", True, True, True), (wrn, "bf16", False, False, True), (prn, "bf16", False, False, True)]
+    print(f"\n{'arch':<22}{'precision':<10}{'compile':<8}{'cl':<6}{'cudnn':<6}{'img/s':>9}{'MFU sheet':>10}{'MFU meas':>10}"
           f"{'1st_s':>8}{'mem GiB':>9}{'epoch s':>9}", flush=True)
     results, expected = [], {}
-    for arch, precision, compile_, channels_last in plan:
-        head = f"{arch:<22}{precision:<10}{str(compile_):<8}{str(channels_last):<6}"
+    for arch, precision, compile_, channels_last, cudnn_benchmark in plan:
+        head = f"{arch:<22}{precision:<10}{str(compile_):<8}{str(channels_last):<6}{str(cudnn_benchmark):<6}"
         left = args.budget - (time.perf_counter() - started)
         guess = expected.get((arch, compile_), 75 if compile_ else 20) if not args.tiny else 5
         if left < guess:
@@ -177,7 +178,8 @@ def main() -> None:
             continue
         clock = time.perf_counter()
         try:
-            r = measure(archs[arch], precision, compile_, channels_last, batch, pgd_steps, device, warmup, seconds)
+            r = measure(archs[arch], precision, compile_, channels_last, cudnn_benchmark, batch, pgd_steps, device,
+                        warmup, seconds)
         except Exception as error:  # keep going: one failing configuration (e.g. a compile error) is a result too
             print(f"{head} FAILED: {type(error).__name__}: {error}"[:300], flush=True)
             continue
@@ -204,7 +206,8 @@ def main() -> None:
         monitor_s = splits * recipe.eval.n * (recipe.eval.steps + 2) / (pgd_steps + 2) * 3 / fastest["img_per_s"]
         hours = recipe.schedule.epochs * (50_000 / fastest["img_per_s"] + monitor_s) / 3600
         print(f"\n# WRN-34-10 {recipe.schedule.epochs}-epoch recipe (recipes/wrn34_cifar10.yaml), at the fastest bf16 "
-              f"setting (compile {fastest['compile']}, channels_last {fastest['channels_last']}): {hours:.2f} h "
+              f"setting (compile {fastest['compile']}, channels_last {fastest['channels_last']}, cudnn.benchmark "
+              f"{fastest['cudnn_benchmark']}): {hours:.2f} h "
               f"projected (target < 4 h on one H100); MFU {100 * fastest['mfu_sheet']:.1f}% of the data-sheet peak "
               "(target >= 40%)", flush=True)
     print(f"# total {time.perf_counter() - started:.0f} s", flush=True)

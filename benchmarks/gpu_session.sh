@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One lent GPU session, about 7 minutes on an H100 (issues 8 and 9), writing everything to $OUT:
 #   check: benchmarks/gpu_check.py (WRN-34-10 and PreActResNet-18 PGD-10 throughput, MFU, the 200-epoch projection)
-#   train: a short PreActResNet-18 SGLR run on a CIFAR-10 subset, sized by schedule.budget, with the channels_last
-#          setting the check measured faster; then AutoAttack (standard, first 500 test images) of its last export
+#   train: a short PreActResNet-18 SGLR run on a CIFAR-10 subset, sized by schedule.budget, with the levers the
+#          check measured fastest; then AutoAttack (standard, first 500 test images) of its last export
+#   wrn:   a short WRN-34-10 run of the trainer on the same subset: its own images/s with monitoring, for the
+#          200-epoch projection (weights not brought back)
 #   pack:  the run's small files as one tar and its weights split into raw byte parts under 16 MiB (the device tool
 #          brings back at most 8 files of 16 MiB); `cat parts > model.safetensors` restores the file, same sha256.
 # It runs where the GPU is, in a copy of the repository with these carried (ignored) folders:
@@ -10,8 +12,9 @@
 #                      last repacked without its 42 MB examples folder)
 #   .gpu_data/cifar10/ uoft-cs/cifar10's parquet layout, train rows 0-23999 and 49000-49999 (so that data.n_train=24000
 #                      data.val_size=1000 selects the same images as on the full set), test rows 0-999
-#     bash benchmarks/gpu_session.sh [check] [train] [pack]      # default: all three
-# Environment: TRAIN_BUDGET (default 120s), AA_TIMEOUT (s, default 120), CHECK_JSON (an earlier check's results).
+#     bash benchmarks/gpu_session.sh [check] [train] [wrn] [pack]      # default: check train pack
+# Environment: CHECK_BUDGET (s, default 150), TRAIN_BUDGET and WRN_BUDGET (default 120s), AA_TIMEOUT (s, default
+# 120), CHECK_JSON (an earlier check's results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 SGLR_ZOO_DATA=$PWD/.gpu_data
 OUT=${OUT:-runs/gpu_out}
@@ -19,6 +22,8 @@ mkdir -p "$OUT"
 stages=${*:-check train pack}
 RUN=runs/gpu/prn18_c10sub_sglr
 TRAIN_BUDGET=${TRAIN_BUDGET:-120s}
+WRN_BUDGET=${WRN_BUDGET:-120s}
+CHECK_BUDGET=${CHECK_BUDGET:-150}
 AA_TIMEOUT=${AA_TIMEOUT:-120}
 
 if [ -d .whl ]; then
@@ -34,30 +39,49 @@ sys.version.split()[0], *(f'{m.__name__} {m.__version__}' for m in (torch, timm,
 huggingface_hub, safetensors)))" || exit 1
 
 if [[ $stages == *check* ]]; then
-  timeout 180 python3 benchmarks/gpu_check.py --seconds 5 --budget 150 --json "$OUT/gpu_check.jsonl" \
+  timeout $((CHECK_BUDGET + 30)) python3 benchmarks/gpu_check.py --seconds 4 --budget "$CHECK_BUDGET" --json "$OUT/gpu_check.jsonl" \
     2>&1 | tee "$OUT/gpu_check.log"
 fi
 
-if [[ $stages == *train* ]]; then
-  # channels_last as measured just now on PreActResNet-18 in bf16 (false when the check did not run); no compile:
-  # its minute of compilation, paid twice (the budget's timing probe and the run), does not pay back in two minutes.
-  channels_last=$(python3 - "${CHECK_JSON:-$OUT/gpu_check.jsonl}" <<'EOF'
+# fastest ARCH LEVER: LEVER's value (true/false) in the check's fastest eager bf16 step of ARCH; false when the
+# check did not run.
+fastest() {
+  python3 - "${CHECK_JSON:-$OUT/gpu_check.jsonl}" "$1" "$2" <<'EOF'
 import json, sys
 from pathlib import Path
-path = Path(sys.argv[1])
+path, arch, lever = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-rows = [r for r in rows if r["arch"] == "preactresnet18_cifar" and r["precision"] == "bf16" and not r["compile"]]
-print(str(max(rows, key=lambda r: r["img_per_s"])["channels_last"]).lower() if rows else "false")
+rows = [r for r in rows if r["arch"] == arch and r["precision"] == "bf16" and not r["compile"]]
+print(str(bool(rows and max(rows, key=lambda r: r["img_per_s"]).get(lever))).lower())
 EOF
-)
+}
+
+if [[ $stages == *train* ]]; then
+  # The levers the check measured fastest on PreActResNet-18 in bf16; no compile: its minute of compilation, paid
+  # twice (the budget's timing probe and the run), does not pay back in two minutes.
   python3 -m sglr_zoo.cli train recipes/prn18_cifar10.yaml data.n_train=24000 data.val_size=1000 \
     schedule.name=cosine schedule.budget="$TRAIN_BUDGET" method.start_epoch=0.45 eval.n=500 eval.every=2 \
-    eval.final_attacks=[clean,pgd20] eval.final_n=1000 run.channels_last="$channels_last" run.compile=false \
+    eval.final_attacks=[clean,pgd20] eval.final_n=1000 run.compile=false \
+    run.channels_last="$(fastest preactresnet18_cifar channels_last)" \
+    run.cudnn_benchmark="$(fastest preactresnet18_cifar cudnn_benchmark)" \
     run.output_dir=runs/gpu run.name=prn18_c10sub_sglr 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" \
     | tee "$OUT/train.log"
   timeout "$AA_TIMEOUT" python3 -m sglr_zoo.cli eval "$RUN/last" --attacks clean,pgd20,cw20,autoattack --n 500 \
     --state-path "$RUN/autoattack_state_n500.json" --out "$RUN/results_aa_n500.json" 2>&1 | tr '\r' '\n' \
     | grep -v "it/s\]\|s/it\]" | tee "$OUT/aa.log"
+fi
+
+if [[ $stages == *wrn* ]]; then
+  # The trainer's own WRN-34-10 throughput, monitoring included (the recipe's eval.n=1000 on train, val and test
+  # every epoch), for the 200-epoch projection: a short run sized by schedule.budget, eager, with the levers the
+  # check measured fastest. Its weights stay on the device.
+  python3 -m sglr_zoo.cli train recipes/wrn34_cifar10.yaml data.n_train=24000 data.val_size=1000 \
+    schedule.budget="$WRN_BUDGET" eval.final_attacks=[clean] eval.final_n=1000 run.compile=false \
+    run.channels_last="$(fastest wrn34_10_cifar channels_last)" \
+    run.cudnn_benchmark="$(fastest wrn34_10_cifar cudnn_benchmark)" \
+    run.output_dir=runs/gpu run.name=wrn34_c10sub_sglr 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" \
+    | tee "$OUT/wrn_train.log"
+  tar czf "$OUT/wrn_run.tgz" --exclude=checkpoints --exclude='*.safetensors' runs/gpu/wrn34_c10sub_sglr
 fi
 
 if [[ $stages == *pack* ]] && [ -f "$RUN/last/model.safetensors" ]; then

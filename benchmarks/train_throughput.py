@@ -46,7 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "ref_pgd_at.py"
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_memory")
+LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_memory", "cudnn_benchmark")
 
 
 def cpu_label() -> str:

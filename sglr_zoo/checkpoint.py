@@ -54,8 +54,8 @@ TENSOR, INT_KEYS = "__tensor__", "__int_keys__"  # markers in the JSON half of a
 # Recipe keys a resumed run may change: where the run lives, how often it saves, how it is evaluated, and speed
 # levers that leave the math alone. Any other difference would silently mix two recipes in one run.
 RESUMABLE_CHANGES = ("run.resume", "run.max_steps", "run.num_workers", "run.compile", "run.channels_last",
-                     "run.threads", "run.keep_freed_memory", "run.output_dir", "run.name", "run.checkpoint_every",
-                     "run.keep_checkpoints", "eval.", "optim.lr", "optim.grad_clip")  # the last two: after divergence
+                     "run.threads", "run.keep_freed_memory", "run.cudnn_benchmark", "run.output_dir", "run.name",
+                     "run.checkpoint_every", "run.keep_checkpoints", "eval.", "optim.lr", "optim.grad_clip")  # the last two: after divergence
 _MESSAGE_BYTES = 4096  # the longest error the main process shares with the others
 
 

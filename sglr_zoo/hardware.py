@@ -1,4 +1,5 @@
-"""The machine-dependent speed choices, made at run time: precision, channels_last, torch.compile, threads, malloc.
+"""The machine-dependent speed choices, made at run time: precision, channels_last, torch.compile, threads, malloc,
+cuDNN's algorithm search.
 
 Every lever is `auto` by default and resolves from what the device is to the setting that benchmarks/RESULTS.md
 measured fastest on that kind of device; an explicit recipe value wins. bf16 is chosen only where the device
@@ -33,6 +34,7 @@ MEASURED_DEFAULTS = {
         "compile": (False, "measured +28% images/s once compiled, after minutes of compiling on 2 cores: "
                            "set it true for runs of hours"),
         "keep_freed_memory": (True, "glibc keeps freed memory: fewer page faults"),
+        "cudnn_benchmark": (False, "a cuDNN setting: no effect on a CPU"),
     },
     "cuda": {
         "channels_last": (True, "measured 1.11x (WRN-34-10) and 1.18x (PreActResNet-18) the bf16 training images/s "
@@ -40,9 +42,10 @@ MEASURED_DEFAULTS = {
         "compile": (False, "measured 1.08x the channels_last images/s on PreActResNet-18 (H100) after 40 s of "
                            "compiling; not measured on WRN-34-10: set it true for runs of hours"),
         "keep_freed_memory": (False, "a CPU allocator setting; the CUDA caching allocator keeps memory already"),
+        "cudnn_benchmark": (False, "not measured yet: plain path"),
     },
 }
-PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False}
+PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False, "cudnn_benchmark": False}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class SpeedSettings:
     compile: Choice
     threads: Choice  # int, or None on devices where the CPU thread count does not matter
     keep_freed_memory: Choice
+    cudnn_benchmark: Choice  # torch.backends.cudnn.benchmark: time the convolution algorithms once per input shape
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: asdict(choice) for name, choice in self.__dict__.items()}
@@ -194,7 +198,7 @@ def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -
     precision = choose_precision(run.mixed_precision, device.type, cpu_hardware=cpu_hardware,
                                  cuda_capability=cuda_capability, probe=lambda: probe_bf16_speedup(device))
     levers = {}
-    for key in ("channels_last", "compile", "keep_freed_memory"):
+    for key in PLAIN_DEFAULTS:
         value = getattr(run, key)
         levers[key] = _measured(key, device.type) if value == "auto" else Choice(value, "set in the recipe")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -205,7 +209,8 @@ def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -
 
 
 def apply(settings: SpeedSettings) -> None:
-    """Applies the process-wide levers: CPU threads and the glibc malloc setting."""
+    """Applies the process-wide levers: CPU threads, the glibc malloc setting and cuDNN's algorithm search."""
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark.value
     if settings.threads.value is not None:
         torch.set_num_threads(settings.threads.value)
     if settings.keep_freed_memory.value:

@@ -223,6 +223,7 @@ class RunConfig:
     compile: Literal["auto"] | bool = "auto"  # torch.compile
     threads: Literal["auto"] | int = "auto"  # CPU threads per process
     keep_freed_memory: Literal["auto"] | bool = "auto"  # glibc malloc keeps freed memory (fewer page faults on CPU)
+    cudnn_benchmark: Literal["auto"] | bool = "auto"  # cuDNN times its convolution algorithms per shape (GPUs)
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch when several processes train

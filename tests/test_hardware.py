@@ -88,14 +88,26 @@ def test_choose_threads(requested, device, cpus, processes, omp, load, value):
 
 
 def test_explicit_levers_win():
-    run = RunConfig(mixed_precision="no", channels_last=False, compile=True, threads=1, keep_freed_memory=False)
+    run = RunConfig(mixed_precision="no", channels_last=False, compile=True, threads=1, keep_freed_memory=False,
+                    cudnn_benchmark=True)
     speed = hardware.resolve(run, torch.device("cpu"))
     assert speed.to_dict() == {
         "mixed_precision": {"value": "no", "reason": "set in the recipe"},
         "channels_last": {"value": False, "reason": "set in the recipe"},
         "compile": {"value": True, "reason": "set in the recipe"},
         "threads": {"value": 1, "reason": "set in the recipe"},
-        "keep_freed_memory": {"value": False, "reason": "set in the recipe"}}
+        "keep_freed_memory": {"value": False, "reason": "set in the recipe"},
+        "cudnn_benchmark": {"value": True, "reason": "set in the recipe"}}
+
+
+def test_apply_sets_cudnn_benchmark():
+    run = RunConfig(mixed_precision="no", threads=torch.get_num_threads(), keep_freed_memory=False,
+                    cudnn_benchmark=True)
+    try:
+        hardware.apply(hardware.resolve(run, torch.device("cpu")))
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def test_auto_levers_on_cpu(monkeypatch):
