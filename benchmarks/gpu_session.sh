@@ -10,11 +10,12 @@
 # It runs where the GPU is, in a copy of the repository with these carried (ignored) folders:
 #   .whl/              wheels missing on the device image: datasets, dill, multiprocess, fsspec, pyautoattack (the
 #                      last repacked without its 42 MB examples folder)
-#   .gpu_data/cifar10/ uoft-cs/cifar10's parquet layout, train rows 0-23999 and 49000-49999 (so that data.n_train=24000
-#                      data.val_size=1000 selects the same images as on the full set), test rows 0-999
+#   .gpu_data/cifar10/ uoft-cs/cifar10's parquet layout, train rows 0 to N_TRAIN-1 and 49000-49999 (so that
+#                      data.n_train=N_TRAIN data.val_size=1000 selects the same images as on the full set), test
+#                      rows 0-999
 #     bash benchmarks/gpu_session.sh [check] [train] [wrn] [pack]      # default: check train pack
-# Environment: CHECK_BUDGET (s, default 150), TRAIN_BUDGET and WRN_BUDGET (default 120s), AA_TIMEOUT (s, default
-# 120), CHECK_JSON (an earlier check's results).
+# Environment: N_TRAIN (default 12000), CHECK_BUDGET (s, default 150), TRAIN_BUDGET and WRN_BUDGET (default 120s),
+# AA_TIMEOUT (s, default 120), CHECK_JSON (an earlier check's results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 SGLR_ZOO_DATA=$PWD/.gpu_data
 OUT=${OUT:-runs/gpu_out}
@@ -23,6 +24,7 @@ stages=${*:-check train pack}
 RUN=runs/gpu/prn18_c10sub_sglr
 TRAIN_BUDGET=${TRAIN_BUDGET:-120s}
 WRN_BUDGET=${WRN_BUDGET:-120s}
+N_TRAIN=${N_TRAIN:-12000}  # 12,000 + 1,000 rows keep the carried files under 64 MiB with the bundled zoo weights
 CHECK_BUDGET=${CHECK_BUDGET:-150}
 AA_TIMEOUT=${AA_TIMEOUT:-120}
 
@@ -59,7 +61,7 @@ EOF
 if [[ $stages == *train* ]]; then
   # The levers the check measured fastest on PreActResNet-18 in bf16; no compile: its minute of compilation, paid
   # twice (the budget's timing probe and the run), does not pay back in two minutes.
-  python3 -m sglr_zoo.cli train recipes/prn18_cifar10.yaml data.n_train=24000 data.val_size=1000 \
+  python3 -m sglr_zoo.cli train recipes/prn18_cifar10.yaml data.n_train=$N_TRAIN data.val_size=1000 \
     schedule.name=cosine schedule.budget="$TRAIN_BUDGET" method.start_epoch=0.45 eval.n=500 eval.every=2 \
     eval.final_attacks=[clean,pgd20] eval.final_n=1000 run.compile=false \
     run.channels_last="$(fastest preactresnet18_cifar channels_last)" \
@@ -75,8 +77,9 @@ if [[ $stages == *wrn* ]]; then
   # The trainer's own WRN-34-10 throughput, monitoring included (the recipe's eval.n=1000 on train, val and test
   # every epoch), for the 200-epoch projection: a short run sized by schedule.budget, eager, with the levers the
   # check measured fastest. Its weights stay on the device.
-  python3 -m sglr_zoo.cli train recipes/wrn34_cifar10.yaml data.n_train=24000 data.val_size=1000 \
-    schedule.budget="$WRN_BUDGET" eval.final_attacks=[clean] eval.final_n=1000 run.compile=false \
+  python3 -m sglr_zoo.cli train recipes/wrn34_cifar10.yaml data.n_train=$N_TRAIN data.val_size=1000 \
+    schedule.name=cosine schedule.budget="$WRN_BUDGET" method.start_epoch=0.45 eval.final_attacks=[clean] \
+    eval.final_n=1000 run.compile=false \
     run.channels_last="$(fastest wrn34_10_cifar channels_last)" \
     run.cudnn_benchmark="$(fastest wrn34_10_cifar cudnn_benchmark)" \
     run.output_dir=runs/gpu run.name=wrn34_c10sub_sglr 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" \
