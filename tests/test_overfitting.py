@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -174,3 +175,17 @@ def test_full_scale_data_is_as_documented(real_cifar10, monkeypatch):
     splits = load_splits(load_recipe(EXPERIMENT / "common.yaml").data)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1000, 500, 1000)
     assert splits.train.labels.bincount(minlength=10).min() >= 75  # every class is there, roughly balanced (85-112)
+
+
+def test_a_killed_step_records_its_time(tmp_path):
+    run = driver.Driver(tmp_path, driver.SCALES["toy"], ["pgd_at"], [0], None)
+
+    def killed() -> None:
+        time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    run.timed("train/pgd_at_s0", lambda: time.sleep(0.05))
+    with pytest.raises(KeyboardInterrupt):
+        run.timed("train/pgd_at_s0", killed)
+    timings = json.loads(run.experiment.timings.read_text())
+    assert list(timings["steps"]) == ["train/pgd_at_s0"] and timings["steps"]["train/pgd_at_s0"] >= 0.1

@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -112,21 +113,23 @@ class Driver:
         return load_recipe(recipe_file, overrides)
 
     def timed(self, key: str, step) -> None:
-        """Runs `step()`; records its wall time under `key` (a resumed step adds up). A user error (a diverged
-        run, a bad recipe) is reported and the other steps go on."""
+        """Runs `step()`; records its wall time under `key` (a resumed step adds up), also when a kill unwinds it
+        (Ctrl-C, SIGTERM; a SIGKILL records nothing). A user error (a diverged run, a bad recipe) is reported and
+        the other steps go on."""
         started = time.time()
         try:
             step()
         except UserError as error:
             print(f"{key}: error: {error}", flush=True)
             self.failed.append(key)
-        timings = {"steps": {}, "machines": []}
-        if self.experiment.timings.is_file():
-            timings = json.loads(self.experiment.timings.read_text())
-        timings["steps"][key] = timings["steps"].get(key, 0.0) + time.time() - started
-        timings["machines"] = sorted({*timings["machines"], machine()})
-        self.experiment.timings.parent.mkdir(parents=True, exist_ok=True)
-        self.experiment.timings.write_text(json.dumps(timings, indent=2) + "\n")
+        finally:
+            timings = {"steps": {}, "machines": []}
+            if self.experiment.timings.is_file():
+                timings = json.loads(self.experiment.timings.read_text())
+            timings["steps"][key] = timings["steps"].get(key, 0.0) + time.time() - started
+            timings["machines"] = sorted({*timings["machines"], machine()})
+            self.experiment.timings.parent.mkdir(parents=True, exist_ok=True)
+            self.experiment.timings.write_text(json.dumps(timings, indent=2) + "\n")
 
     def train(self) -> None:
         from sglr_zoo.training import train
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", type=Path, help="the Markdown file whose marked section gets the report "
                                                  "(default docs/overfitting.md, toy: none)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so that the time spent so far is recorded
     scale = SCALES[args.scale]
     os.environ.setdefault(DATA_ENV, str(REPO.parent / "shared" / "datasets"))
     driver = Driver((args.out or scale.out).resolve(), scale, args.methods, args.seeds, args.doc or scale.doc)
