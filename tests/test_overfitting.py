@@ -133,6 +133,16 @@ def test_claim_check_says_when_the_baseline_drop_is_noise():
         report.claim_check(summaries)
 
 
+def test_after_decay_reads_the_milestone_and_last_rows():
+    run = _summary("pgd_at", 0, 40, 30, 20, 33)
+    run.recipe = load_recipe(EXPERIMENT / "pgd_at.yaml")  # first milestone: epoch 40
+    run.history = [{"epoch": 40.0, "grad_norm": 0.8, "train_pgd10_acc": 35.0, "test_pgd10_acc": 21.0},
+                   {"epoch": 41.0, "grad_norm": 0.9}, *run.history]
+    text = report.after_decay([run, _summary("sglr", 0, 40, 39, 10, 34)])  # no recipe: left out
+    assert "| PGD-AT | 0 | 14.0 | 20.0 | 6.0 | 21.0 | 30.0 | 0.80 | 0.50 |" in text and "SGLR" not in text
+    assert "1,000 training images" in text
+
+
 def test_report_before_any_run(tmp_path):
     doc = tmp_path / "overfitting.md"
     doc.write_text(f"intro\n{report.BEGIN}\n{report.END}\n")
