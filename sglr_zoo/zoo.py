@@ -108,6 +108,11 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("prn18-c10-sglr-short", "preactresnet18_cifar", "sglr", "recipes/prn18_cifar10.yaml",
            scale="short", bundle="prn18-c10-sglr-short",
            sha256="1c94344a25a6d375205d4b3fc1edeb365557f22e158d9c1e6745954c4f29d234"),
+    # CPU scale, 1,000 training images, bundled: the final models (seed 0) of the robust-overfitting experiment
+    # (docs/overfitting.md), 80 epochs of PGD-3 training with step decay, about 30 min each on one CPU core.
+    _entry("prn10s-c10-pgdat-cpu1k", "preactresnet10_slim_cifar", "pgd_at", "experiments/overfitting/pgd_at.yaml",
+           scale="cpu1k", bundle="prn10s-c10-pgdat-cpu1k",
+           sha256="ec0e3f756d15d9606be6a6d2aab19455c7f866b109f2416d2d2e181f39b08610"),
 ]}
 
 
