@@ -113,6 +113,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("prn10s-c10-pgdat-cpu1k", "preactresnet10_slim_cifar", "pgd_at", "experiments/overfitting/pgd_at.yaml",
            scale="cpu1k", bundle="prn10s-c10-pgdat-cpu1k",
            sha256="ec0e3f756d15d9606be6a6d2aab19455c7f866b109f2416d2d2e181f39b08610"),
+    _entry("prn10s-c10-sglr-cpu1k", "preactresnet10_slim_cifar", "sglr", "experiments/overfitting/sglr.yaml",
+           scale="cpu1k", bundle="prn10s-c10-sglr-cpu1k",
+           sha256="d67513342f85f2adae48fd7fd4603e113ec861adf54b169136ace5ffabf5d83c"),
 ]}
 
 
