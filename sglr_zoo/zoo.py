@@ -116,6 +116,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("prn10s-c10-sglr-cpu1k", "preactresnet10_slim_cifar", "sglr", "experiments/overfitting/sglr.yaml",
            scale="cpu1k", bundle="prn10s-c10-sglr-cpu1k",
            sha256="d67513342f85f2adae48fd7fd4603e113ec861adf54b169136ace5ffabf5d83c"),
+    _entry("prn10s-c10-trades-cpu1k", "preactresnet10_slim_cifar", "trades", "experiments/overfitting/trades.yaml",
+           scale="cpu1k", bundle="prn10s-c10-trades-cpu1k",
+           sha256="2a8f223bd6c60792f775b9a8150b8914d9d7d4eaa1437d9ef7c89e13018fcb59"),
 ]}
 
 
