@@ -319,7 +319,8 @@ def _setting(summaries: list[RunSummary]) -> str:
     for s in summaries:
         if s.recipe is not None:
             r = s.recipe
-            return (f"{r.model.arch}, first {r.data.n_train} CIFAR-10 training images, {r.schedule.epochs} epochs, "
+            images = f"first {r.data.n_train:,}" if r.data.n_train else "all"
+            return (f"{r.model.arch}, {images} CIFAR-10 training images, {r.schedule.epochs} epochs, "
                     f"lr x{r.schedule.gamma:g} at epochs {', '.join(map(str, r.schedule.milestones))}, "
                     f"PGD-{r.attack.steps} training (Linf {r.attack.eps}), monitoring on the first {r.eval.n} "
                     f"images of each split {'every epoch' if r.eval.every == 1 else f'every {r.eval.every} epochs'}.")
