@@ -119,6 +119,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("prn10s-c10-trades-cpu1k", "preactresnet10_slim_cifar", "trades", "experiments/overfitting/trades.yaml",
            scale="cpu1k", bundle="prn10s-c10-trades-cpu1k",
            sha256="2a8f223bd6c60792f775b9a8150b8914d9d7d4eaa1437d9ef7c89e13018fcb59"),
+    _entry("prn10s-c10-sglrtrades-cpu1k", "preactresnet10_slim_cifar", "sglr_trades",
+           "experiments/overfitting/sglr_trades.yaml", scale="cpu1k", bundle="prn10s-c10-sglrtrades-cpu1k",
+           sha256="9e661d4c6f32d2562db6a419e55e79e2c5575bb2887dfa6d1a886e53da8551f9"),
 ]}
 
 
