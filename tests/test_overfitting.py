@@ -152,6 +152,12 @@ def test_report_before_any_run(tmp_path):
     assert doc.read_text() == f"intro\n{report.BEGIN}\n{text}{report.END}\n"
 
 
+def test_a_variant_lists_only_its_started_seeds(tmp_path):
+    (tmp_path / "sglr_start035_s0").mkdir()
+    summaries = report.collect(report.Experiment(tmp_path), ["pgd_at", "sglr_start035"], [0, 1])
+    assert [(s.method, s.seed) for s in summaries] == [("pgd_at", 0), ("pgd_at", 1), ("sglr_start035", 0)]
+
+
 @pytest.mark.parametrize("content", ["no markers\n", f"{report.END}\n{report.BEGIN}\n",
                                      f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n"])
 def test_report_needs_one_pair_of_markers(tmp_path, content):

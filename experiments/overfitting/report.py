@@ -132,11 +132,14 @@ def _results(path: Path) -> Results | None:
 
 
 def collect(experiment: Experiment, methods: list[str], seeds: list[int]) -> list[RunSummary]:
-    """A summary of every (method, seed) run, empty where the run has not produced that file yet."""
+    """A summary of every (method, seed) run, empty where the run has not produced that file yet; a variant's
+    (a recipe not in METHODS) seeds that were never started are left out."""
     summaries = []
     for method in methods:
         for seed in seeds:
             run = experiment.run(method, seed)
+            if method not in METHODS and not run.root.is_dir():
+                continue
             summary = RunSummary(method, seed, finished=run.finished.is_file())
             if run.recipe.is_file():
                 summary.recipe = load_recipe(run.recipe)
