@@ -87,9 +87,12 @@ def test_toy_experiment_end_to_end(tmp_path, monkeypatch, capsys):
     done.results("best").unlink()
     rows = _rows(report.write_report(out, ["pgd_at", "sglr"], [0]))
     assert rows["PGD-AT", "0"][2] == "in progress (epoch 3 of 3)" and rows["SGLR", "0"][4] == "-"
+    (out / "sglr_start035_s0").mkdir()  # a variant's run that was started: the report lists it after the methods
     capsys.readouterr()
     driver.main(args)
     printed = capsys.readouterr().out
+    assert [key for key in _rows(experiment.report.read_text()) if key[0] not in ("PGD-AT", "SGLR")] == [
+        ("sglr_start035", "0")]
     assert f"resumed from {killed.checkpoint(2)} (epoch 2," in printed and killed.finished.is_file()
     with killed.metrics.open() as file:
         assert [int(row["epoch"]) for row in csv.DictReader(file)] == [1, 2, 3]

@@ -15,7 +15,8 @@ Stages (`all` = train, eval, report):
           (standard) on the first 500 test images for each method's final model of the first seed, into
           last/results_autoattack.json, its progress in a state file so that a killed evaluation resumes;
   report  experiments/overfitting/report.py: table, claim check and figure from those results files and the
-          runs' metrics.csv, into OUT/report.md (and docs/overfitting.md at full scale).
+          runs' metrics.csv, into OUT/report.md (and docs/overfitting.md at full scale); the variant recipes'
+          runs that were started are listed after the methods.
 
 Rerun the same command after a kill: finished steps are skipped. `--scale toy` runs everything in seconds on a tiny
 model and a few images (the plumbing only; its numbers mean nothing). Data: uoft-cs/cifar10 from $SGLR_ZOO_DATA,
@@ -190,7 +191,8 @@ class Driver:
                 state_path=self.experiment.autoattack_state(method, seed)))
 
     def report(self) -> None:
-        print(write_report(self.experiment.out, self.methods, self.seeds, self.doc))
+        variants = [name for name in recipe_names() if name not in METHODS and name not in self.methods]
+        print(write_report(self.experiment.out, [*self.methods, *variants], self.seeds, self.doc))
         print(f"wrote {self.experiment.report}" + (f" and the results section of {self.doc}" if self.doc else ""))
 
 
