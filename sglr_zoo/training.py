@@ -12,12 +12,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -270,6 +271,19 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
             "epoch_s": seconds}
 
 
+def median_step_seconds(step: Callable[[], None], device: torch.device, timed: int = 5) -> float:
+    """The median time of `timed` calls of `step` after a warm-up call (kernel choice, compilation). The median, so
+    that a moment of load from another program does not shrink a budgeted run (the plan is made once)."""
+    times = []
+    for _ in range(1 + timed):
+        clock = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - clock)
+    return statistics.median(times[1:])
+
+
 def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: hardware.SpeedSettings,
                   run: RunDir, started: float) -> Recipe:
     """The recipe with `schedule.budget` (the whole train() call, from `started`) turned into `schedule.steps` and
@@ -292,7 +306,7 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     if recipe.method.name.startswith("sglr") and recipe.method.start_epoch >= 1:
         raise UserError("method.start_epoch: with schedule.budget the number of epochs is decided at run time; "
                         "give the start as a fraction of the run (e.g. 0.5)")
-    timed_steps, probe_n = 3, min(recipe.eval.batch_size, len(splits.test), 64)
+    probe_n = min(recipe.eval.batch_size, len(splits.test), 64)
     probe = from_dict(recipe.to_dict(), ["schedule.budget=null"], source="schedule.budget")
     memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
     device = accelerator.device
@@ -305,15 +319,17 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
                                     momentum=probe.optim.momentum, weight_decay=probe.optim.weight_decay,
                                     nesterov=probe.optim.nesterov)
         trained = torch.compile(model) if speed.compile.value else model
-        # The probe's batches, on the device as a prepared loader delivers them (the timed steps exclude the copy).
+        # The probe's batch, on the device as a prepared loader delivers it (the timed steps exclude the copy).
         batches = torch.utils.data.DataLoader(IndexedDataset(splits.train),
                                               batch_size=recipe.run.batch_size // accelerator.num_processes)
-        loader = [[t.to(device) for t in batch] for batch in itertools.islice(batches, 1 + timed_steps)]
+        loader = [[t.to(device) for t in next(iter(batches))]]  # every timed step trains on this one batch
         state = RunState()
-        for max_steps in (1, 1 + timed_steps):  # a warm-up step (kernel choice, compilation), then the timed ones
-            probe.run.max_steps = max_steps
-            step_s = train_one_epoch(1, trained, trained, objective, optimizer, loader, probe, accelerator, state,
-                                     memory_format)["epoch_s"] / timed_steps
+
+        def one_step() -> None:
+            probe.run.max_steps = state.global_step + 1
+            train_one_epoch(1, trained, trained, objective, optimizer, loader, probe, accelerator, state, memory_format)
+
+        step_s = median_step_seconds(one_step, device)
         # One "pass": a forward and backward of one image in fp32, eval mode, as the evaluator's attacks run.
         x = to_float(splits.test.images[:probe_n], recipe.data.image_size).to(device, memory_format=memory_format)
         y = splits.test.labels[:probe_n].to(device)

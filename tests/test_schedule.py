@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -104,6 +105,13 @@ def budget_recipe(dataset, output_dir, *overrides: str):
                 "channels_last": False, "threads": 1}}, list(overrides))
 
 
+
+
+def test_step_time_is_the_median_after_a_warm_up():
+    """A slow first call (compilation) and one call slowed by another program do not count."""
+    delays = iter([0.3, 0.02, 0.02, 0.3, 0.02, 0.02])
+    seconds = training.median_step_seconds(lambda: time.sleep(next(delays)), torch.device("cpu"))
+    assert 0.02 <= seconds < 0.1 and next(delays, None) is None
 
 
 def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, capsys, monkeypatch):
