@@ -273,7 +273,8 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
 
 def median_step_seconds(step: Callable[[], None], device: torch.device, timed: int = 5) -> float:
     """The median time of `timed` calls of `step` after a warm-up call (kernel choice, compilation). The median, so
-    that a moment of load from another program does not shrink a budgeted run (the plan is made once)."""
+    that one step slowed by another program does not shrink a budgeted run (the plan is made once); a machine slow
+    for the whole calibration still is (benchmarks/RESULTS.md)."""
     times = []
     for _ in range(1 + timed):
         clock = time.perf_counter()
