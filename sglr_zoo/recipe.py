@@ -167,10 +167,18 @@ class ScheduleConfig:
     peak_at: float = 0.25  # onecycle: fraction of the run spent rising to lr
     steps: int | None = None  # total optimiser steps, the schedule stretched over them; None = epochs x the data
     budget: str | float | None = None  # e.g. 8m or 480 (s): the trainer sizes epochs and steps to fit (see schedule.py)
+    # Written by a budget's second plan: the first plan's steps, followed until step `replanned_at`.
+    first_steps: int | None = None
+    replanned_at: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
+        if self.first_steps is not None or self.replanned_at is not None:
+            _check(self.steps is not None and self.first_steps is not None and self.replanned_at is not None
+                   and 1 <= self.replanned_at < min(self.steps, self.first_steps), "replanned_at",
+                   "is written by a budgeted run together with first_steps and steps (1 <= replanned_at < both); "
+                   "set both to null to follow steps alone")
         if self.budget is not None:
             try:
                 parse_budget(self.budget)
@@ -178,6 +186,8 @@ class ScheduleConfig:
                 raise _CheckFailed("budget", str(error)) from None
             _check(self.name != "multistep", "budget", "needs a cosine, onecycle or constant schedule (multistep "
                    "milestones are epochs, which the budget decides)")
+            _check(self.warmup_epochs == 0, "warmup_epochs", "must be 0 with a budget, which decides the epochs "
+                   "(onecycle warms up over its first peak_at of the run)")
         _check(self.name != "multistep" or all(0 < m <= self.epochs for m in self.milestones), "milestones",
                "must lie in [1, epochs] for the multistep schedule")
         _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")

@@ -2,7 +2,9 @@
 
 Plain Python: the trainer measures the costs (seconds per training step, per monitoring pass, for the final
 evaluation) and `plan_budget` turns them into a number of optimiser steps, written back into the run's resolved
-recipe as `schedule.steps` and `schedule.epochs`, so that rerunning that recipe repeats the run exactly.
+recipe as `schedule.steps` and `schedule.epochs`, so that rerunning that recipe repeats the run exactly. The first
+plan rests on a few steps timed before training; after the first tenth of it the trainer plans again from the
+run's own speed, and the resolved recipe records both (`schedule.first_steps`, `schedule.replanned_at`).
 """
 
 from __future__ import annotations
@@ -31,58 +33,67 @@ def parse_budget(value: str | float | int) -> float:
     return seconds
 
 
-def epoch_progress(epochs: int, steps: int | None, global_step: int, steps_per_epoch: int) -> float:
+def epoch_progress(epochs: int, steps: int | None, global_step: int, steps_per_epoch: int,
+                   replan: tuple[int, int] | None = None) -> float:
     """The fractional epoch (0 = start) at which the learning-rate schedule is read before `global_step`.
 
     With `steps` (a budgeted run), the schedule's `epochs` are stretched over exactly `steps` steps, so that it
-    ends on the last step even when the last epoch is cut short.
+    ends on the last step even when the last epoch is cut short. With `replan = (at_step, first_steps)` the run
+    followed a plan of `first_steps` steps until `at_step`, then the rest of the schedule is stretched over the
+    steps left: the learning rate stays continuous.
     """
     if steps is None:
         return global_step / steps_per_epoch
-    return epochs * global_step / steps
+    if replan is None:
+        return epochs * global_step / steps
+    at_step, first_steps = replan
+    if global_step < at_step:
+        return epochs * global_step / first_steps
+    done = at_step / first_steps
+    return epochs * (done + (1 - done) * (global_step - at_step) / (steps - at_step))
 
 
 @dataclass(frozen=True)
 class BudgetPlan:
     """What a budget buys: `steps` optimiser steps over `epochs` epochs (the last one possibly cut short)."""
 
-    steps: int
+    steps: int  # from the start of the run
     epochs: int
-    train_s: float  # predicted seconds of training, monitoring excluded
+    train_s: float  # predicted seconds of the training still to run, monitoring excluded
     monitor_s: float  # predicted seconds of per-epoch monitoring, all epochs together
     final_s: float  # predicted seconds of the final evaluation
 
-    def describe(self, budget_s: float, elapsed_s: float, step_s: float, steps_per_epoch: int) -> str:
+    def describe(self, step_s: float, steps_per_epoch: int) -> str:
         last = self.steps - (self.epochs - 1) * steps_per_epoch
         cut = "" if last == steps_per_epoch else f", the last cut at {last} steps"
-        return (f"budget {budget_s:.0f} s: {elapsed_s:.0f} s spent before training (data, calibration); "
-                f"{step_s:.3f} s per step -> {self.steps} steps = {self.epochs} epochs of {steps_per_epoch}{cut}; "
+        return (f"{step_s:.3f} s per step -> {self.steps} steps = {self.epochs} epochs of {steps_per_epoch}{cut}; "
                 f"predicted: training {self.train_s:.0f} s, monitoring {self.monitor_s:.0f} s, final evaluation "
                 f"{self.final_s:.0f} s")
 
 
 def plan_budget(budget_s: float, elapsed_s: float, *, step_s: float, steps_per_epoch: int, monitor_s: float,
-                monitor_every: int, final_s: float, margin: float = 0.05) -> BudgetPlan:
+                monitor_every: int, final_s: float, done_steps: int = 0, margin: float = 0.05) -> BudgetPlan:
     """The most optimiser steps that fit the budget after what is spent and what must still run.
 
     Args:
-        budget_s: the whole budget; `elapsed_s` of it is spent already (data decoding, calibration).
+        budget_s: the whole budget; `elapsed_s` of it is spent already (data decoding, calibration, `done_steps`
+            steps of training within the first epoch, before any monitoring).
         step_s: seconds per training step; `steps_per_epoch` steps make an epoch.
         monitor_s: seconds of one per-epoch monitoring pass, run every `monitor_every` epochs and after the last.
         final_s: seconds of the final evaluation.
         margin: fraction of the training time kept free for checkpoints, plots and timing noise.
 
-    Returns steps = 0 when nothing fits; the caller says why.
+    Returns steps = done_steps when nothing more fits; the caller says why.
     """
     available = budget_s - elapsed_s - final_s
-    steps = 0
+    steps = done_steps
     for epochs in range(1, 10**6):  # the fewest epochs whose monitoring leaves room for their steps
         monitored = epochs // monitor_every + (epochs % monitor_every != 0)
-        fit = math.floor((available - monitored * monitor_s) * (1 - margin) / step_s)
+        fit = done_steps + math.floor((available - monitored * monitor_s) * (1 - margin) / step_s)
         if fit <= epochs * steps_per_epoch:
-            steps = max(0, min(fit, epochs * steps_per_epoch))
+            steps = max(done_steps, fit)
             break
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     monitored = epochs // monitor_every + (epochs % monitor_every != 0)
-    return BudgetPlan(steps=steps, epochs=epochs, train_s=steps * step_s, monitor_s=monitored * monitor_s,
-                      final_s=final_s)
+    return BudgetPlan(steps=steps, epochs=epochs, train_s=(steps - done_steps) * step_s,
+                      monitor_s=monitored * monitor_s, final_s=final_s)

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
 from sglr_zoo.models import load_pretrained, save_pretrained
-from sglr_zoo.objectives import Objective, build_objective
+from sglr_zoo.objectives import SGLR, Objective, build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.rundir import RunDir, write_atomic
@@ -49,6 +50,7 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
 FINAL_SANITY_PASSES = 100 * 23
 TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
+REPLAN_AFTER = 0.1  # a budgeted run plans again, from its own speed, after this fraction of its first plan
 
 
 class TrainingDiverged(UserError):
@@ -221,9 +223,11 @@ def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
 
 def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objective: Objective,
                     optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, recipe: Recipe,
-                    accelerator: Accelerator, state: RunState, memory_format: torch.memory_format) -> dict[str, float]:
+                    accelerator: Accelerator, state: RunState, memory_format: torch.memory_format,
+                    replan: Replan | None = None) -> dict[str, float]:
     """One pass over the training data (or up to run.max_steps, schedule.steps): attack, objective, optimizer
-    step, the objective's own update. Returns the epoch's training metrics, over all processes."""
+    step, the objective's own update. Returns the epoch's training metrics, over all processes. `replan` may
+    re-size a budgeted run after one of its steps (`recipe` is changed in place)."""
     finetune.set_train_mode(model)  # model.train(), but a frozen backbone stays in eval mode
     attack = recipe.attack
     sums = {name: torch.zeros((), device=accelerator.device)
@@ -232,7 +236,9 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
     batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)
     for step, (images, labels, index) in enumerate(batches):
-        progress = epoch_progress(recipe.schedule.epochs, recipe.schedule.steps, state.global_step, len(loader))
+        schedule = recipe.schedule
+        replanned = (schedule.replanned_at, schedule.first_steps) if schedule.replanned_at else None
+        progress = epoch_progress(schedule.epochs, schedule.steps, state.global_step, len(loader), replanned)
         lr = recipe.optim.lr * lr_factor(recipe.schedule, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # finetune.param_groups: the backbone's own rate
@@ -259,6 +265,8 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
         sums["examples"] += len(labels)
         sums["steps"] += 1
         state.global_step += 1
+        if replan is not None:
+            replan.after_step(state.global_step, recipe, objective)
         if max_steps_reached(recipe, state):
             break
     seconds = time.perf_counter() - started
@@ -285,10 +293,67 @@ def median_step_seconds(step: Callable[[], None], device: torch.device, timed: i
     return statistics.median(times[1:])
 
 
+@dataclass
+class Replan:
+    """A budgeted run's second plan, made after its first `at_step` steps from their own measured speed: the first
+    plan's few calibration steps can land in a moment of load on a shared machine and shrink the whole run
+    (benchmarks/RESULTS.md). The monitoring and final-evaluation costs, timed in that same moment, are scaled by
+    the ratio of the two step times."""
+
+    accelerator: Accelerator
+    run: RunDir
+    budget_s: float
+    started: float  # time.perf_counter() at the start of train(): what the budget counts from
+    at_step: int
+    calibrated_step_s: float
+    monitor_s: float  # one monitoring pass, as calibrated
+    final_s: float  # the final evaluation, as calibrated
+    steps_per_epoch: int
+    first_step_done: float = 0.0
+
+    def after_step(self, global_step: int, recipe: Recipe, objective: Objective) -> None:
+        """Times steps 2 to `at_step` (the first includes the loader's start), then re-sizes the run: `recipe`'s
+        schedule in place, SGLR's start epoch made absolute (epoch 1, if it has begun, stays), the resolved recipe
+        rewritten, so that rerunning it repeats both plans."""
+        if global_step not in (1, self.at_step):
+            return
+        device = self.accelerator.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if global_step == 1:
+            self.first_step_done = time.perf_counter()
+            return
+        now = time.perf_counter()
+        step_s, elapsed = self.accelerator.gather(torch.tensor(
+            [[(now - self.first_step_done) / (global_step - 1), now - self.started]], device=device,
+            dtype=torch.float64)).amax(0).tolist()
+        scale = step_s / self.calibrated_step_s
+        plan = plan_budget(self.budget_s, elapsed, step_s=step_s, steps_per_epoch=self.steps_per_epoch,
+                           monitor_s=scale * self.monitor_s, monitor_every=recipe.eval.every,
+                           final_s=scale * self.final_s, done_steps=global_step)
+        steps = max(plan.steps, global_step + 1)  # at least one more step, so the schedule still ends
+        tree = recipe.to_dict()
+        tree["schedule"].update(steps=steps, epochs=math.ceil(steps / self.steps_per_epoch),
+                                first_steps=recipe.schedule.steps, replanned_at=global_step)
+        replanned = from_dict(tree, source="schedule.budget")
+        if recipe.method.start_epoch < 1:
+            start = 1 if recipe.start_epoch == 1 else max(2, replanned.start_epoch)
+            replanned = from_dict(tree, [f"method.start_epoch={start}"], source="schedule.budget")
+        recipe.schedule, recipe.method = replanned.schedule, replanned.method
+        if isinstance(objective, SGLR):
+            objective.start_epoch = recipe.start_epoch
+        if self.accelerator.is_main_process:
+            save_recipe(recipe, self.run.recipe)
+        self.accelerator.print(f"schedule.budget: re-planned after {global_step} steps ({elapsed:.0f} s spent; the "
+                               f"calibration measured {self.calibrated_step_s:.3f} s per step): "
+                               f"{plan.describe(step_s, self.steps_per_epoch)}")
+
+
 def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: hardware.SpeedSettings,
-                  run: RunDir, started: float) -> Recipe:
+                  run: RunDir, started: float) -> tuple[Recipe, Replan | None]:
     """The recipe with `schedule.budget` (the whole train() call, from `started`) turned into `schedule.steps` and
-    `schedule.epochs`: what rerunning the run's resolved recipe repeats exactly.
+    `schedule.epochs`: what rerunning the run's resolved recipe repeats exactly, and the `Replan` that revises
+    them after the first REPLAN_AFTER of the run (None when the plan is too short to revise).
 
     The training step and the monitoring attack are timed on a throwaway model, objective and optimizer with the
     random number generators restored afterwards, so the run itself is the one its resolved recipe describes. The
@@ -296,11 +361,13 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     the plan errs on the short side. A resumed run keeps the numbers its resolved recipe already holds.
     """
     if recipe.run.resume != "never" and run.recipe.is_file():
-        saved = load_recipe(run.recipe).schedule
-        if saved.budget is None and saved.steps is not None:
-            accelerator.print(f"schedule.budget: keeping the {saved.steps} steps of {run.recipe}")
-            return from_dict(recipe.to_dict(), ["schedule.budget=null", f"schedule.steps={saved.steps}",
-                                                f"schedule.epochs={saved.epochs}"], source=str(run.recipe))
+        saved = load_recipe(run.recipe)
+        if saved.schedule.budget is None and saved.schedule.steps is not None:
+            accelerator.print(f"schedule.budget: keeping the {saved.schedule.steps} steps of {run.recipe}")
+            tree = recipe.to_dict()
+            tree["schedule"] = saved.to_dict()["schedule"]
+            tree["method"]["start_epoch"] = saved.method.start_epoch
+            return from_dict(tree, source=str(run.recipe)), None
     if "autoattack" in recipe.eval.final_attacks:
         raise UserError("schedule.budget: AutoAttack's time cannot be predicted; drop it from eval.final_attacks "
                         "and run `sglr-zoo eval` on the export afterwards")
@@ -347,18 +414,22 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
                        for attack in recipe.eval.final_attacks)
     final_n = min(recipe.eval.final_n, len(splits.test))
     exports = 2 if splits.val is not None else 1
-    plan = plan_budget(parse_budget(recipe.schedule.budget), elapsed, step_s=step_s,
-                       steps_per_epoch=math.ceil(len(splits.train) / recipe.run.batch_size),
-                       monitor_s=pass_s * monitored * (recipe.eval.steps + 2), monitor_every=recipe.eval.every,
-                       final_s=exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES))
-    summary = plan.describe(parse_budget(recipe.schedule.budget), elapsed, step_s,
-                            math.ceil(len(splits.train) / recipe.run.batch_size))
+    budget_s, steps_per_epoch = parse_budget(recipe.schedule.budget), math.ceil(len(splits.train) / recipe.run.batch_size)
+    monitor_s = pass_s * monitored * (recipe.eval.steps + 2)
+    final_s = exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES)
+    plan = plan_budget(budget_s, elapsed, step_s=step_s, steps_per_epoch=steps_per_epoch, monitor_s=monitor_s,
+                       monitor_every=recipe.eval.every, final_s=final_s)
+    summary = (f"budget {budget_s:.0f} s: {elapsed:.0f} s spent before training (data, calibration); "
+               f"{plan.describe(step_s, steps_per_epoch)}")
     if plan.steps < 1:
         raise UserError(f"schedule.budget: {recipe.schedule.budget} leaves no time to train ({summary}); raise it, "
                         "or lower eval.n, eval.final_n or data.n_test")
-    accelerator.print(f"schedule.budget: {summary}")
+    at_step = min(math.ceil(REPLAN_AFTER * plan.steps), steps_per_epoch)  # before any monitoring
+    replan = Replan(accelerator, run, budget_s, started, at_step, step_s, monitor_s, final_s,
+                    steps_per_epoch) if 3 <= at_step < plan.steps else None
+    accelerator.print(f"schedule.budget: {summary}" + (f"; planned again after step {at_step}" if replan else ""))
     return from_dict(recipe.to_dict(), ["schedule.budget=null", f"schedule.steps={plan.steps}",
-                                        f"schedule.epochs={plan.epochs}"], source="schedule.budget")
+                                        f"schedule.epochs={plan.epochs}"], source="schedule.budget"), replan
 
 
 def _process_group_options() -> dict[str, timedelta]:
@@ -443,8 +514,9 @@ def _train(recipe: Recipe, command: str) -> Path:
 
     finetune.resolve(recipe)  # a fine-tuning backbone fixes the architecture and the input size
     splits = load_splits(recipe.data)
+    replan = None
     if recipe.schedule.budget is not None:
-        recipe = fit_to_budget(recipe, splits, accelerator, speed, run, started)
+        recipe, replan = fit_to_budget(recipe, splits, accelerator, speed, run, started)
     per_process_batch = recipe.run.batch_size // accelerator.num_processes
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,
                                                num_workers=recipe.run.num_workers)
@@ -486,12 +558,13 @@ def _train(recipe: Recipe, command: str) -> Path:
 
     accelerator.init_trackers("tensorboard", config=_flat(recipe.to_dict()))
     attack, columns = monitor_attack(recipe), metric_columns(recipe)
-    for epoch in range(state.epoch + 1, recipe.schedule.epochs + 1):
-        if max_steps_reached(recipe, state):  # resumed after its last step (killed in the final evaluation)
-            break
+    epoch = state.epoch
+    # Not a range over the epochs: a budget's second plan may change them during the first.
+    while epoch < recipe.schedule.epochs and not max_steps_reached(recipe, state):  # (a resumed run may be done)
+        epoch += 1
         train_loader.set_epoch(epoch)
         row = {"epoch": epoch, **train_one_epoch(epoch, model, unwrapped, objective, optimizer, train_loader, recipe,
-                                                 accelerator, state, memory_format)}
+                                                 accelerator, state, memory_format, replan)}
         # Each process updated BatchNorm statistics from its own batches: align them before they are measured,
         # exported or checkpointed.
         sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules())

@@ -38,10 +38,15 @@ def test_parse_budget(value, seconds):
     ({"budget": "8 minutes", "name": "onecycle"}, "schedule.budget: expected a duration"),
     ({"budget": "8m", "name": "multistep"}, "schedule.budget: needs a cosine, onecycle or constant"),
     ({"steps": 0}, "schedule.steps: must be >= 1"),
+    ({"budget": "8m", "name": "onecycle", "warmup_epochs": 1}, "schedule.warmup_epochs: must be 0 with a budget"),
+    ({"steps": 10, "first_steps": 20, "replanned_at": 3}, None),
+    ({"steps": 10, "first_steps": 20}, "schedule.replanned_at: is written by a budgeted run"),
+    ({"first_steps": 20, "replanned_at": 3}, "schedule.replanned_at: is written by a budgeted run"),
+    ({"steps": 10, "first_steps": 20, "replanned_at": 10}, "schedule.replanned_at: is written by a budgeted run"),
 ])
 def test_recipe_budget_fields(schedule, message):
     if message is None:
-        assert from_dict({"schedule": schedule}).schedule.budget == schedule["budget"]
+        assert from_dict({"schedule": schedule}).schedule.budget == schedule.get("budget")
     else:
         with pytest.raises(UserError, match=message):
             from_dict({"schedule": schedule})
@@ -60,6 +65,27 @@ def test_epoch_progress_with_steps_spans_exactly_those_steps():
     progress = [epoch_progress(3, 812, step, 391) for step in range(813)]
     assert progress[0] == 0 and progress[-1] == pytest.approx(3.0)
     assert all(a < b for a, b in zip(progress, progress[1:]))
+
+
+def test_epoch_progress_after_a_replan_continues_the_first_plan():
+    """A plan of 500 steps over 2 epochs, re-planned at step 50 to 800 steps over 3: the first 50 steps follow the
+    first plan's pace, then the rest of the schedule is stretched without a jump to end at step 800."""
+    first = [epoch_progress(2, 500, step, 391) / 2 for step in range(51)]
+    replanned = [epoch_progress(3, 800, step, 391, replan=(50, 500)) / 3 for step in range(801)]
+    assert replanned[:50] == pytest.approx(first[:50])
+    assert replanned[50] == pytest.approx(first[50])  # continuous at the switch: 10% of the schedule done
+    assert replanned[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(replanned, replanned[1:]))
+
+
+def test_plan_budget_counts_the_steps_done():
+    """Re-planning after 50 steps: 480 - 100 spent - 30 final - 2 x 10 monitoring = 330 s = 660 more steps."""
+    plan = plan_budget(480, 100, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1, final_s=30,
+                       done_steps=50, margin=0.0)
+    assert (plan.steps, plan.epochs, plan.train_s) == (710, 2, 330)
+    late = plan_budget(480, 470, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1, final_s=30,
+                       done_steps=50)
+    assert late.steps == 50  # nothing more fits
 
 
 def test_plan_budget_fills_the_time_left():
@@ -138,6 +164,62 @@ def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, f
     GradientState._reset_state()
     rerun = train(from_dict(resolved.to_dict(), [f"run.output_dir={tmp_path / 'b'}"]))
     first, second = load_file(run_dir / "last" / "model.safetensors"), load_file(rerun / "last" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("start, replanned_steps, epochs, start_epoch", [
+    (0.5, 10, 3, 2),  # fewer epochs: refined labels from round(0.5 x 3) = 2
+    (0.5, 25, 7, 4),  # more epochs than the first plan's 6
+    (0.1, 10, 3, 1),  # the first plan's start, epoch 1, has begun: it stays
+])
+def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch,
+                                                             capsys, start, replanned_steps, epochs, start_epoch):
+    """The first plan (24 steps = 6 epochs of 4) is fixed; after 3 steps (a tenth, rounded up) the run plans again
+    from its measured speed, to a fixed number here so that the test does not depend on the machine's speed."""
+    calls = []
+
+    def plan(*args, **kwargs) -> BudgetPlan:
+        calls.append(plan_budget(*args, **kwargs))  # the real arithmetic on the measured times
+        steps = 24 if len(calls) == 1 else replanned_steps
+        return BudgetPlan(steps=steps, epochs=math.ceil(steps / 4), train_s=1.0, monitor_s=1.0, final_s=1.0)
+
+    monkeypatch.setattr(training, "plan_budget", plan)
+    run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a", f"method.start_epoch={start}", "schedule.budget=10m"))
+    assert "re-planned after 3 steps" in capsys.readouterr().out
+    assert len(calls) == 2 and calls[1].train_s > 0 and calls[1].steps > 3
+    resolved = load_recipe(run_dir / "recipe.yaml")
+    assert (resolved.schedule.steps, resolved.schedule.epochs) == (replanned_steps, epochs)
+    assert (resolved.schedule.first_steps, resolved.schedule.replanned_at) == (24, 3)
+    assert resolved.method.start_epoch == start_epoch and resolved.schedule.budget is None
+    assert json.loads((run_dir / "finished.json").read_text())["global_step"] == replanned_steps
+    with (run_dir / "metrics.csv").open() as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    rerun = train(from_dict(resolved.to_dict(), [f"run.output_dir={tmp_path / 'b'}"]))
+    first, second = load_file(run_dir / "last" / "model.safetensors"), load_file(rerun / "last" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert len(calls) == 2  # the rerun planned nothing
+
+
+def test_a_replanned_run_resumes_with_both_plans(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch):
+    """Stopped after 8 steps (run.max_steps, the end of epoch 2) and resumed with its first recipe: the resumed run keeps the plans its
+    resolved recipe records and ends with the weights of the run that was never stopped."""
+    def plan(*args, **kwargs) -> BudgetPlan:
+        steps = 10 if kwargs.get("done_steps") else 24  # the first plan, then the second
+        return BudgetPlan(steps=steps, epochs=math.ceil(steps / 4), train_s=1.0, monitor_s=1.0, final_s=1.0)
+
+    monkeypatch.setattr(training, "plan_budget", plan)
+    whole = train(budget_recipe(tiny_dataset, tmp_path, "run.name=whole", "schedule.budget=10m"))
+    for max_steps in (8, None):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        resumed = train(budget_recipe(tiny_dataset, tmp_path, "run.name=resumed", "schedule.budget=10m",
+                                      f"run.max_steps={max_steps or 'null'}"))
+    kept, planned = load_recipe(resumed / "recipe.yaml"), load_recipe(whole / "recipe.yaml")
+    assert (kept.schedule, kept.method) == (planned.schedule, planned.method) and kept.schedule.replanned_at == 3
+    first, second = load_file(whole / "last" / "model.safetensors"), load_file(resumed / "last" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
