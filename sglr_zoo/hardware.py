@@ -166,13 +166,43 @@ def _measured(key: str, device_type: str) -> Choice:
     return Choice(PLAIN_DEFAULTS[key], f"auto: not measured on {device_type} yet; plain path")
 
 
+def busy_cpus() -> float:
+    """How many CPUs other programs keep busy: the larger of the 1-minute load average and `recent_busy_cpus()`.
+    The load average alone lags: two runs started together would each see an idle machine and take every core."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        return max(load, recent_busy_cpus())
+    except (OSError, ValueError):  # no /proc/stat: not Linux
+        return load
+
+
+def recent_busy_cpus(window_s: float = 0.5) -> float:
+    """The CPUs the whole machine kept busy over the next `window_s` seconds, from Linux's /proc/stat (this
+    process sleeps meanwhile)."""
+    before = _cpu_times()
+    time.sleep(window_s)
+    return busy_fraction(before, _cpu_times()) * (os.cpu_count() or 1)
+
+
+def _cpu_times() -> list[int]:
+    """The machine's CPU time so far, per state (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    with open("/proc/stat") as stat:
+        return [int(ticks) for ticks in stat.readline().split()[1:9]]
+
+
+def busy_fraction(before: list[int], after: list[int]) -> float:
+    """The share of the machine's CPU time between two readings of /proc/stat that was not idle (idle, iowait)."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent)
+    return (total - spent[3] - spent[4]) / total if total > 0 else 0.0
+
+
 def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_processes: int,
-                   omp_num_threads: str | None, torch_default: int, load: float) -> Choice:
+                   omp_num_threads: str | None, torch_default: int, busy: Callable[[], float]) -> Choice:
     """CPU threads per process. `auto`: OMP_NUM_THREADS if set; else the CPUs this process may use shared among the
     processes on this machine; else (one process) torch's default, one thread per physical core, less the CPUs that
-    other programs keep busy (`load`, the 1-minute load average at the start): on a 2-core machine shared with
-    another job, one thread trains 3-4x faster than two, which wait for each other at every operation
-    (benchmarks/RESULTS.md)."""
+    other programs keep busy (`busy()`, called only here: `busy_cpus`): on a 2-core machine shared with another job, one
+    thread trains 3-4x faster than two, which wait for each other at every operation (benchmarks/RESULTS.md)."""
     if requested != "auto":
         return Choice(int(requested), "set in the recipe")
     if device_type != "cpu":
@@ -181,11 +211,12 @@ def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_p
         return Choice(torch_default, f"auto: OMP_NUM_THREADS={omp_num_threads}")
     if local_processes > 1:
         return Choice(max(1, cpus // local_processes), f"auto: {cpus} CPUs shared by {local_processes} processes")
+    load = busy()
     free = max(1, min(torch_default, math.ceil(cpus - load)))  # give a thread up only for a whole busy CPU
     if free < torch_default:
         return Choice(free, f"auto: torch's default is {torch_default}, but other programs keep {load:.1f} of the "
-                            f"{cpus} CPUs busy (load average)")
-    return Choice(torch_default, f"auto: torch's default for one process (load average {load:.1f})")
+                            f"{cpus} CPUs busy")
+    return Choice(torch_default, f"auto: torch's default for one process ({load:.1f} CPUs busy)")
 
 
 def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -> SpeedSettings:
@@ -204,7 +235,7 @@ def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = choose_threads(run.threads, device.type, cpus=cpus, local_processes=local_processes,
                              omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch_default=torch.get_num_threads(),
-                             load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+                             busy=busy_cpus)
     return SpeedSettings(mixed_precision=precision, threads=threads, **levers)
 
 

@@ -344,9 +344,9 @@ class Replan:
             objective.start_epoch = recipe.start_epoch
         if self.accelerator.is_main_process:
             save_recipe(recipe, self.run.recipe)
-        self.accelerator.print(f"schedule.budget: re-planned after {global_step} steps ({elapsed:.0f} s spent; the "
-                               f"calibration measured {self.calibrated_step_s:.3f} s per step): "
-                               f"{plan.describe(step_s, self.steps_per_epoch)}")
+        if self.accelerator.is_main_process:  # above the epoch's progress bar
+            tqdm.write(f"schedule.budget: re-planned after {global_step} steps ({elapsed:.0f} s spent; the calibration "
+                       f"measured {self.calibrated_step_s:.3f} s per step): {plan.describe(step_s, self.steps_per_epoch)}")
 
 
 def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: hardware.SpeedSettings,

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +78,7 @@ def test_cpu_bf16_hardware(capabilities, onednn, expected):
     ("auto", "cpu", 8, 1, None, 0.3, 5),  # torch's default (here 5) for one process on an idle machine
     ("auto", "cpu", 8, 1, None, 4.6, 4),  # 8 CPUs, 4 to 5 of them busy with other programs
     ("auto", "cpu", 2, 1, None, 6.0, 1),
-    ("auto", "cpu", 2, 1, None, 0.6, 2),  # the load average lags: a machine that was busy a minute ago keeps both
+    ("auto", "cpu", 2, 1, None, 0.6, 2),  # a CPU busy 60% of the time is not given up
     ("auto", "cpu", 8, 2, None, 0.0, 4),
     ("auto", "cpu", 2, 4, None, 0.0, 1),
     ("auto", "cpu", 8, 2, "3", 0.0, 5),  # OMP_NUM_THREADS: torch has applied it already
@@ -83,8 +87,26 @@ def test_cpu_bf16_hardware(capabilities, onednn, expected):
 ])
 def test_choose_threads(requested, device, cpus, processes, omp, load, value):
     choice = choose_threads(requested, device, cpus=cpus, local_processes=processes, omp_num_threads=omp,
-                            torch_default=5, load=load)
+                            torch_default=5, busy=lambda: load)
     assert choice.value == value
+
+
+def test_busy_fraction():
+    # user, nice, system, idle, iowait, irq, softirq, steal: 300 ticks of 400 were busy
+    assert hardware.busy_fraction([100, 0, 50, 1000, 10, 0, 0, 0], [350, 0, 100, 1090, 20, 0, 0, 0]) == pytest.approx(0.75)
+    assert hardware.busy_fraction([1] * 8, [1] * 8) == 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_busy_cpus_sees_a_job_that_just_started():
+    """A busy loop started a moment ago is not in the 1-minute load average yet, but the CPU time counts it."""
+    job = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter's start
+        assert hardware.recent_busy_cpus(window_s=1.0) >= 0.7
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_explicit_levers_win():
