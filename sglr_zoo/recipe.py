@@ -167,18 +167,21 @@ class ScheduleConfig:
     peak_at: float = 0.25  # onecycle: fraction of the run spent rising to lr
     steps: int | None = None  # total optimiser steps, the schedule stretched over them; None = epochs x the data
     budget: str | float | None = None  # e.g. 8m or 480 (s): the trainer sizes epochs and steps to fit (see schedule.py)
-    # Written by a budget's second plan: the first plan's steps, followed until step `replanned_at`.
-    first_steps: int | None = None
-    replanned_at: int | None = None
+    # Written by a budgeted run: [from_step, end_step] per plan, the first from step 0, the last ending at `steps`
+    # (see schedule.schedule_fraction). Null: the schedule spans `steps` evenly.
+    plans: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
-        if self.first_steps is not None or self.replanned_at is not None:
-            _check(self.steps is not None and self.first_steps is not None and self.replanned_at is not None
-                   and 1 <= self.replanned_at < min(self.steps, self.first_steps), "replanned_at",
-                   "is written by a budgeted run together with first_steps and steps (1 <= replanned_at < both); "
-                   "set both to null to follow steps alone")
+        if self.plans is not None:
+            starts = [plan[0] for plan in self.plans if len(plan) == 2]
+            _check(len(starts) == len(self.plans) > 0 and starts[0] == 0 and self.plans[-1][1] == self.steps
+                   and all(start < end for start, end in self.plans)
+                   and all(before[0] < after[0] < before[1] for before, after in zip(self.plans, self.plans[1:])), "plans",
+                   "is written by a budgeted run: [from_step, end_step] pairs, the first from 0, each from before the "
+                   "previous end, the last ending at schedule.steps; set it to null to spread the schedule evenly "
+                   "over schedule.steps")
         if self.budget is not None:
             try:
                 parse_budget(self.budget)

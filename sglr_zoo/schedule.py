@@ -3,8 +3,8 @@
 Plain Python: the trainer measures the costs (seconds per training step, per monitoring pass, for the final
 evaluation) and `plan_budget` turns them into a number of optimiser steps, written back into the run's resolved
 recipe as `schedule.steps` and `schedule.epochs`, so that rerunning that recipe repeats the run exactly. The first
-plan rests on a few steps timed before training; after the first tenth of it the trainer plans again from the
-run's own speed, and the resolved recipe records both (`schedule.first_steps`, `schedule.replanned_at`).
+plan rests on a few steps timed before training; every fifth of it the trainer plans the rest again from the run's
+own speed so far, and the resolved recipe records every plan (`schedule.plans`).
 """
 
 from __future__ import annotations
@@ -34,23 +34,27 @@ def parse_budget(value: str | float | int) -> float:
 
 
 def epoch_progress(epochs: int, steps: int | None, global_step: int, steps_per_epoch: int,
-                   replan: tuple[int, int] | None = None) -> float:
+                   plans: list[list[int]] | None = None) -> float:
     """The fractional epoch (0 = start) at which the learning-rate schedule is read before `global_step`.
 
     With `steps` (a budgeted run), the schedule's `epochs` are stretched over exactly `steps` steps, so that it
-    ends on the last step even when the last epoch is cut short. With `replan = (at_step, first_steps)` the run
-    followed a plan of `first_steps` steps until `at_step`, then the rest of the schedule is stretched over the
-    steps left: the learning rate stays continuous.
+    ends on the last step even when the last epoch is cut short; with `plans`, as `schedule_fraction` says.
     """
     if steps is None:
         return global_step / steps_per_epoch
-    if replan is None:
-        return epochs * global_step / steps
-    at_step, first_steps = replan
-    if global_step < at_step:
-        return epochs * global_step / first_steps
-    done = at_step / first_steps
-    return epochs * (done + (1 - done) * (global_step - at_step) / (steps - at_step))
+    return epochs * schedule_fraction(global_step, plans or [[0, steps]])
+
+
+def schedule_fraction(global_step: int, plans: list[list[int]]) -> float:
+    """The fraction of the learning-rate schedule done before `global_step` under a run's plans, `[from_step,
+    end_step]` each: from its first step on, a plan stretches what is left of the schedule to end at its last, so
+    the learning rate stays continuous where the plan changes."""
+    done = 0.0
+    for (start, end), following in zip(plans, [*plans[1:], None], strict=True):
+        if following is None or global_step < following[0]:
+            return done + (1 - done) * (global_step - start) / (end - start)
+        done += (1 - done) * (following[0] - start) / (end - start)
+    raise AssertionError("unreachable: the last plan returns")
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,8 @@ def plan_budget(budget_s: float, elapsed_s: float, *, step_s: float, steps_per_e
     """The most optimiser steps that fit the budget after what is spent and what must still run.
 
     Args:
-        budget_s: the whole budget; `elapsed_s` of it is spent already (data decoding, calibration, `done_steps`
-            steps of training within the first epoch, before any monitoring).
+        budget_s: the whole budget; `elapsed_s` of it is spent already (data decoding, calibration, the first
+            `done_steps` steps of training and the monitoring of the epochs they finished).
         step_s: seconds per training step; `steps_per_epoch` steps make an epoch.
         monitor_s: seconds of one per-epoch monitoring pass, run every `monitor_every` epochs and after the last.
         final_s: seconds of the final evaluation.
@@ -85,15 +89,17 @@ def plan_budget(budget_s: float, elapsed_s: float, *, step_s: float, steps_per_e
 
     Returns steps = done_steps when nothing more fits; the caller says why.
     """
+    def passes(epochs: int) -> int:  # monitoring passes of a run of `epochs`: every monitor_every, and the last
+        return epochs // monitor_every + (epochs % monitor_every != 0)
+
+    monitored = (max(0, done_steps - 1) // steps_per_epoch) // monitor_every  # an epoch ends before its monitoring
     available = budget_s - elapsed_s - final_s
     steps = done_steps
-    for epochs in range(1, 10**6):  # the fewest epochs whose monitoring leaves room for their steps
-        monitored = epochs // monitor_every + (epochs % monitor_every != 0)
-        fit = done_steps + math.floor((available - monitored * monitor_s) * (1 - margin) / step_s)
+    for epochs in range(max(1, math.ceil(done_steps / steps_per_epoch)), 10**6):  # the fewest that leave room
+        fit = done_steps + math.floor((available - (passes(epochs) - monitored) * monitor_s) * (1 - margin) / step_s)
         if fit <= epochs * steps_per_epoch:
             steps = max(done_steps, fit)
             break
     epochs = max(1, math.ceil(steps / steps_per_epoch))
-    monitored = epochs // monitor_every + (epochs % monitor_every != 0)
     return BudgetPlan(steps=steps, epochs=epochs, train_s=(steps - done_steps) * step_s,
-                      monitor_s=monitored * monitor_s, final_s=final_s)
+                      monitor_s=(passes(epochs) - monitored) * monitor_s, final_s=final_s)

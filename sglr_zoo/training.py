@@ -50,7 +50,7 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
 FINAL_SANITY_PASSES = 100 * 23
 TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
-REPLAN_AFTER = 0.1  # a budgeted run plans again, from its own speed, after this fraction of its first plan
+REPLAN_EVERY = 0.2  # a budgeted run plans the rest again, from its own speed, after each such fraction of its first plan
 
 
 class TrainingDiverged(UserError):
@@ -237,9 +237,8 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
                    disable=not accelerator.is_local_main_process)
     for step, (images, labels, index) in enumerate(batches):
         schedule = recipe.schedule
-        replanned = (schedule.replanned_at, schedule.first_steps) if schedule.replanned_at else None
-        progress = epoch_progress(schedule.epochs, schedule.steps, state.global_step, len(loader), replanned)
-        lr = recipe.optim.lr * lr_factor(recipe.schedule, progress)
+        progress = epoch_progress(schedule.epochs, schedule.steps, state.global_step, len(loader), schedule.plans)
+        lr = recipe.optim.lr * lr_factor(schedule, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # finetune.param_groups: the backbone's own rate
         x = to_float(images, recipe.data.image_size)
@@ -295,37 +294,37 @@ def median_step_seconds(step: Callable[[], None], device: torch.device, timed: i
 
 @dataclass
 class Replan:
-    """A budgeted run's second plan, made after its first `at_step` steps from their own measured speed: the first
-    plan's few calibration steps can land in a moment of load on a shared machine and shrink the whole run
-    (benchmarks/RESULTS.md). The monitoring and final-evaluation costs, timed in that same moment, are scaled by
+    """Plans the rest of a budgeted run again every `every` steps from the run's own speed so far: a plan made from
+    a few timed steps misjudges a shared machine whose speed drifts by 10-20% from minute to minute
+    (benchmarks/RESULTS.md). The monitoring and final-evaluation costs, timed with the calibration, are scaled by
     the ratio of the two step times."""
 
     accelerator: Accelerator
     run: RunDir
     budget_s: float
     started: float  # time.perf_counter() at the start of train(): what the budget counts from
-    at_step: int
+    every: int
     calibrated_step_s: float
     monitor_s: float  # one monitoring pass, as calibrated
     final_s: float  # the final evaluation, as calibrated
     steps_per_epoch: int
-    first_step_done: float = 0.0
+    start_fraction: float | None  # SGLR's method.start_epoch when a fraction of the run
+    timed_s: float = 0.0
+    timed_steps: int = 0
+    last_step_done: float = 0.0
 
     def after_step(self, global_step: int, recipe: Recipe, objective: Objective) -> None:
-        """Times steps 2 to `at_step` (the first includes the loader's start), then re-sizes the run: `recipe`'s
-        schedule in place, SGLR's start epoch made absolute (epoch 1, if it has begun, stays), the resolved recipe
-        rewritten, so that rerunning it repeats both plans."""
-        if global_step not in (1, self.at_step):
-            return
-        device = self.accelerator.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if global_step == 1:
-            self.first_step_done = time.perf_counter()
-            return
+        """Times the step (not an epoch's first: it follows monitoring and checkpoints) and, every `every` steps
+        before the end, re-sizes the run: `recipe`'s schedule in place, SGLR's start epoch made absolute (a start
+        that has begun stays), the resolved recipe rewritten, so that rerunning it repeats every plan."""
         now = time.perf_counter()
+        if (global_step - 1) % self.steps_per_epoch:
+            self.timed_s, self.timed_steps = self.timed_s + now - self.last_step_done, self.timed_steps + 1
+        self.last_step_done = now
+        if global_step % self.every or global_step >= recipe.schedule.steps or not self.timed_steps:
+            return
         step_s, elapsed = self.accelerator.gather(torch.tensor(
-            [[(now - self.first_step_done) / (global_step - 1), now - self.started]], device=device,
+            [[self.timed_s / self.timed_steps, now - self.started]], device=self.accelerator.device,
             dtype=torch.float64)).amax(0).tolist()
         scale = step_s / self.calibrated_step_s
         plan = plan_budget(self.budget_s, elapsed, step_s=step_s, steps_per_epoch=self.steps_per_epoch,
@@ -334,26 +333,27 @@ class Replan:
         steps = max(plan.steps, global_step + 1)  # at least one more step, so the schedule still ends
         tree = recipe.to_dict()
         tree["schedule"].update(steps=steps, epochs=math.ceil(steps / self.steps_per_epoch),
-                                first_steps=recipe.schedule.steps, replanned_at=global_step)
+                                plans=[*(recipe.schedule.plans or [[0, recipe.schedule.steps]]), [global_step, steps]])
+        if self.start_fraction is not None:
+            epoch = global_step // self.steps_per_epoch + 1  # the epoch of the next step
+            start = recipe.start_epoch if recipe.start_epoch <= epoch else max(
+                epoch + 1, round(self.start_fraction * tree["schedule"]["epochs"]))
+            tree["method"]["start_epoch"] = start
         replanned = from_dict(tree, source="schedule.budget")
-        if recipe.method.start_epoch < 1:
-            start = 1 if recipe.start_epoch == 1 else max(2, replanned.start_epoch)
-            replanned = from_dict(tree, [f"method.start_epoch={start}"], source="schedule.budget")
         recipe.schedule, recipe.method = replanned.schedule, replanned.method
         if isinstance(objective, SGLR):
             objective.start_epoch = recipe.start_epoch
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process:  # the message goes above the epoch's progress bar
             save_recipe(recipe, self.run.recipe)
-        if self.accelerator.is_main_process:  # above the epoch's progress bar
-            tqdm.write(f"schedule.budget: re-planned after {global_step} steps ({elapsed:.0f} s spent; the calibration "
-                       f"measured {self.calibrated_step_s:.3f} s per step): {plan.describe(step_s, self.steps_per_epoch)}")
+            tqdm.write(f"schedule.budget: planned again after {global_step} steps ({elapsed:.0f} s spent): "
+                       f"{plan.describe(step_s, self.steps_per_epoch)}")
 
 
 def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: hardware.SpeedSettings,
                   run: RunDir, started: float) -> tuple[Recipe, Replan | None]:
     """The recipe with `schedule.budget` (the whole train() call, from `started`) turned into `schedule.steps` and
     `schedule.epochs`: what rerunning the run's resolved recipe repeats exactly, and the `Replan` that revises
-    them after the first REPLAN_AFTER of the run (None when the plan is too short to revise).
+    them every REPLAN_EVERY of the run (None when the plan is too short to revise).
 
     The training step and the monitoring attack are timed on a throwaway model, objective and optimizer with the
     random number generators restored afterwards, so the run itself is the one its resolved recipe describes. The
@@ -424,10 +424,11 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     if plan.steps < 1:
         raise UserError(f"schedule.budget: {recipe.schedule.budget} leaves no time to train ({summary}); raise it, "
                         "or lower eval.n, eval.final_n or data.n_test")
-    at_step = min(math.ceil(REPLAN_AFTER * plan.steps), steps_per_epoch)  # before any monitoring
-    replan = Replan(accelerator, run, budget_s, started, at_step, step_s, monitor_s, final_s,
-                    steps_per_epoch) if 3 <= at_step < plan.steps else None
-    accelerator.print(f"schedule.budget: {summary}" + (f"; planned again after step {at_step}" if replan else ""))
+    every = math.ceil(REPLAN_EVERY * plan.steps)
+    start_fraction = recipe.method.start_epoch if recipe.method.start_epoch < 1 else None
+    replan = Replan(accelerator, run, budget_s, started, every, step_s, monitor_s, final_s, steps_per_epoch,
+                    start_fraction) if 3 <= every < plan.steps else None
+    accelerator.print(f"schedule.budget: {summary}" + (f"; planned again every {every} steps" if replan else ""))
     return from_dict(recipe.to_dict(), ["schedule.budget=null", f"schedule.steps={plan.steps}",
                                         f"schedule.epochs={plan.epochs}"], source="schedule.budget"), replan
 

@@ -39,10 +39,13 @@ def test_parse_budget(value, seconds):
     ({"budget": "8m", "name": "multistep"}, "schedule.budget: needs a cosine, onecycle or constant"),
     ({"steps": 0}, "schedule.steps: must be >= 1"),
     ({"budget": "8m", "name": "onecycle", "warmup_epochs": 1}, "schedule.warmup_epochs: must be 0 with a budget"),
-    ({"steps": 10, "first_steps": 20, "replanned_at": 3}, None),
-    ({"steps": 10, "first_steps": 20}, "schedule.replanned_at: is written by a budgeted run"),
-    ({"first_steps": 20, "replanned_at": 3}, "schedule.replanned_at: is written by a budgeted run"),
-    ({"steps": 10, "first_steps": 20, "replanned_at": 10}, "schedule.replanned_at: is written by a budgeted run"),
+    ({"steps": 10, "plans": [[0, 20], [3, 12], [6, 10]]}, None),
+    ({"steps": 10, "plans": [[0, 20], [3, 12]]}, "schedule.plans: is written by a budgeted run"),  # not at steps
+    ({"plans": [[0, 20]]}, "schedule.plans: is written by a budgeted run"),
+    ({"steps": 10, "plans": [[1, 20], [3, 10]]}, "schedule.plans: is written by a budgeted run"),
+    ({"steps": 10, "plans": [[0, 20], [3, 12], [12, 10]]}, "schedule.plans: is written by a budgeted run"),
+    ({"steps": 10, "plans": [[0, 20], [6, 12], [3, 10]]}, "schedule.plans: is written by a budgeted run"),
+    ({"steps": 10, "plans": [[0, 20, 1], [3, 10]]}, "schedule.plans: is written by a budgeted run"),
 ])
 def test_recipe_budget_fields(schedule, message):
     if message is None:
@@ -67,22 +70,30 @@ def test_epoch_progress_with_steps_spans_exactly_those_steps():
     assert all(a < b for a, b in zip(progress, progress[1:]))
 
 
-def test_epoch_progress_after_a_replan_continues_the_first_plan():
-    """A plan of 500 steps over 2 epochs, re-planned at step 50 to 800 steps over 3: the first 50 steps follow the
-    first plan's pace, then the rest of the schedule is stretched without a jump to end at step 800."""
-    first = [epoch_progress(2, 500, step, 391) / 2 for step in range(51)]
-    replanned = [epoch_progress(3, 800, step, 391, replan=(50, 500)) / 3 for step in range(801)]
-    assert replanned[:50] == pytest.approx(first[:50])
-    assert replanned[50] == pytest.approx(first[50])  # continuous at the switch: 10% of the schedule done
-    assert replanned[-1] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(replanned, replanned[1:]))
+def test_epoch_progress_follows_each_plan_from_where_the_last_left_off():
+    """Planned for 500 steps over 2 epochs, again at step 50 for 800 over 3, again at step 400 for 700: each plan
+    keeps the pace of the one before up to its first step, then stretches the rest of the schedule to its end."""
+    plans = [[0, 500], [50, 800], [400, 700]]
+    fraction = [epoch_progress(2, 700, step, 391, plans) / 2 for step in range(701)]
+    assert fraction[:51] == pytest.approx([step / 500 for step in range(51)])  # continuous at step 50: 10% done
+    assert fraction[400] == pytest.approx(0.1 + 0.9 * 350 / 750)  # the second plan's pace up to step 400
+    assert fraction[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(fraction, fraction[1:]))
+    assert epoch_progress(2, 700, 123, 391, [[0, 700]]) == epoch_progress(2, 700, 123, 391)
 
 
 def test_plan_budget_counts_the_steps_done():
-    """Re-planning after 50 steps: 480 - 100 spent - 30 final - 2 x 10 monitoring = 330 s = 660 more steps."""
+    """Re-planning after 50 steps: 480 - 100 spent - 30 final - 2 x 10 monitoring = 330 s = 660 more steps. After
+    400 steps the first epoch's monitoring is spent already: one pass is left."""
     plan = plan_budget(480, 100, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1, final_s=30,
                        done_steps=50, margin=0.0)
-    assert (plan.steps, plan.epochs, plan.train_s) == (710, 2, 330)
+    assert (plan.steps, plan.epochs, plan.train_s, plan.monitor_s) == (710, 2, 330, 20)
+    later = plan_budget(480, 300, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1, final_s=30,
+                        done_steps=400, margin=0.0)
+    assert (later.steps, later.epochs, later.monitor_s) == (680, 2, 10)
+    at_the_end_of_an_epoch = plan_budget(480, 300, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1,
+                                         final_s=30, done_steps=391, margin=0.0)
+    assert at_the_end_of_an_epoch.monitor_s == 20  # its own monitoring is still to run
     late = plan_budget(480, 470, step_s=0.5, steps_per_epoch=391, monitor_s=10, monitor_every=1, final_s=30,
                        done_steps=50)
     assert late.steps == 50  # nothing more fits
@@ -167,31 +178,34 @@ def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, f
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("start, replanned_steps, epochs, start_epoch", [
-    (0.5, 10, 3, 2),  # fewer epochs: refined labels from round(0.5 x 3) = 2
-    (0.5, 25, 7, 4),  # more epochs than the first plan's 6
-    (0.1, 10, 3, 1),  # the first plan's start, epoch 1, has begun: it stays
+def fixed_plans(calls: list[BudgetPlan], replans: dict[int, int]):
+    """plan_budget for a test: the real arithmetic on the measured times, kept in `calls`, but the first plan is 24
+    steps (6 epochs of 4, re-planned every 5 steps) and the one made after step k is `replans[k]` steps, so that
+    the test does not depend on the machine's speed."""
+    def plan(*args, **kwargs) -> BudgetPlan:
+        calls.append(plan_budget(*args, **kwargs))
+        steps = replans[kwargs["done_steps"]] if kwargs.get("done_steps") else 24
+        return BudgetPlan(steps=steps, epochs=math.ceil(steps / 4), train_s=1.0, monitor_s=1.0, final_s=1.0)
+    return plan
+
+
+@pytest.mark.parametrize("start, replans, plans, start_epoch", [
+    (0.5, {5: 30, 10: 14}, [[0, 24], [5, 30], [10, 14]], 4),  # longer, then shorter: refined labels from epoch 4 of 4
+    (0.1, {5: 30, 10: 14}, [[0, 24], [5, 30], [10, 14]], 1),  # refined labels from epoch 1: begun, so kept
+    (0.5, {5: 26, 10: 26, 15: 26, 20: 26, 25: 26}, [[0, 24], [5, 26], [10, 26], [15, 26], [20, 26], [25, 26]], 4),
 ])
 def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch,
-                                                             capsys, start, replanned_steps, epochs, start_epoch):
-    """The first plan (24 steps = 6 epochs of 4) is fixed; after 3 steps (a tenth, rounded up) the run plans again
-    from its measured speed, to a fixed number here so that the test does not depend on the machine's speed."""
+                                                             capsys, start, replans, plans, start_epoch):
     calls = []
-
-    def plan(*args, **kwargs) -> BudgetPlan:
-        calls.append(plan_budget(*args, **kwargs))  # the real arithmetic on the measured times
-        steps = 24 if len(calls) == 1 else replanned_steps
-        return BudgetPlan(steps=steps, epochs=math.ceil(steps / 4), train_s=1.0, monitor_s=1.0, final_s=1.0)
-
-    monkeypatch.setattr(training, "plan_budget", plan)
+    monkeypatch.setattr(training, "plan_budget", fixed_plans(calls, replans))
     run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a", f"method.start_epoch={start}", "schedule.budget=10m"))
-    assert "re-planned after 3 steps" in capsys.readouterr().out
-    assert len(calls) == 2 and calls[1].train_s > 0 and calls[1].steps > 3
+    assert "planned again after 5 steps" in capsys.readouterr().out
+    assert len(calls) == len(plans) and all(plan.train_s > 0 and plan.steps > 5 for plan in calls[1:])
     resolved = load_recipe(run_dir / "recipe.yaml")
-    assert (resolved.schedule.steps, resolved.schedule.epochs) == (replanned_steps, epochs)
-    assert (resolved.schedule.first_steps, resolved.schedule.replanned_at) == (24, 3)
+    steps, epochs = plans[-1][1], math.ceil(plans[-1][1] / 4)
+    assert (resolved.schedule.steps, resolved.schedule.epochs, resolved.schedule.plans) == (steps, epochs, plans)
     assert resolved.method.start_epoch == start_epoch and resolved.schedule.budget is None
-    assert json.loads((run_dir / "finished.json").read_text())["global_step"] == replanned_steps
+    assert json.loads((run_dir / "finished.json").read_text())["global_step"] == steps
     with (run_dir / "metrics.csv").open() as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
 
@@ -200,25 +214,39 @@ def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_datas
     rerun = train(from_dict(resolved.to_dict(), [f"run.output_dir={tmp_path / 'b'}"]))
     first, second = load_file(run_dir / "last" / "model.safetensors"), load_file(rerun / "last" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert len(calls) == 2  # the rerun planned nothing
+    assert len(calls) == len(plans)  # the rerun planned nothing
 
 
-def test_a_replanned_run_resumes_with_both_plans(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch):
-    """Stopped after 8 steps (run.max_steps, the end of epoch 2) and resumed with its first recipe: the resumed run keeps the plans its
-    resolved recipe records and ends with the weights of the run that was never stopped."""
-    def plan(*args, **kwargs) -> BudgetPlan:
-        steps = 10 if kwargs.get("done_steps") else 24  # the first plan, then the second
-        return BudgetPlan(steps=steps, epochs=math.ceil(steps / 4), train_s=1.0, monitor_s=1.0, final_s=1.0)
+class Killed(Exception):
+    pass
 
-    monkeypatch.setattr(training, "plan_budget", plan)
-    whole = train(budget_recipe(tiny_dataset, tmp_path, "run.name=whole", "schedule.budget=10m"))
-    for max_steps in (8, None):
+
+def test_a_run_killed_after_planning_again_resumes_with_every_plan(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                    monkeypatch):
+    """Killed in epoch 3, after its plan at step 10 but before that epoch's checkpoint: the resumed run continues
+    from epoch 2's checkpoint (which holds the plans up to step 5) with every plan, and ends with the weights of
+    the run that was never killed."""
+    monkeypatch.setattr(training, "plan_budget", fixed_plans([], {5: 30, 10: 14}))
+    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=10m")
+    whole = train(from_dict(recipe.to_dict(), ["run.name=whole"]))
+    monitor = training.monitor
+
+    def killed_in_epoch_3(model, splits, recipe, accelerator):
+        if (recipe.schedule.plans or [])[-1:] == [[10, 14]]:
+            raise Killed
+        return monitor(model, splits, recipe, accelerator)
+
+    monkeypatch.setattr(training, "monitor", killed_in_epoch_3)
+    for again in (False, True):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        resumed = train(budget_recipe(tiny_dataset, tmp_path, "run.name=resumed", "schedule.budget=10m",
-                                      f"run.max_steps={max_steps or 'null'}"))
-    kept, planned = load_recipe(resumed / "recipe.yaml"), load_recipe(whole / "recipe.yaml")
-    assert (kept.schedule, kept.method) == (planned.schedule, planned.method) and kept.schedule.replanned_at == 3
+        if again:
+            monkeypatch.setattr(training, "monitor", monitor)
+            resumed = train(from_dict(recipe.to_dict(), ["run.name=resumed"]))
+        else:
+            with pytest.raises(Killed):
+                train(from_dict(recipe.to_dict(), ["run.name=resumed"]))
+    assert load_recipe(resumed / "recipe.yaml").schedule.plans == [[0, 24], [5, 30], [10, 14]]
     first, second = load_file(whole / "last" / "model.safetensors"), load_file(resumed / "last" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
