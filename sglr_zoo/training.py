@@ -10,6 +10,7 @@ the exports (`results.json` beside each), so a long AutoAttack never runs into t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -330,10 +331,12 @@ class Replan:
         plan = plan_budget(self.budget_s, elapsed, step_s=step_s, steps_per_epoch=self.steps_per_epoch,
                            monitor_s=scale * self.monitor_s, monitor_every=recipe.eval.every,
                            final_s=scale * self.final_s, done_steps=global_step)
-        steps = max(plan.steps, global_step + 1)  # at least one more step, so the schedule still ends
+        if plan.steps == global_step:  # nothing more fits: one more step, so that a plan still ends after its start
+            plan = dataclasses.replace(plan, steps=global_step + 1, train_s=step_s,
+                                       epochs=math.ceil((global_step + 1) / self.steps_per_epoch))
         tree = recipe.to_dict()
-        tree["schedule"].update(steps=steps, epochs=math.ceil(steps / self.steps_per_epoch),
-                                plans=[*(recipe.schedule.plans or [[0, recipe.schedule.steps]]), [global_step, steps]])
+        tree["schedule"].update(steps=plan.steps, epochs=plan.epochs,
+                                plans=[*(recipe.schedule.plans or [[0, recipe.schedule.steps]]), [global_step, plan.steps]])
         if self.start_fraction is not None:
             epoch = global_step // self.steps_per_epoch + 1  # the epoch of the next step
             start = recipe.start_epoch if recipe.start_epoch <= epoch else max(

@@ -193,6 +193,7 @@ def fixed_plans(calls: list[BudgetPlan], replans: dict[int, int]):
     (0.5, {5: 30, 10: 14}, [[0, 24], [5, 30], [10, 14]], 4),  # longer, then shorter: refined labels from epoch 4 of 4
     (0.1, {5: 30, 10: 14}, [[0, 24], [5, 30], [10, 14]], 1),  # refined labels from epoch 1: begun, so kept
     (0.5, {5: 26, 10: 26, 15: 26, 20: 26, 25: 26}, [[0, 24], [5, 26], [10, 26], [15, 26], [20, 26], [25, 26]], 4),
+    (0.5, {5: 5}, [[0, 24], [5, 6]], 3),  # no time left: one more step ends the schedule; epoch 3 never comes
 ])
 def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch,
                                                              capsys, start, replans, plans, start_epoch):
