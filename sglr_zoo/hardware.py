@@ -201,8 +201,9 @@ def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_p
                    omp_num_threads: str | None, torch_default: int, busy: Callable[[], float]) -> Choice:
     """CPU threads per process. `auto`: OMP_NUM_THREADS if set; else the CPUs this process may use shared among the
     processes on this machine; else (one process) torch's default, one thread per physical core, less the CPUs that
-    other programs keep busy (`busy()`, called only here: `busy_cpus`): on a 2-core machine shared with another job, one
-    thread trains 3-4x faster than two, which wait for each other at every operation (benchmarks/RESULTS.md)."""
+    other programs keep busy (`busy()`, such as `busy_cpus`: called only then, as it takes half a second): on a
+    2-core machine shared with another job, one thread trains 3-4x faster than two, which wait for each other at
+    every operation (benchmarks/RESULTS.md)."""
     if requested != "auto":
         return Choice(int(requested), "set in the recipe")
     if device_type != "cpu":

@@ -64,7 +64,7 @@ class BudgetPlan:
     steps: int  # from the start of the run
     epochs: int
     train_s: float  # predicted seconds of the training still to run, monitoring excluded
-    monitor_s: float  # predicted seconds of per-epoch monitoring, all epochs together
+    monitor_s: float  # predicted seconds of the per-epoch monitoring still to run, all epochs together
     final_s: float  # predicted seconds of the final evaluation
 
     def describe(self, step_s: float, steps_per_epoch: int) -> str:
