@@ -167,14 +167,25 @@ def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, f
     resolved = load_recipe(run_dir / "recipe.yaml")
     steps, epochs = resolved.schedule.steps, resolved.schedule.epochs
     assert resolved.schedule.budget is None and (steps, epochs) == (6, 2)
+    assert_finished(run_dir, steps, epochs)
+    assert_same_weights(run_dir, rerun_in(tmp_path / "b", resolved))
+
+
+def assert_finished(run_dir, steps: int, epochs: int) -> None:
     assert json.loads((run_dir / "finished.json").read_text())["global_step"] == steps
     with (run_dir / "metrics.csv").open() as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
 
+
+def rerun_in(output_dir, resolved):
+    """Trains a run's resolved recipe again, into `output_dir`, with a fresh Accelerate state."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    rerun = train(from_dict(resolved.to_dict(), [f"run.output_dir={tmp_path / 'b'}"]))
-    first, second = load_file(run_dir / "last" / "model.safetensors"), load_file(rerun / "last" / "model.safetensors")
+    return train(from_dict(resolved.to_dict(), [f"run.output_dir={output_dir}"]))
+
+
+def assert_same_weights(run_a, run_b) -> None:
+    first, second = load_file(run_a / "last" / "model.safetensors"), load_file(run_b / "last" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -206,15 +217,8 @@ def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_datas
     steps, epochs = plans[-1][1], math.ceil(plans[-1][1] / 4)
     assert (resolved.schedule.steps, resolved.schedule.epochs, resolved.schedule.plans) == (steps, epochs, plans)
     assert resolved.method.start_epoch == start_epoch and resolved.schedule.budget is None
-    assert json.loads((run_dir / "finished.json").read_text())["global_step"] == steps
-    with (run_dir / "metrics.csv").open() as f:
-        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    rerun = train(from_dict(resolved.to_dict(), [f"run.output_dir={tmp_path / 'b'}"]))
-    first, second = load_file(run_dir / "last" / "model.safetensors"), load_file(rerun / "last" / "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert_finished(run_dir, steps, epochs)
+    assert_same_weights(run_dir, rerun_in(tmp_path / "b", resolved))
     assert len(calls) == len(plans)  # the rerun planned nothing
 
 
@@ -248,8 +252,7 @@ def test_a_run_killed_after_planning_again_resumes_with_every_plan(tmp_path, tin
             with pytest.raises(Killed):
                 train(from_dict(recipe.to_dict(), ["run.name=resumed"]))
     assert load_recipe(resumed / "recipe.yaml").schedule.plans == [[0, 24], [5, 30], [10, 14]]
-    first, second = load_file(whole / "last" / "model.safetensors"), load_file(resumed / "last" / "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert_same_weights(whole, resumed)
 
 
 @pytest.mark.parametrize("overrides, message", [
