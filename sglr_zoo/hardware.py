@@ -9,14 +9,17 @@ because an AVX2-only CPU emulates bf16 about 100x slower than fp32 (issue 8).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +34,8 @@ BF16_MIN_SPEEDUP = 1.2
 MEASURED_DEFAULTS = {
     "cpu": {
         "channels_last": (True, "measured 1.2x (fp32) to 1.9x (bf16) the training images/s"),
-        "compile": (False, "measured +28% images/s once compiled, after minutes of compiling on 2 cores: "
-                           "set it true for runs of hours"),
+        "compile": (False, "measured +28-45% images/s on the quickstart model once compiled, after minutes of "
+                           "compiling on 2 cores, but 0.65-0.93x on PreActResNet-18: measure before a run of hours"),
         "keep_freed_memory": (True, "glibc keeps freed memory: fewer page faults"),
         "cudnn_benchmark": (False, "a cuDNN setting: no effect on a CPU"),
     },
@@ -167,13 +170,13 @@ def _measured(key: str, device_type: str) -> Choice:
 
 
 def busy_cpus() -> float:
-    """How many CPUs other programs keep busy: the larger of the 1-minute load average and `recent_busy_cpus()`.
-    The load average alone lags: two runs started together would each see an idle machine and take every core."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    """How many CPUs other programs keep busy now: the CPUs busy over half a second (`recent_busy_cpus`), or, without
+    Linux's /proc/stat, the 1-minute load average. The load average lags both ways: it misses a job started a moment
+    ago, and for a minute or more it still counts one that has ended (benchmarks/RESULTS.md, "Threads")."""
     try:
-        return max(load, recent_busy_cpus())
+        return recent_busy_cpus()
     except (OSError, ValueError):  # no /proc/stat: not Linux
-        return load
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def recent_busy_cpus(window_s: float = 0.5) -> float:
@@ -197,13 +200,19 @@ def busy_fraction(before: list[int], after: list[int]) -> float:
     return (total - spent[3] - spent[4]) / total if total > 0 else 0.0
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_processes: int,
-                   omp_num_threads: str | None, torch_default: int, busy: Callable[[], float]) -> Choice:
+                   omp_num_threads: str | None, torch_default: int, busy: Callable[[], float],
+                   claimed: int = 0) -> Choice:
     """CPU threads per process. `auto`: OMP_NUM_THREADS if set; else the CPUs this process may use shared among the
     processes on this machine; else (one process) torch's default, one thread per physical core, less the CPUs that
-    other programs keep busy (`busy()`, such as `busy_cpus`: called only then, as it takes half a second): on a
-    2-core machine shared with another job, one thread trains 3-4x faster than two, which wait for each other at
-    every operation (benchmarks/RESULTS.md)."""
+    other programs keep busy (`busy()`, such as `busy_cpus`: called only then, as it takes half a second) or other
+    runs have `claimed` (`ThreadClaims`: seen before they compute): on a 2-core machine shared with another job, one
+    thread trains 3-4x faster than two, which wait for each other at every operation (benchmarks/RESULTS.md)."""
     if requested != "auto":
         return Choice(int(requested), "set in the recipe")
     if device_type != "cpu":
@@ -212,16 +221,98 @@ def choose_threads(requested: int | str, device_type: str, *, cpus: int, local_p
         return Choice(torch_default, f"auto: OMP_NUM_THREADS={omp_num_threads}")
     if local_processes > 1:
         return Choice(max(1, cpus // local_processes), f"auto: {cpus} CPUs shared by {local_processes} processes")
-    load = busy()
+    load = max(busy(), claimed)  # a running claimant is in both
     free = max(1, min(torch_default, math.ceil(cpus - load)))  # give a thread up only for a whole busy CPU
     if free < torch_default:
         return Choice(free, f"auto: torch's default is {torch_default}, but other programs keep {load:.1f} of the "
-                            f"{cpus} CPUs busy")
+                            f"{cpus} CPUs busy or claimed")
     return Choice(torch_default, f"auto: torch's default for one process ({load:.1f} CPUs busy)")
 
 
-def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -> SpeedSettings:
-    """Resolves the recipe's `auto` speed levers for `device` (runs the bf16 probe on CPUs that may have it)."""
+class ThreadClaims:
+    """The CPU threads of the live sglr_zoo runs of this machine's user: a file per process, named by its pid and
+    holding its thread count. The load average and /proc/stat see a run only once it computes; a claim is seen as
+    soon as it is made, so runs launched in the same second share the CPUs instead of each taking them all
+    (benchmarks/RESULTS.md, "Threads"). Runs decide one at a time (`deciding`), and a run whose `auto` count was
+    chosen before another's claim gives threads up while the other lives (`share`)."""
+
+    def __init__(self, directory: Path | None = None):
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        self.directory = directory or Path(tempfile.gettempdir()) / f"sglr_zoo-{uid}-threads"
+        self.path = self.directory / f"{os.getpid()}.threads"
+        self.limit: int | None = None  # the `auto` count chosen at start: `share` lowers it, never raises it
+        self.next_share = 0.0
+
+    @contextlib.contextmanager
+    def deciding(self) -> Iterator[None]:
+        """Holds the claims' lock: a run that measures the machine waits for one measuring now, then sees its claim."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "lock", "w") as lock:
+            if sys.platform != "win32":
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def others(self) -> int:
+        """The threads claimed by the other live processes; the claims of ended ones are removed."""
+        total = 0
+        for path in self.directory.glob("*.threads"):
+            try:
+                pid, threads = int(path.stem), int(path.read_text())
+            except (OSError, ValueError):  # being written or removed
+                continue
+            if path == self.path:
+                continue
+            if pid > 0 and _alive(pid):
+                total += threads
+            else:
+                path.unlink(missing_ok=True)
+        return total
+
+    def claim(self, threads: int | None, *, shared: bool) -> None:
+        """Records this process's `threads` (None: a device where they do not matter). `shared`: an `auto` count,
+        which `share` may lower."""
+        if threads is not None:
+            self.limit = threads if shared else None
+            self._write(threads)
+
+    def share(self, every_s: float = 5.0) -> int | None:
+        """For a shared claim, at most every `every_s` seconds: sets torch's threads to the CPUs that the other
+        claims leave free, between 1 and the count chosen at start. Returns the new count when it changed."""
+        now = time.monotonic()
+        if self.limit is None or now < self.next_share:
+            return None
+        self.next_share = now + every_s
+        threads = max(1, min(self.limit, available_cpus() - self.others()))
+        if threads == torch.get_num_threads():
+            return None
+        torch.set_num_threads(threads)
+        self._write(threads)
+        return threads
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, threads: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(str(threads))
+        os.replace(partial, self.path)  # others never read half a number
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1, claimed: int = 0) -> SpeedSettings:
+    """Resolves the recipe's `auto` speed levers for `device` (runs the bf16 probe on CPUs that may have it).
+    `claimed`: the threads that other runs claim (`ThreadClaims.others`)."""
     cpu_hardware = cuda_capability = None
     if device.type == "cpu":
         cpu_hardware = cpu_bf16_hardware(torch.cpu.get_capabilities(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -233,10 +324,9 @@ def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1) -
     for key in PLAIN_DEFAULTS:
         value = getattr(run, key)
         levers[key] = _measured(key, device.type) if value == "auto" else Choice(value, "set in the recipe")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = choose_threads(run.threads, device.type, cpus=cpus, local_processes=local_processes,
+    threads = choose_threads(run.threads, device.type, cpus=available_cpus(), local_processes=local_processes,
                              omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch_default=torch.get_num_threads(),
-                             busy=busy_cpus)
+                             busy=busy_cpus, claimed=claimed)
     return SpeedSettings(mixed_precision=precision, threads=threads, **levers)
 
 

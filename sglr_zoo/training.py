@@ -225,10 +225,11 @@ def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
 def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objective: Objective,
                     optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, recipe: Recipe,
                     accelerator: Accelerator, state: RunState, memory_format: torch.memory_format,
-                    replan: Replan | None = None) -> dict[str, float]:
+                    replan: Replan | None = None, claims: hardware.ThreadClaims | None = None) -> dict[str, float]:
     """One pass over the training data (or up to run.max_steps, schedule.steps): attack, objective, optimizer
     step, the objective's own update. Returns the epoch's training metrics, over all processes. `replan` may
-    re-size a budgeted run after one of its steps (`recipe` is changed in place)."""
+    re-size a budgeted run after one of its steps (`recipe` is changed in place); `claims` shares the CPU threads
+    with other runs that start meanwhile."""
     finetune.set_train_mode(model)  # model.train(), but a frozen backbone stays in eval mode
     attack = recipe.attack
     sums = {name: torch.zeros((), device=accelerator.device)
@@ -267,6 +268,9 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
         state.global_step += 1
         if replan is not None:
             replan.after_step(state.global_step, recipe, objective)
+        if claims is not None and (threads := claims.share()) is not None:
+            tqdm.write(f"threads: now {threads}, as other runs claim {claims.others()} of this machine's "
+                       f"{hardware.available_cpus()} CPUs")
         if max_steps_reached(recipe, state):
             break
     seconds = time.perf_counter() - started
@@ -486,9 +490,11 @@ def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, de
 
 def train(recipe: Recipe, *, command: str = "") -> Path:
     """Trains the recipe's model and returns the run directory."""
+    claims = hardware.ThreadClaims()
     try:
-        return _train(recipe, command)
+        return _train(recipe, command, claims)
     finally:
+        claims.release()
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # Accelerate's state is process-wide and fixes the precision on first use: reset it (accelerate's own
             # tests do the same) so that the next train() in this process, after success or an error, chooses again.
@@ -496,7 +502,7 @@ def train(recipe: Recipe, *, command: str = "") -> Path:
             GradientState._reset_state()
 
 
-def _train(recipe: Recipe, command: str) -> Path:
+def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
     started = time.perf_counter()  # schedule.budget counts from here
     run = RunDir(Path(recipe.run.output_dir) / (recipe.run.name or "run"))
     # Under torchrun on a machine without GPUs, accelerate goes multi-process (gloo) only with cpu=True; without it
@@ -505,7 +511,11 @@ def _train(recipe: Recipe, command: str) -> Path:
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     processes = PartialState(cpu=multi_cpu, **_process_group_options())
-    speed = hardware.resolve(recipe.run, processes.device, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    with claims.deciding():  # a run launched in the same second waits here, then sees this one's threads
+        speed = hardware.resolve(recipe.run, processes.device, claimed=claims.others(),
+                                 local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        claims.claim(speed.threads.value,
+                     shared=recipe.run.threads == "auto" and not os.environ.get("OMP_NUM_THREADS"))
     if processes.num_processes > 1:  # one decision for all: the probe could land differently on a busy machine
         speed = broadcast_object_list([speed])[0]
     hardware.apply(speed)
@@ -568,7 +578,7 @@ def _train(recipe: Recipe, command: str) -> Path:
         epoch += 1
         train_loader.set_epoch(epoch)
         row = {"epoch": epoch, **train_one_epoch(epoch, model, unwrapped, objective, optimizer, train_loader, recipe,
-                                                 accelerator, state, memory_format, replan)}
+                                                 accelerator, state, memory_format, replan, claims)}
         # Each process updated BatchNorm statistics from its own batches: align them before they are measured,
         # exported or checkpointed.
         sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules())

@@ -91,10 +91,97 @@ def test_choose_threads(requested, device, cpus, processes, omp, load, value):
     assert choice.value == value
 
 
+
+@pytest.mark.parametrize("load, claimed, value", [
+    (0.3, 0, 5),
+    (0.3, 4, 4),  # launched together: the other run's claim is seen before its load
+    (4.6, 2, 4),  # a claimant already running is in the load too: not counted twice
+    (0.3, 9, 1),
+])
+def test_choose_threads_counts_other_runs_claims(load, claimed, value):
+    choice = choose_threads("auto", "cpu", cpus=8, local_processes=1, omp_num_threads=None, torch_default=5,
+                            busy=lambda: load, claimed=claimed)
+    assert choice.value == value
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+
+def test_thread_claims_count_live_processes_only(tmp_path):
+    live, ended = _sleeper(), _sleeper()
+    ended.communicate()
+    try:
+        (tmp_path / f"{live.pid}.threads").write_text("2")
+        (tmp_path / f"{ended.pid}.threads").write_text("3")
+        (tmp_path / "123.partial").write_text("4")  # a claim being written
+        mine = hardware.ThreadClaims(tmp_path)
+        mine.claim(1, shared=True)
+        assert mine.others() == 2
+        assert not (tmp_path / f"{ended.pid}.threads").exists()  # removed: that process ended
+        mine.release()
+        assert not mine.path.exists()
+    finally:
+        live.communicate()
+
+
+CLAIMING_RUN = """
+import sys, time, torch
+from pathlib import Path
+from sglr_zoo import hardware
+from sglr_zoo.recipe import RunConfig
+hardware.busy_cpus = lambda: time.sleep(0.5) or 0.0  # an idle machine, as two runs launched together each see it
+hardware.available_cpus = lambda: 2
+torch.set_num_threads(2)
+claims = hardware.ThreadClaims(Path(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()  # the test starts both at the same moment, once both have imported torch
+with claims.deciding():
+    speed = hardware.resolve(RunConfig(mixed_precision="no"), torch.device("cpu"), claimed=claims.others())
+    claims.claim(speed.threads.value, shared=True)
+print(speed.threads.value, flush=True)
+sys.stdin.read()  # runs (and keeps its claim) until the test closes stdin
+"""
+
+
+def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
+    """Two runs launched in the same second see an idle 2-CPU machine: one takes both threads, the other waits for
+    its claim and takes one; the first gives one up while the second lives (`share`), and takes it back after."""
+    runs = [subprocess.Popen([sys.executable, "-c", CLAIMING_RUN, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [run.stdout.readline() for run in runs] == ["ready\n"] * 2
+        for run in runs:
+            run.stdin.write("go\n")
+        for run in runs:
+            run.stdin.flush()
+        assert sorted(int(run.stdout.readline()) for run in runs) == [1, 2]
+        monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
+        torch.set_num_threads(2)  # this process stands for the first run, which chose 2 (the `one_thread` fixture
+        first = hardware.ThreadClaims(tmp_path)  # restores the count)
+        first.claim(2, shared=True)
+        runs[0].communicate()
+        others = first.others()
+        assert first.share(every_s=0) == 1 and torch.get_num_threads() == 1 and others >= 1
+        assert first.share(every_s=0) is None  # nothing changed
+        runs[1].communicate()
+        assert first.share(every_s=0) == 2 and first.path.read_text() == "2"
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+
 def test_busy_fraction():
     # user, nice, system, idle, iowait, irq, softirq, steal: 300 ticks of 400 were busy
     assert hardware.busy_fraction([100, 0, 50, 1000, 10, 0, 0, 0], [350, 0, 100, 1090, 20, 0, 0, 0]) == pytest.approx(0.75)
     assert hardware.busy_fraction([1] * 8, [1] * 8) == 0.0
+
+
+def test_busy_cpus_is_the_cpus_busy_now_not_the_load_average(monkeypatch):
+    """The load average still counts, for a minute or more, a job that has ended."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.5, 1.0))
+    monkeypatch.setattr(hardware, "recent_busy_cpus", lambda: 0.1)
+    assert hardware.busy_cpus() == 0.1
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")

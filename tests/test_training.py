@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import sglr_zoo
 import sglr_zoo.cli
 import sglr_zoo.training as training
+from sglr_zoo import hardware
 from sglr_zoo.checkpoint import latest_checkpoint
 from sglr_zoo.data import load_splits, to_float
 from sglr_zoo.errors import UserError
@@ -195,14 +196,16 @@ def test_tiny_run(tmp_path, tiny_dataset, monkeypatch):
         grads_before = [p.grad for p in model.parameters()]
         x_adv = sglr_zoo.attacks.pgd(model, x, y, **kwargs)
         assert all(p.grad is g for p, g in zip(model.parameters(), grads_before))
-        calls.append(all(g is None for g in grads_before))
+        calls.append(all(g is None for g in grads_before) and claims.path.exists())
         return x_adv
 
+    claims = hardware.ThreadClaims()  # this process's entry: the run's threads are claimed while it trains
     monkeypatch.setattr(training, "pgd", spy_pgd)
     recipe = make_recipe(TINY, tiny_dataset, tmp_path, "data.val_size=16")
     run_dir = run_train(recipe)
     assert run_dir == tmp_path / "run"
     assert calls and all(calls)
+    assert not claims.path.exists()
 
     for name in ("recipe.yaml", "run.json", "metrics.csv", "curves.png", "last/model.safetensors", "last/config.json",
                  "best/model.safetensors", "best/config.json"):
