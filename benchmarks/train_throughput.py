@@ -261,7 +261,8 @@ def main() -> None:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence (best round is kept)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole sequence (best round and median per-round ratio are printed)")
     parser.add_argument("--threads", type=int, help="CPU threads in every configuration (default: the auto lever's)")
     parser.add_argument("--emulate-avx2", action="store_true", help="rerun limited to AVX2 kernels (see above)")
     parser.add_argument("--json", help="append every result as one JSON line to this file")
@@ -300,7 +301,9 @@ def main() -> None:
         flops = step_flops(arch, args.method, args.pgd_steps)
         configs = [("ref", v) for v in ref_variants] + [("ours", v) for v in args.ours.split(",")]
         best: dict[tuple[str, str], dict] = {}
+        ratios: dict[tuple[str, str], list[float]] = {config: [] for config in configs}  # to each round's reference
         for _ in range(args.rounds):
+            this_round: dict = {}
             for who, variant in configs:
                 result = run_child({"who": who, "variant": variant, "arch": arch, "method": args.method,
                                     "batch": args.batch, "pgd_steps": args.pgd_steps, "warmup": args.warmup,
@@ -310,12 +313,21 @@ def main() -> None:
                 result["img_per_s"] = result.get("img_per_s") or args.batch / result["t_med"]
                 reference = best.get(("ref", target), result if (who, variant) == ("ref", target) else {})
                 print_row(arch, who, variant, result, reference, flops[who], peaks, args.json)
+                this_round[(who, variant)] = result
+                if ("ref", target) in this_round:
+                    ratios[(who, variant)].append(speed(result) / speed(this_round[("ref", target)]))
                 if (who, variant) not in best or speed(result) > speed(best[(who, variant)]):
                     best[(who, variant)] = result
         if args.rounds > 1:
             print(f"# {arch}: best of {args.rounds} rounds (by img/cpu-s where measured)", flush=True)
             for (who, variant), result in best.items():
                 print_row(arch, who, variant, result, best.get(("ref", target), {}), flops[who], peaks, None)
+            # The machine's speed drifts between rounds: a ratio within one round, to that round's reference, is
+            # the steadier estimate.
+            print(f"# {arch}: median of the per-round ratios (img/cpu-s) to the same round's ref {target}, "
+                  f"[lowest, highest]: " + "; ".join(
+                      f"{who} {variant} {statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]"
+                      for (who, variant), r in ratios.items() if r and (who, variant) != ("ref", target)), flush=True)
 
 
 def speed(result: dict) -> float:
