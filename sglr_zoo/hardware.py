@@ -242,12 +242,21 @@ class ThreadClaims:
         self.path = self.directory / f"{os.getpid()}.threads"
         self.limit: int | None = None  # the `auto` count chosen at start: `share` lowers it, never raises it
         self.next_share = 0.0
+        self.usable = True
 
     @contextlib.contextmanager
     def deciding(self) -> Iterator[None]:
         """Holds the claims' lock: a run that measures the machine waits for one measuring now, then sees its claim."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / "lock", "w") as lock:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = open(self.directory / "lock", "w")  # noqa: SIM115 (closed below; the error must not cover yield)
+        except OSError as error:  # a read-only temporary folder: train without claims rather than fail
+            warnings.warn(f"threads: cannot claim threads in {self.directory} ({error}); other runs will not see "
+                          "this one's", stacklevel=2)
+            self.usable = False
+            yield
+            return
+        with lock:
             if sys.platform != "win32":
                 import fcntl
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -256,7 +265,7 @@ class ThreadClaims:
     def others(self) -> int:
         """The threads claimed by the other live processes; the claims of ended ones are removed."""
         total = 0
-        for path in self.directory.glob("*.threads"):
+        for path in self.directory.glob("*.threads") if self.usable else ():
             try:
                 pid, threads = int(path.stem), int(path.read_text())
             except (OSError, ValueError):  # being written or removed
@@ -272,7 +281,7 @@ class ThreadClaims:
     def claim(self, threads: int | None, *, shared: bool) -> None:
         """Records this process's `threads` (None: a device where they do not matter). `shared`: an `auto` count,
         which `share` may lower."""
-        if threads is not None:
+        if threads is not None and self.usable:
             self.limit = threads if shared else None
             self._write(threads)
 
@@ -291,10 +300,10 @@ class ThreadClaims:
         return threads
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.usable:
+            self.path.unlink(missing_ok=True)
 
     def _write(self, threads: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         partial.write_text(str(threads))
         os.replace(partial, self.path)  # others never read half a number

@@ -125,6 +125,15 @@ def test_thread_claims_count_live_processes_only(tmp_path):
         live.communicate()
 
 
+def test_thread_claims_where_the_folder_cannot_be_made_warn_and_claim_nothing(tmp_path):
+    (tmp_path / "file").write_text("")
+    claims = hardware.ThreadClaims(tmp_path / "file" / "claims")  # below a file: mkdir fails, even as root
+    with pytest.warns(UserWarning, match="cannot claim threads"), claims.deciding():
+        claims.claim(2, shared=True)
+    assert claims.others() == 0 and claims.share(every_s=0) is None  # no claims, no sharing
+    claims.release()
+
+
 CLAIMING_RUN = """
 import sys, time, torch
 from pathlib import Path
