@@ -34,7 +34,7 @@ BF16_MIN_SPEEDUP = 1.2
 MEASURED_DEFAULTS = {
     "cpu": {
         "channels_last": (True, "measured 1.2x (fp32) to 1.9x (bf16) the training images/s"),
-        "compile": (False, "measured +28-45% images/s on the quickstart model once compiled, after minutes of "
+        "compile": (False, "measured +17-45% images/s on the quickstart model once compiled, after minutes of "
                            "compiling on 2 cores, but 0.65-0.93x on PreActResNet-18: measure before a run of hours"),
         "keep_freed_memory": (True, "glibc keeps freed memory: fewer page faults"),
         "cudnn_benchmark": (False, "a cuDNN setting: no effect on a CPU"),
