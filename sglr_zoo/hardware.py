@@ -247,17 +247,16 @@ class ThreadClaims:
     @contextlib.contextmanager
     def deciding(self) -> Iterator[None]:
         """Holds the claims' lock: a run that measures the machine waits for one measuring now, then sees its claim."""
+        lock = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            lock = open(self.directory / "lock", "w")  # noqa: SIM115 (closed below; the error must not cover yield)
+            lock = open(self.directory / "lock", "w")  # closed by the with below
         except OSError as error:  # a read-only temporary folder: train without claims rather than fail
             warnings.warn(f"threads: cannot claim threads in {self.directory} ({error}); other runs will not see "
-                          "this one's", stacklevel=2)
+                          "this one's", stacklevel=3)
             self.usable = False
-            yield
-            return
-        with lock:
-            if sys.platform != "win32":
+        with lock or contextlib.nullcontext():
+            if lock is not None and sys.platform != "win32":
                 import fcntl
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
