@@ -17,10 +17,16 @@ step's precision; mem = peak resident memory growth over the steps (MiB); 1st_s 
 compilation included); cpu% = process CPU time / (wall x threads): well below 95 means another process took
 the cores, so compare img/cpu-s, or rerun.
 
+--paired runs the target reference and our configurations in one process instead, one step of each in turn for
+--steps rounds, and prints the median of the per-round ratios: the steady measure on a VM whose speed drifts by 30 %
+between processes minutes apart (benchmarks/RESULTS.md). It has no memory or %peak columns, and the reference then
+runs with our process-wide levers too (threads, the malloc setting).
+
     python benchmarks/train_throughput.py                                    # quickstart model and PreActResNet-18
     python benchmarks/train_throughput.py --models quickstart --pgd-steps 3 \\
         --ours auto,channels_last=false,freeze=false,compile=true,keep_freed_memory=false,trainer
     python benchmarks/train_throughput.py --emulate-avx2                     # this CPU limited to AVX2 (see below)
+    python benchmarks/train_throughput.py --threads 1 --paired --steps 12 --ours auto,compile=true
 
 --emulate-avx2 reruns the script with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2:
 oneDNN, ATen and MKL then use AVX2 kernels only and bf16 is emulated, as on an AVX2-only CPU. The numbers are
@@ -183,12 +189,56 @@ def trainer_img_per_s(arch: str, method: str, batch: int, pgd_steps: int, steps:
     return {"img_per_s": float(rows[-1]["img_per_s"])}
 
 
+def paired(config: dict) -> dict:
+    """The target reference step and each of our configurations, one step of each in turn (the order rotating),
+    for config["steps"] rounds in this one process: each round's ratios compare steps taken seconds apart, so the
+    machine's drift over minutes cancels. Our levers' process-wide settings (threads, malloc) apply to both."""
+    ref = load_reference(Path(config["reference"]))
+    options = ref.parse_variant(config["variant"])
+    torch.manual_seed(0)
+    ref_model = ref.make_model(f"timm_{config['arch']}")
+    x, y = torch.rand(config["batch"], 3, 32, 32), torch.randint(0, 10, (config["batch"],))
+    if options["cl"]:
+        ref_model, x = ref_model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    ref_step = ref.RefStep(ref_model, bf16=options["bf16"], freeze=options["freeze"], pgd_steps=config["pgd_steps"])
+    steps = {("ref", config["variant"]): lambda timings: ref_step(x, y, timings)}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (config["batch"], 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels, index = torch.randint(0, 10, (config["batch"],), generator=generator), torch.arange(config["batch"])
+    precisions = set()
+    for variant in config["ours"]:
+        settings = {**parse_ours(variant), **({"threads": config["threads"]} if config["threads"] else {})}
+        step, levers = make_our_step(config["arch"], settings, config["method"], config["batch"], config["pgd_steps"])
+        precisions.add(levers["mixed_precision"])
+        if len(precisions) > 1:  # accelerate's state is one per process
+            raise SystemExit("--paired: every --ours configuration must resolve to the same mixed precision")
+        steps[("ours", variant)] = lambda timings, step=step: step(images, labels, index, timings)
+    names = list(steps)
+    cpu = {name: [] for name in names}
+    parts = {name: [] for name in names}
+    for name in names:
+        for _ in range(config["warmup"]):
+            steps[name]([])
+    for i in range(config["steps"]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            started = time.process_time()
+            steps[name](parts[name])
+            cpu[name].append(time.process_time() - started)
+    target = names[0]
+    return {"rows": [{"who": who, "variant": variant, "img_per_cpu_s": config["batch"] / statistics.median(cpu[name]),
+                      "ratios": [r / c for r, c in zip(cpu[target], cpu[name])],
+                      "attack_frac": statistics.median(a / (a + u) for a, u in parts[name])}
+                     for name in names for who, variant in [name]]}
+
+
 def child(config: dict) -> dict:
-    """Measures one configuration (in its own process)."""
+    """Measures one configuration (in its own process), or, with --paired, all of them in one."""
     import sglr_zoo.models  # noqa: F401  (registers our architectures for the reference's `timm_<name>` models)
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    if config["who"] == "paired":
+        return paired(config)
     if config["who"] == "ref":
         ref = load_reference(Path(config["reference"]))
         rss_before = _rss_mib()
@@ -263,6 +313,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole sequence (best round and median per-round ratio are printed)")
+    parser.add_argument("--paired", action="store_true",
+                        help="one process, the reference and ours one step each in turn (see paired_table)")
     parser.add_argument("--threads", type=int, help="CPU threads in every configuration (default: the auto lever's)")
     parser.add_argument("--emulate-avx2", action="store_true", help="rerun limited to AVX2 kernels (see above)")
     parser.add_argument("--json", help="append every result as one JSON line to this file")
@@ -298,6 +350,9 @@ def main() -> None:
           f"{'1st_s':>7}{'cpu%':>6}", flush=True)
     for name in args.models.split(","):
         arch = quickstart if name == "quickstart" else name
+        if args.paired:
+            paired_table(arch, args, target, ref_variants)
+            continue
         flops = step_flops(arch, args.method, args.pgd_steps)
         configs = [("ref", v) for v in ref_variants] + [("ours", v) for v in args.ours.split(",")]
         best: dict[tuple[str, str], dict] = {}
@@ -328,6 +383,29 @@ def main() -> None:
                   f"[lowest, highest]: " + "; ".join(
                       f"{who} {variant} {statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]"
                       for (who, variant), r in ratios.items() if r and (who, variant) != ("ref", target)), flush=True)
+
+
+def paired_table(arch: str, args: argparse.Namespace, target: str, ref_variants: list[str]) -> None:
+    """--paired: one process runs the target reference and our configurations one step each in turn; the ratio of
+    each round's steps, taken seconds apart, is immune to the machine's drift between processes minutes apart."""
+    if ref_variants != [target]:
+        raise SystemExit(f"--paired compares with the target reference only ({target}): drop --ref-variants")
+    result = run_child({"who": "paired", "variant": target, "ours": args.ours.split(","), "arch": arch,
+                        "method": args.method, "batch": args.batch, "pgd_steps": args.pgd_steps,
+                        "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+                        "reference": str(REFERENCE)})
+    if result is None:
+        return
+    print(f"# {arch}, paired: {args.steps} rounds; img/cpu-s is the median step; ratio = the reference's CPU time "
+          f"over ours in the same round: median [lowest, highest]", flush=True)
+    for row in result["rows"]:
+        ratios = row["ratios"]
+        print(f"{arch:<30}{row['who']:<5}{row['variant']:<48}{'':>8}{'':>7}{row['img_per_cpu_s']:>10.1f}"
+              f"{statistics.median(ratios):>7.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+              f"  atk {100 * row['attack_frac']:.0f}%", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"cpu": cpu_label(), "arch": arch, "paired": True, **row}) + "\n")
 
 
 def speed(result: dict) -> float:
