@@ -3,8 +3,8 @@
 Plain Python: the trainer measures the costs (seconds per training step, per monitoring pass, for the final
 evaluation) and `plan_budget` turns them into a number of optimiser steps, written back into the run's resolved
 recipe as `schedule.steps` and `schedule.epochs`, so that rerunning that recipe repeats the run exactly. The first
-plan rests on a few steps timed before training; every fifth of it the trainer plans the rest again from the run's
-own speed so far, and the resolved recipe records every plan (`schedule.plans`).
+plan rests on a few steps timed before training; every tenth of it the trainer plans the rest again from the run's
+own speed (the slower of its mean and its latest tenth), and the resolved recipe records every plan (`schedule.plans`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
 FINAL_SANITY_PASSES = 100 * 23
 TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
-REPLAN_EVERY = 0.2  # a budgeted run plans the rest again, from its own speed, after each such fraction of its first plan
+REPLAN_EVERY = 0.1  # a budgeted run plans the rest again, from its own speed, after each such fraction of its first plan
 
 
 class TrainingDiverged(UserError):
@@ -299,10 +299,11 @@ def median_step_seconds(step: Callable[[], None], device: torch.device, timed: i
 
 @dataclass
 class Replan:
-    """Plans the rest of a budgeted run again every `every` steps from the run's own speed so far: a plan made from
-    a few timed steps misjudges a shared machine whose speed drifts by 10-20% from minute to minute
-    (benchmarks/RESULTS.md). The monitoring and final-evaluation costs, timed with the calibration, are scaled by
-    the ratio of the two step times."""
+    """Plans the rest of a budgeted run again every `every` steps from the run's own speed: a plan made from a few
+    timed steps misjudges a shared machine whose speed drifts by 10-20% from minute to minute
+    (benchmarks/RESULTS.md). The step time is the slower of the run's mean so far and the mean since the last
+    plan, so that a slowdown late in a long run, which the mean hides, still shortens it. The monitoring and
+    final-evaluation costs, timed with the calibration, are scaled by the ratio of that to the calibrated step."""
 
     accelerator: Accelerator
     run: RunDir
@@ -316,6 +317,8 @@ class Replan:
     start_fraction: float | None  # SGLR's method.start_epoch when a fraction of the run
     timed_s: float = 0.0
     timed_steps: int = 0
+    recent_s: float = 0.0  # the same, since the last plan
+    recent_steps: int = 0
     last_step_done: float = 0.0
 
     def after_step(self, global_step: int, recipe: Recipe, objective: Objective) -> None:
@@ -325,12 +328,15 @@ class Replan:
         now = time.perf_counter()
         if (global_step - 1) % self.steps_per_epoch:
             self.timed_s, self.timed_steps = self.timed_s + now - self.last_step_done, self.timed_steps + 1
+            self.recent_s, self.recent_steps = self.recent_s + now - self.last_step_done, self.recent_steps + 1
         self.last_step_done = now
         if global_step % self.every or global_step >= recipe.schedule.steps or not self.timed_steps:
             return
+        recent_step_s = self.recent_s / self.recent_steps if self.recent_steps else 0.0
+        self.recent_s, self.recent_steps = 0.0, 0
         step_s, elapsed = self.accelerator.gather(torch.tensor(
-            [[self.timed_s / self.timed_steps, now - self.started]], device=self.accelerator.device,
-            dtype=torch.float64)).amax(0).tolist()
+            [[max(self.timed_s / self.timed_steps, recent_step_s), now - self.started]],
+            device=self.accelerator.device, dtype=torch.float64)).amax(0).tolist()
         scale = step_s / self.calibrated_step_s
         plan = plan_budget(self.budget_s, elapsed, step_s=step_s, steps_per_epoch=self.steps_per_epoch,
                            monitor_s=scale * self.monitor_s, monitor_every=recipe.eval.every,

@@ -9,12 +9,15 @@ import time
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from sglr_zoo import training
 from sglr_zoo.errors import UserError
+from sglr_zoo.objectives import PGDAT
 from sglr_zoo.recipe import from_dict, load_recipe
+from sglr_zoo.rundir import RunDir
 from sglr_zoo.schedule import BudgetPlan, epoch_progress, parse_budget, plan_budget
 from sglr_zoo.training import train
 
@@ -191,8 +194,8 @@ def assert_same_weights(run_a, run_b) -> None:
 
 def fixed_plans(calls: list[BudgetPlan], replans: dict[int, int]):
     """plan_budget for a test: the real arithmetic on the measured times, kept in `calls`, but the first plan is 24
-    steps (6 epochs of 4, re-planned every 5 steps) and the one made after step k is `replans[k]` steps, so that
-    the test does not depend on the machine's speed."""
+    steps (6 epochs of 4; re-planned every 5 steps with REPLAN_EVERY 0.2) and the one made after step k is
+    `replans[k]` steps, so that the test does not depend on the machine's speed."""
     def plan(*args, **kwargs) -> BudgetPlan:
         calls.append(plan_budget(*args, **kwargs))
         steps = replans[kwargs["done_steps"]] if kwargs.get("done_steps") else 24
@@ -210,6 +213,7 @@ def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_datas
                                                              capsys, start, replans, plans, start_epoch):
     calls = []
     monkeypatch.setattr(training, "plan_budget", fixed_plans(calls, replans))
+    monkeypatch.setattr(training, "REPLAN_EVERY", 0.2)
     run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a", f"method.start_epoch={start}", "schedule.budget=10m"))
     assert "planned again after 5 steps" in capsys.readouterr().out
     assert len(calls) == len(plans) and all(plan.train_s > 0 and plan.steps > 5 for plan in calls[1:])
@@ -222,6 +226,31 @@ def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_datas
     assert len(calls) == len(plans)  # the rerun planned nothing
 
 
+def test_planning_again_uses_the_latest_stretch_when_it_is_slower(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                    monkeypatch):
+    """Steps of 1 s, then of 3 s: the run's mean (about 2 s) would hide the slowdown; the plan uses 3 s. Faster
+    again: the mean is the slower, and is used."""
+    step_times = [1.0] * 10 + [3.0] * 10 + [0.5] * 10
+    clock = iter(torch.tensor([0.0, *step_times]).cumsum(0).tolist())
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    step_s = []
+
+    def plan(*args, **kwargs) -> BudgetPlan:
+        step_s.append(kwargs["step_s"])
+        return BudgetPlan(steps=100, epochs=1, train_s=1.0, monitor_s=1.0, final_s=1.0)
+
+    monkeypatch.setattr(training, "plan_budget", plan)
+    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=null", "schedule.steps=100", "schedule.epochs=1")
+    replan = training.Replan(Accelerator(cpu=True), RunDir(tmp_path), budget_s=1000.0, started=0.0,
+                             every=10, calibrated_step_s=1.0, monitor_s=0.0, final_s=0.0, steps_per_epoch=100,
+                             start_fraction=None)
+    replan.last_step_done = next(clock)
+    for step in range(1, 31):
+        replan.after_step(step, recipe, PGDAT())
+    # The first step of an epoch is not timed (it follows monitoring): steps 2-10, 11-20 and 21-30 are.
+    assert step_s == pytest.approx([1.0, 3.0, (9 * 1.0 + 10 * 3.0 + 10 * 0.5) / 29])
+
+
 class Killed(Exception):
     pass
 
@@ -232,6 +261,7 @@ def test_a_run_killed_after_planning_again_resumes_with_every_plan(tmp_path, tin
     from epoch 2's checkpoint (which holds the plans up to step 5) with every plan, and ends with the weights of
     the run that was never killed."""
     monkeypatch.setattr(training, "plan_budget", fixed_plans([], {5: 30, 10: 14}))
+    monkeypatch.setattr(training, "REPLAN_EVERY", 0.2)
     recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=10m")
     whole = train(from_dict(recipe.to_dict(), ["run.name=whole"]))
     monitor = training.monitor
