@@ -233,14 +233,17 @@ class ThreadClaims:
     """The CPU threads of the live sglr_zoo runs of this machine's user: a file per process, named by its pid and
     holding its thread count. The load average and /proc/stat see a run only once it computes; a claim is seen as
     soon as it is made, so runs launched in the same second share the CPUs instead of each taking them all
-    (benchmarks/RESULTS.md, "Threads"). Runs decide one at a time (`deciding`), and a run whose `auto` count was
-    chosen before another's claim gives threads up while the other lives (`share`)."""
+    (benchmarks/RESULTS.md, "Threads"). Runs decide one at a time (`deciding`); a run whose `auto` count was
+    chosen before another's claim gives threads up while the other lives, and one that started beside other runs
+    takes threads back when they end and the machine has them free (`share`)."""
 
     def __init__(self, directory: Path | None = None):
         uid = os.getuid() if hasattr(os, "getuid") else 0
         self.directory = directory or Path(tempfile.gettempdir()) / f"sglr_zoo-{uid}-threads"
         self.path = self.directory / f"{os.getpid()}.threads"
-        self.limit: int | None = None  # the `auto` count chosen at start: `share` lowers it, never raises it
+        self.limit: int | None = None  # the most threads of an `auto` count now: the start's, raised by `share`
+        self.most = 1  # torch's default when claimed: `share` never goes above it
+        self.others_seen = 0  # the other runs' claims at the last look
         self.next_share = 0.0
         self.usable = True
 
@@ -282,16 +285,25 @@ class ThreadClaims:
         which `share` may lower."""
         if threads is not None and self.usable:
             self.limit = threads if shared else None
+            self.most, self.others_seen = torch.get_num_threads(), self.others()
             self._write(threads)
 
     def share(self, every_s: float = 5.0) -> int | None:
         """For a shared claim, at most every `every_s` seconds: sets torch's threads to the CPUs that the other
-        claims leave free, between 1 and the count chosen at start. Returns the new count when it changed."""
+        claims leave free, between 1 and `limit`. When a claimant has ended, `limit` is chosen again, up to torch's
+        default, from the CPUs busy now (`busy_cpus`: this run idles meanwhile, so it sees other programs' load
+        only). Returns the new count when it changed."""
         now = time.monotonic()
         if self.limit is None or now < self.next_share:
             return None
         self.next_share = now + every_s
-        threads = max(1, min(self.limit, available_cpus() - self.others()))
+        others = self.others()
+        if others < self.others_seen and self.limit < self.most:
+            again = choose_threads("auto", "cpu", cpus=available_cpus(), local_processes=1, omp_num_threads=None,
+                                   torch_default=self.most, busy=busy_cpus, claimed=others)
+            self.limit = max(self.limit, again.value)
+        self.others_seen = others
+        threads = max(1, min(self.limit, available_cpus() - others))
         if threads == torch.get_num_threads():
             return None
         torch.set_num_threads(threads)

@@ -180,6 +180,27 @@ def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
             run.kill()
             run.wait()
 
+@pytest.mark.parametrize("busy, threads", [
+    (0.1, 2),  # an idle machine once the other run ended: both threads
+    (1.3, None),  # another program keeps a CPU busy: stays at one
+])
+def test_a_run_started_beside_another_takes_threads_back_when_it_ends(tmp_path, monkeypatch, busy, threads):
+    monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
+    monkeypatch.setattr(hardware, "busy_cpus", lambda: busy)
+    other = _sleeper()
+    try:
+        (tmp_path / f"{other.pid}.threads").write_text("1")
+        torch.set_num_threads(2)  # torch's default here (the `one_thread` fixture restores the count)
+        mine = hardware.ThreadClaims(tmp_path)
+        mine.claim(1, shared=True)  # chosen beside the other run
+        torch.set_num_threads(1)  # as hardware.apply sets it
+        assert mine.share(every_s=0) is None
+    finally:
+        other.communicate()
+    assert mine.share(every_s=0) == threads and torch.get_num_threads() == (threads or 1)
+    assert mine.share(every_s=0) is None  # nothing changed since
+
+
 def test_busy_fraction():
     # user, nice, system, idle, iowait, irq, softirq, steal: 300 ticks of 400 were busy
     assert hardware.busy_fraction([100, 0, 50, 1000, 10, 0, 0, 0], [350, 0, 100, 1090, 20, 0, 0, 0]) == pytest.approx(0.75)
