@@ -282,7 +282,7 @@ class ThreadClaims:
 
     def claim(self, threads: int | None, *, shared: bool) -> None:
         """Records this process's `threads` (None: a device where they do not matter). `shared`: an `auto` count,
-        which `share` may lower."""
+        which `share` may change."""
         if threads is not None and self.usable:
             self.limit = threads if shared else None
             self.most, self.others_seen = torch.get_num_threads(), self.others()
