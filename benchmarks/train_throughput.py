@@ -225,10 +225,11 @@ def paired(config: dict) -> dict:
             steps[name](parts[name])
             cpu[name].append(time.process_time() - started)
     target = names[0]
-    return {"rows": [{"who": who, "variant": variant, "img_per_cpu_s": config["batch"] / statistics.median(cpu[name]),
-                      "ratios": [r / c for r, c in zip(cpu[target], cpu[name])],
-                      "attack_frac": statistics.median(a / (a + u) for a, u in parts[name])}
-                     for name in names for who, variant in [name]]}
+    return {"rows": [{"who": who, "variant": variant,
+                      "img_per_cpu_s": config["batch"] / statistics.median(cpu[(who, variant)]),
+                      "ratios": [r / c for r, c in zip(cpu[target], cpu[(who, variant)])],
+                      "attack_frac": statistics.median(a / (a + u) for a, u in parts[(who, variant)])}
+                     for who, variant in names]}
 
 
 def child(config: dict) -> dict:

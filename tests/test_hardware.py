@@ -180,6 +180,7 @@ def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
             run.kill()
             run.wait()
 
+
 @pytest.mark.parametrize("busy, threads", [
     (0.1, 2),  # an idle machine once the other run ended: both threads
     (1.3, None),  # another program keeps a CPU busy: stays at one
