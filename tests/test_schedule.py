@@ -145,8 +145,6 @@ def budget_recipe(dataset, output_dir, *overrides: str):
                 "channels_last": False, "threads": 1}}, list(overrides))
 
 
-
-
 def test_step_time_is_the_median_after_a_warm_up():
     """A slow first call (compilation) and one call slowed by another program do not count."""
     delays = iter([0.3, 0.02, 0.02, 0.3, 0.02, 0.02])
@@ -165,7 +163,10 @@ def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, f
 
     monkeypatch.setattr(training, "plan_budget", plan)
     run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a"))
-    assert "schedule.budget: budget 8 s:" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "schedule.budget: budget 8 s:" in printed.out
+    assert "epoch 1/200" not in printed.err  # no progress bar for the calibration's throwaway steps
+    assert "epoch 1/2" in printed.err
     assert planned and planned[0].final_s > 0 and planned[0].monitor_s > 0
     resolved = load_recipe(run_dir / "recipe.yaml")
     steps, epochs = resolved.schedule.steps, resolved.schedule.epochs
