@@ -19,8 +19,9 @@ the cores, so compare img/cpu-s, or rerun.
 
 --paired runs the target reference and our configurations in one process instead, one step of each in turn for
 --steps rounds, and prints the median of the per-round ratios: the steady measure on a VM whose speed drifts by 30 %
-between processes minutes apart (benchmarks/RESULTS.md). It has no memory or %peak columns, and the reference then
-runs with our process-wide levers too (threads, the malloc setting).
+between processes minutes apart (benchmarks/RESULTS.md). It has no memory column; its %peak is per CPU-second, and
+its last line says what share of the peak the issue's target ratio asks of our step. The reference then runs with
+our process-wide levers too (threads, the malloc setting).
 
     python benchmarks/train_throughput.py                                    # quickstart model and PreActResNet-18
     python benchmarks/train_throughput.py --models quickstart --pgd-steps 3 \\
@@ -52,6 +53,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "ref_pgd_at.py"
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# Issue 8's targets: our step over the target reference (bf16 + channels_last on native bf16, fp32 otherwise).
+TARGET_RATIO = {"bf16_cl": 1.25, "fp32": 1.5}
 LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_memory", "cudnn_benchmark")
 
 
@@ -213,6 +216,8 @@ def paired(config: dict) -> dict:
         if len(precisions) > 1:  # accelerate's state is one per process
             raise SystemExit("--paired: every --ours configuration must resolve to the same mixed precision")
         steps[("ours", variant)] = lambda timings, step=step: step(images, labels, index, timings)
+    bf16 = {("ref", config["variant"]): options["bf16"],
+            **{("ours", variant): precisions == {"bf16"} for variant in config["ours"]}}
     names = list(steps)
     cpu = {name: [] for name in names}
     parts = {name: [] for name in names}
@@ -227,6 +232,7 @@ def paired(config: dict) -> dict:
     target = names[0]
     return {"rows": [{"who": who, "variant": variant,
                       "img_per_cpu_s": config["batch"] / statistics.median(cpu[(who, variant)]),
+                      "bf16": bf16[(who, variant)],
                       "ratios": [r / c for r, c in zip(cpu[target], cpu[(who, variant)])],
                       "attack_frac": statistics.median(a / (a + u) for a, u in parts[(who, variant)])}
                      for who, variant in names]}
@@ -352,7 +358,7 @@ def main() -> None:
     for name in args.models.split(","):
         arch = quickstart if name == "quickstart" else name
         if args.paired:
-            paired_table(arch, args, target, ref_variants)
+            paired_table(arch, args, target, ref_variants, peaks)
             continue
         flops = step_flops(arch, args.method, args.pgd_steps)
         configs = [("ref", v) for v in ref_variants] + [("ours", v) for v in args.ours.split(",")]
@@ -386,9 +392,14 @@ def main() -> None:
                       for (who, variant), r in ratios.items() if r and (who, variant) != ("ref", target)), flush=True)
 
 
-def paired_table(arch: str, args: argparse.Namespace, target: str, ref_variants: list[str]) -> None:
+def paired_table(arch: str, args: argparse.Namespace, target: str, ref_variants: list[str],
+                 peaks: dict[bool, float]) -> None:
     """--paired: one process runs the target reference and our configurations one step each in turn; the ratio of
-    each round's steps, taken seconds apart, is immune to the machine's drift between processes minutes apart."""
+    each round's steps, taken seconds apart, is immune to the machine's drift between processes minutes apart.
+
+    %peak is per CPU-second: counted FLOPs x img/cpu-s over the matmul peak in the row's precision (`peaks`,
+    GFLOP/s, measured on the same threads) per thread. The last line is what the issue's target ratio asks of our
+    step in those terms."""
     if ref_variants != [target]:
         raise SystemExit(f"--paired compares with the target reference only ({target}): drop --ref-variants")
     result = run_child({"who": "paired", "variant": target, "ours": args.ours.split(","), "arch": arch,
@@ -397,16 +408,25 @@ def paired_table(arch: str, args: argparse.Namespace, target: str, ref_variants:
                         "reference": str(REFERENCE)})
     if result is None:
         return
+    flops = step_flops(arch, args.method, args.pgd_steps)
+    per_thread = {bf16: peak * 1e9 / torch.get_num_threads() for bf16, peak in peaks.items()}
     print(f"# {arch}, paired: {args.steps} rounds; img/cpu-s is the median step; ratio = the reference's CPU time "
           f"over ours in the same round: median [lowest, highest]", flush=True)
     for row in result["rows"]:
         ratios = row["ratios"]
+        percent = 100 * flops[row["who"]] * row["img_per_cpu_s"] / per_thread.get(row["bf16"], per_thread[False])
         print(f"{arch:<30}{row['who']:<5}{row['variant']:<48}{'':>8}{'':>7}{row['img_per_cpu_s']:>10.1f}"
               f"{statistics.median(ratios):>7.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
-              f"  atk {100 * row['attack_frac']:.0f}%", flush=True)
+              f"  atk {100 * row['attack_frac']:.0f}%  {percent:.0f}% of peak", flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({"cpu": cpu_label(), "arch": arch, "paired": True, **row}) + "\n")
+                f.write(json.dumps({"cpu": cpu_label(), "arch": arch, "paired": True, "peak_percent": percent,
+                                    **row}) + "\n")
+    reference = result["rows"][0]["img_per_cpu_s"]
+    goal = TARGET_RATIO[target]
+    print(f"# {arch}: the target, {goal}x the reference's {reference:.1f} img/cpu-s, is "
+          f"{100 * goal * reference * flops['ours'] / per_thread[target != 'fp32']:.0f}% of the peak for our step's "
+          f"{flops['ours'] / 1e9:.3f} GFLOP per image", flush=True)
 
 
 def speed(result: dict) -> float:
