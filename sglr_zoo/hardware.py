@@ -180,17 +180,24 @@ def busy_cpus() -> float:
 
 
 def recent_busy_cpus(window_s: float = 0.5) -> float:
-    """The CPUs the whole machine kept busy over the next `window_s` seconds, from Linux's /proc/stat (this
-    process sleeps meanwhile)."""
+    """The CPUs that this process may use that the whole machine kept busy over the next `window_s` seconds, from
+    Linux's /proc/stat (this process sleeps meanwhile)."""
     before = _cpu_times()
     time.sleep(window_s)
-    return busy_fraction(before, _cpu_times()) * (os.cpu_count() or 1)
+    return busy_fraction(before, _cpu_times()) * available_cpus()
 
 
 def _cpu_times() -> list[int]:
-    """The machine's CPU time so far, per state (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    """The CPU time so far of the CPUs this process may use, per state (user, nice, system, idle, iowait, irq,
+    softirq, steal), summed over them."""
+    mine = {f"cpu{cpu}" for cpu in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+    total = [0] * 8
     with open("/proc/stat") as stat:
-        return [int(ticks) for ticks in stat.readline().split()[1:9]]
+        for line in stat:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu" and (mine is None or name in mine):
+                total = [t + int(tick) for t, tick in zip(total, ticks[:8], strict=True)]
+    return total
 
 
 def busy_fraction(before: list[int], after: list[int]) -> float:
@@ -198,6 +205,33 @@ def busy_fraction(before: list[int], after: list[int]) -> float:
     spent = [b - a for a, b in zip(before, after, strict=True)]
     total = sum(spent)
     return (total - spent[3] - spent[4]) / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class CpuLook:
+    """One reading of the CPU time spent so far: by this process's CPUs (/proc/stat ticks) and by this process."""
+
+    wall_s: float
+    cpu_ticks: list[int]
+    own_s: float
+
+
+def look_at_cpus() -> CpuLook | None:
+    """The CPU time spent so far, or None without Linux's /proc/stat."""
+    try:
+        return CpuLook(time.monotonic(), _cpu_times(), time.process_time())
+    except (OSError, ValueError):
+        return None
+
+
+def other_processes_cpus(before: CpuLook, after: CpuLook) -> float:
+    """The CPUs that other processes kept busy between two looks: the busy CPUs less this process's own CPU time.
+    Unlike `recent_busy_cpus` it needs no idle window: it is measured while this process computes."""
+    wall_s = after.wall_s - before.wall_s
+    if wall_s <= 0:
+        return 0.0
+    busy = busy_fraction(before.cpu_ticks, after.cpu_ticks) * available_cpus()
+    return max(0.0, busy - (after.own_s - before.own_s) / wall_s)
 
 
 def available_cpus() -> int:
@@ -233,17 +267,16 @@ class ThreadClaims:
     """The CPU threads of the live sglr_zoo runs of this machine's user: a file per process, named by its pid and
     holding its thread count. The load average and /proc/stat see a run only once it computes; a claim is seen as
     soon as it is made, so runs launched in the same second share the CPUs instead of each taking them all
-    (benchmarks/RESULTS.md, "Threads"). Runs decide one at a time (`deciding`); a run whose `auto` count was
-    chosen before another's claim gives threads up while the other lives, and one that started beside other runs
-    takes threads back when they end and the machine has them free (`share`)."""
+    (benchmarks/RESULTS.md, "Threads"). Runs decide one at a time (`deciding`); while training, a run whose count is
+    `auto` follows the other runs' claims and the CPUs that other programs keep busy (`share`)."""
 
     def __init__(self, directory: Path | None = None):
         uid = os.getuid() if hasattr(os, "getuid") else 0
         self.directory = directory or Path(tempfile.gettempdir()) / f"sglr_zoo-{uid}-threads"
         self.path = self.directory / f"{os.getpid()}.threads"
-        self.limit: int | None = None  # the most threads of an `auto` count now: the start's, raised by `share`
+        self.limit: int | None = None  # an `auto` count's start value: the most `share` takes without /proc/stat
         self.most = 1  # torch's default when claimed: `share` never goes above it
-        self.others_seen = 0  # the other runs' claims at the last look
+        self.last_look: CpuLook | None = None
         self.next_share = 0.0
         self.usable = True
 
@@ -285,30 +318,35 @@ class ThreadClaims:
         which `share` may change."""
         if threads is not None and self.usable:
             self.limit = threads if shared else None
-            self.most, self.others_seen = torch.get_num_threads(), self.others()
+            self.most, self.last_look = torch.get_num_threads(), look_at_cpus()
             self._write(threads)
 
-    def share(self, every_s: float = 5.0) -> int | None:
-        """For a shared claim, at most every `every_s` seconds: sets torch's threads to the CPUs that the other
-        claims leave free, between 1 and `limit`. When a claimant has ended, `limit` is chosen again, up to torch's
-        default, from the CPUs busy now (`busy_cpus`: this run idles meanwhile, so it sees other programs' load
-        only). Returns the new count when it changed."""
+    def share(self, every_s: float = 5.0) -> Choice | None:
+        """For a shared claim, at most every `every_s` seconds: sets torch's threads to the CPUs left free, between 1
+        and torch's default: free of the other runs' claims (seen before those runs compute) and of the CPUs that other
+        processes kept busy since the last look (`other_processes_cpus`, measured while this run trains). A CPU counts
+        as busy from half of it: beside this run's threads, a program that would keep a CPU busy gets 0.7 of it
+        (benchmarks/RESULTS.md, "Threads"). Without /proc/stat: the claims only, up to the start's count. Returns the
+        new count and why, when it changed."""
         now = time.monotonic()
         if self.limit is None or now < self.next_share:
             return None
         self.next_share = now + every_s
-        others = self.others()
-        if others < self.others_seen and self.limit < self.most:
-            again = choose_threads("auto", "cpu", cpus=available_cpus(), local_processes=1, omp_num_threads=None,
-                                   torch_default=self.most, busy=busy_cpus, claimed=others)
-            self.limit = max(self.limit, again.value)
-        self.others_seen = others
-        threads = max(1, min(self.limit, available_cpus() - others))
+        claimed, cpus = self.others(), available_cpus()
+        before, self.last_look = self.last_look, look_at_cpus()
+        if before is None or self.last_look is None:
+            threads = max(1, min(self.limit, cpus - claimed))
+            why = f"other runs claim {claimed} of this machine's {cpus} CPUs"
+        else:
+            busy = other_processes_cpus(before, self.last_look)
+            threads = max(1, min(self.most, cpus - max(claimed, math.floor(busy + 0.5))))
+            why = (f"other runs claim {claimed} of this machine's {cpus} CPUs and other processes kept {busy:.1f} "
+                   f"busy in the last {self.last_look.wall_s - before.wall_s:.0f} s")
         if threads == torch.get_num_threads():
             return None
         torch.set_num_threads(threads)
         self._write(threads)
-        return threads
+        return Choice(threads, why)
 
     def release(self) -> None:
         if self.usable:

@@ -270,8 +270,7 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
         if replan is not None:
             replan.after_step(state.global_step, recipe, objective)
         if claims is not None and (threads := claims.share()) is not None:
-            tqdm.write(f"threads: now {threads}, as other runs claim {claims.others()} of this machine's "
-                       f"{hardware.available_cpus()} CPUs")
+            tqdm.write(f"threads: now {threads.value}: {threads.reason}")
         if max_steps_reached(recipe, state):
             break
     seconds = time.perf_counter() - started

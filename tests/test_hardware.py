@@ -166,15 +166,16 @@ def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
             run.stdin.flush()
         assert sorted(int(run.stdout.readline()) for run in runs) == [1, 2]
         monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
+        monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: 0.0)  # both runs wait on stdin
         torch.set_num_threads(2)  # this process stands for the first run, which chose 2 (the `one_thread` fixture
         first = hardware.ThreadClaims(tmp_path)  # restores the count)
         first.claim(2, shared=True)
         runs[0].communicate()
         others = first.others()
-        assert first.share(every_s=0) == 1 and torch.get_num_threads() == 1 and others >= 1
+        assert first.share(every_s=0).value == 1 and torch.get_num_threads() == 1 and others >= 1
         assert first.share(every_s=0) is None  # nothing changed
         runs[1].communicate()
-        assert first.share(every_s=0) == 2 and first.path.read_text() == "2"
+        assert first.share(every_s=0).value == 2 and first.path.read_text() == "2"
     finally:
         for run in runs:
             run.kill()
@@ -183,11 +184,11 @@ def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("busy, threads", [
     (0.1, 2),  # an idle machine once the other run ended: both threads
-    (1.3, None),  # another program keeps a CPU busy: stays at one
+    (0.7, None),  # another program got 0.7 of a CPU beside this run: stays at one
 ])
 def test_a_run_started_beside_another_takes_threads_back_when_it_ends(tmp_path, monkeypatch, busy, threads):
     monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
-    monkeypatch.setattr(hardware, "busy_cpus", lambda: busy)
+    monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: busy)
     other = _sleeper()
     try:
         (tmp_path / f"{other.pid}.threads").write_text("1")
@@ -198,8 +199,54 @@ def test_a_run_started_beside_another_takes_threads_back_when_it_ends(tmp_path, 
         assert mine.share(every_s=0) is None
     finally:
         other.communicate()
-    assert mine.share(every_s=0) == threads and torch.get_num_threads() == (threads or 1)
+    changed = mine.share(every_s=0)
+    assert (changed and changed.value) == threads and torch.get_num_threads() == (threads or 1)
     assert mine.share(every_s=0) is None  # nothing changed since
+
+
+@pytest.mark.parametrize("busy, threads", [
+    (0.4, None),  # short of half a CPU: keeps both threads
+    (0.7, 1),  # a busy program gets 0.7 of a CPU beside this run's two threads: one thread is faster
+    (1.8, 1),  # never below one
+])
+def test_a_run_gives_a_thread_up_to_another_program(tmp_path, monkeypatch, busy, threads):
+    monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
+    monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: busy)
+    torch.set_num_threads(2)  # torch's default here (the `one_thread` fixture restores the count)
+    mine = hardware.ThreadClaims(tmp_path)
+    mine.claim(2, shared=True)
+    changed = mine.share(every_s=0)
+    assert (changed and changed.value) == threads and torch.get_num_threads() == (threads or 2)
+    if changed:
+        assert f"other processes kept {busy:.1f} busy" in changed.reason and mine.path.read_text() == "1"
+
+
+def test_a_recipe_thread_count_is_never_shared(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: 1.8)
+    mine = hardware.ThreadClaims(tmp_path)
+    mine.claim(2, shared=False)
+    assert mine.share(every_s=0) is None
+
+
+def test_other_processes_cpus_measures_a_busy_program_while_this_one_computes():
+    """Beside a program that spins, this process computing on one thread: the machine's busy CPUs less its own."""
+    if hardware.look_at_cpus() is None:
+        pytest.skip("needs Linux's /proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # the spinner is running
+        before = hardware.look_at_cpus()
+        while time.monotonic() - before.wall_s < 1.0:
+            pass
+        busy = hardware.other_processes_cpus(before, hardware.look_at_cpus())
+    finally:
+        spinner.kill()
+        spinner.wait()
+    if hardware.available_cpus() >= 2:
+        assert 0.5 <= busy <= 1.5
+    before = hardware.look_at_cpus()
+    time.sleep(0.5)
+    assert hardware.other_processes_cpus(before, hardware.look_at_cpus()) < busy - 0.3  # the spinner ended
 
 
 def test_busy_fraction():
