@@ -28,6 +28,12 @@ our process-wide levers too (threads, the malloc setting).
         --ours auto,channels_last=false,freeze=false,compile=true,keep_freed_memory=false,trainer
     python benchmarks/train_throughput.py --emulate-avx2                     # this CPU limited to AVX2 (see below)
     python benchmarks/train_throughput.py --threads 1 --paired --steps 12 --ours auto,compile=true
+    python benchmarks/train_throughput.py --threads 1 --models quickstart --pgd-steps 3 --ref-variants "" --profile
+
+--profile also splits each of our configurations' CPU time by kind of operation (torch.profiler, the aten ops' own
+time over --steps more steps, in the profiler's wall time): convolutions, batch norm, ReLU, other aten ops and
+time outside aten ops, and the most any work outside the convolutions could still give (the step's speedup if it
+all took no time).
 
 --emulate-avx2 reruns the script with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2:
 oneDNN, ATen and MKL then use AVX2 kernels only and bf16 is emulated, as on an AVX2-only CPU. The numbers are
@@ -37,6 +43,7 @@ labelled "emulated AVX2 on <cpu>": an approximation, not a real AVX2 machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -145,10 +152,38 @@ def make_our_step(arch: str, settings: dict, method: str, batch: int, pgd_steps:
     return step, {**levers, "freeze": freeze}
 
 
-def time_steps(step, batch: int, warmup: int, steps: int) -> dict:
+def fixed_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random uint8 images, labels and their indices, the same every call."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels, index = torch.randint(0, 10, (batch,), generator=generator), torch.arange(batch)
+    return images, torch.randint(0, 10, (batch,), generator=generator), torch.arange(batch)
+
+
+# The kinds of operation --profile splits a step into, by the aten op's name (forward and backward alike).
+OP_KINDS = {"convolution": ("convolution",), "batch norm": ("batch_norm",),
+            "relu": ("relu", "clamp_min", "threshold_backward")}
+
+
+def op_shares(step, batch: int, steps: int) -> dict[str, float]:
+    """Shares of the wall time of `steps` steps spent in the aten ops of each kind (OP_KINDS, "other aten"), and
+    outside aten ops ("not aten": Python, the optimizer's loops, torch.compile's fused kernels)."""
+    images, labels, index = fixed_batch(batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(images, labels, index, [])
+        wall_us = (time.perf_counter() - started) * 1e6
+    seconds: collections.Counter[str] = collections.Counter()
+    for event in profiler.key_averages():
+        if event.key.startswith("aten::"):
+            kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), "other aten")
+            seconds[kind] += event.self_cpu_time_total
+    shares = {kind: seconds[kind] / wall_us for kind in [*OP_KINDS, "other aten"]}
+    return {**shares, "not aten": max(0.0, 1 - sum(shares.values()))}
+
+
+def time_steps(step, batch: int, warmup: int, steps: int) -> dict:
+    images, labels, index = fixed_batch(batch)
     rss_before = _rss_mib()
     times, cpu_times, parts, first = [], [], [], None
     for i in range(warmup + steps):
@@ -263,9 +298,11 @@ def child(config: dict) -> dict:
     if config["threads"]:
         settings.setdefault("threads", config["threads"])
     step, levers = make_our_step(config["arch"], settings, config["method"], config["batch"], config["pgd_steps"])
-    return {**time_steps(step, config["batch"], config["warmup"], config["steps"]), "levers": levers,
-            "batch": config["batch"],
-            "bf16": levers["mixed_precision"] == "bf16"}
+    result = {**time_steps(step, config["batch"], config["warmup"], config["steps"]), "levers": levers,
+              "batch": config["batch"], "bf16": levers["mixed_precision"] == "bf16"}
+    if config["profile"]:
+        result["op_shares"] = op_shares(step, config["batch"], config["steps"])
+    return result
 
 
 # ---- the parent: FLOPs, peaks, the table ----------------------------------------------------------------------
@@ -324,6 +361,7 @@ def main() -> None:
                         help="one process, the reference and ours one step each in turn (see paired_table)")
     parser.add_argument("--threads", type=int, help="CPU threads in every configuration (default: the auto lever's)")
     parser.add_argument("--emulate-avx2", action="store_true", help="rerun limited to AVX2 kernels (see above)")
+    parser.add_argument("--profile", action="store_true", help="split our steps' CPU time by kind of operation")
     parser.add_argument("--json", help="append every result as one JSON line to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -369,7 +407,8 @@ def main() -> None:
             for who, variant in configs:
                 result = run_child({"who": who, "variant": variant, "arch": arch, "method": args.method,
                                     "batch": args.batch, "pgd_steps": args.pgd_steps, "warmup": args.warmup,
-                                    "steps": args.steps, "threads": args.threads, "reference": str(REFERENCE)})
+                                    "steps": args.steps, "threads": args.threads, "reference": str(REFERENCE),
+                                    "profile": args.profile})
                 if result is None:
                     continue
                 result["img_per_s"] = result.get("img_per_s") or args.batch / result["t_med"]
@@ -452,6 +491,11 @@ def print_row(arch: str, who: str, variant: str, r: dict, reference: dict, flops
         cells += [f"{100 * r['attack_frac']:>6.0f}", f"{percent:>7.1f}", f"{r['mem_mib']:>7.0f}",
                   f"{r['first_step_s'] or float('nan'):>7.1f}", f"{100 * r['cpu_util']:>6.0f}"]
     print(f"{arch:<30}{who:<5}{label:<48}" + "".join(cells), flush=True)
+    if "op_shares" in r:
+        shares = r["op_shares"]
+        print("#   its time: " + ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in shares.items())
+              + f"; with no time outside the convolutions it would be {1 / shares['convolution']:.2f}x as fast",
+              flush=True)
     if json_path:
         with open(json_path, "a") as f:
             f.write(json.dumps({"cpu": cpu_label(), "arch": arch, "who": who, "variant": variant, "ratio": ratio,
