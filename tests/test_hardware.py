@@ -91,7 +91,6 @@ def test_choose_threads(requested, device, cpus, processes, omp, load, value):
     assert choice.value == value
 
 
-
 @pytest.mark.parametrize("load, claimed, value", [
     (0.3, 0, 5),
     (0.3, 4, 4),  # launched together: the other run's claim is seen before its load

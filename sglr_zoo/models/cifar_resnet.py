@@ -58,11 +58,8 @@ class CifarResNet(ClassifierHead, nn.Module):
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
 
-
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(F.relu(self.bn1(self.conv1(self.normalize(x)))))
-
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CifarResNet) -> dict[str, torch.Tensor]:

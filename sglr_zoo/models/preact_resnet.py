@@ -61,11 +61,8 @@ class PreActResNet(ClassifierHead, nn.Module):
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
 
-
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
-
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PreActResNet) -> dict[str, torch.Tensor]:

@@ -71,11 +71,8 @@ class WideResNet(ClassifierHead, nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
-
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: WideResNet) -> dict[str, torch.Tensor]:
