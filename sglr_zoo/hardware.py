@@ -189,15 +189,17 @@ def recent_busy_cpus(window_s: float = 0.5) -> float:
 
 def _cpu_times() -> list[int]:
     """The CPU time so far of the CPUs this process may use, per state (user, nice, system, idle, iowait, irq,
-    softirq, steal), summed over them."""
-    mine = {f"cpu{cpu}" for cpu in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
-    total = [0] * 8
+    softirq, steal), summed over them; the whole machine's where /proc/stat lists no CPU of them."""
+    mine = {f"cpu{cpu}" for cpu in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else set()
+    machine, total, found = [], [0] * 8, False
     with open("/proc/stat") as stat:
         for line in stat:
             name, *ticks = line.split()
-            if name.startswith("cpu") and name != "cpu" and (mine is None or name in mine):
-                total = [t + int(tick) for t, tick in zip(total, ticks[:8], strict=True)]
-    return total
+            if name == "cpu":
+                machine = [int(tick) for tick in ticks[:8]]
+            elif name in mine:
+                total, found = [t + int(tick) for t, tick in zip(total, ticks[:8], strict=True)], True
+    return total if found else machine
 
 
 def busy_fraction(before: list[int], after: list[int]) -> float:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import subprocess
@@ -408,3 +409,21 @@ def test_speed_levers_train_the_same_weights(tmp_path, tiny_dataset, fresh_accel
     assert plain.keys() == fast.keys()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+PROC_STAT = """cpu  30 0 6 60 4 0 0 0 0 0
+cpu0 10 0 2 20 1 0 0 0 0 0
+cpu1 20 0 4 40 3 0 0 0 0 0
+intr 12345
+"""
+
+
+@pytest.mark.parametrize("affinity, ticks", [
+    ({1}, [20, 0, 4, 40, 3, 0, 0, 0]),  # only the CPUs this process may run on
+    ({0, 1}, [30, 0, 6, 60, 4, 0, 0, 0]),
+    ({7}, [30, 0, 6, 60, 4, 0, 0, 0]),  # no line for its CPU: the whole machine's
+])
+def test_cpu_times_count_the_cpus_this_process_may_use(monkeypatch, affinity, ticks):
+    monkeypatch.setattr(hardware, "open", lambda path: io.StringIO(PROC_STAT), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
+    assert hardware._cpu_times() == ticks
