@@ -226,18 +226,18 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
                     optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, recipe: Recipe,
                     accelerator: Accelerator, state: RunState, memory_format: torch.memory_format,
                     replan: Replan | None = None, claims: hardware.ThreadClaims | None = None,
-                    progress: bool = True) -> dict[str, float]:
+                    progress_bar: bool = True) -> dict[str, float]:
     """One pass over the training data (or up to run.max_steps, schedule.steps): attack, objective, optimizer
     step, the objective's own update. Returns the epoch's training metrics, over all processes. `replan` may
     re-size a budgeted run after one of its steps (`recipe` is changed in place); `claims` shares the CPU threads
-    with other runs that start meanwhile; `progress` shows the epoch's progress bar."""
+    with other runs that start meanwhile; `progress_bar` shows the epoch's progress bar."""
     finetune.set_train_mode(model)  # model.train(), but a frozen backbone stays in eval mode
     attack = recipe.attack
     sums = {name: torch.zeros((), device=accelerator.device)
             for name in ("loss", "adv_correct", "grad_norm", "examples", "steps")}
     started = time.perf_counter()
     batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
-                   disable=not (progress and accelerator.is_local_main_process))
+                   disable=not (progress_bar and accelerator.is_local_main_process))
     for step, (images, labels, index) in enumerate(batches):
         schedule = recipe.schedule
         progress = epoch_progress(schedule.epochs, schedule.steps, state.global_step, len(loader), schedule.plans)
@@ -409,7 +409,7 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
         def one_step() -> None:
             probe.run.max_steps = state.global_step + 1
             train_one_epoch(1, trained, trained, objective, optimizer, loader, probe, accelerator, state, memory_format,
-                            progress=False)
+                            progress_bar=False)
 
         step_s = median_step_seconds(one_step, device)
         # One "pass": a forward and backward of one image in fp32, eval mode, as the evaluator's attacks run.
