@@ -31,6 +31,7 @@ from sglr_zoo import sanity
 from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
+from sglr_zoo.models import unwrap_timm, weights_fingerprint
 from sglr_zoo.recipe import STANDARD_EPS, parse_fraction
 from sglr_zoo.results import Provenance, Results, percent
 
@@ -89,6 +90,7 @@ def evaluate(
     _check_inputs(model, images, labels)
     images, labels = images.cpu(), labels.cpu()
     model.to(device)
+    weights_sha256 = weights_fingerprint(unwrap_timm(model).state_dict())
     aa = None
     if "autoattack" in attacks:  # built first: bad options fail before any work
         aa = make_autoattack(model, threat=threat, eps=float(eps), version=autoattack_version,
@@ -125,7 +127,7 @@ def evaluate(
             else:
                 key = {"threat": threat, "eps": _fraction_str(eps), **autoattack_settings(aa),
                        "data_sha256": _fingerprint([images, labels]),
-                       "model_sha256": _fingerprint(model.state_dict().values())}
+                       "model_sha256": weights_sha256}
                 flags["autoattack"], per_attack = run_autoattack(
                     aa, images, labels, correct, batch_size=batch_size, state_path=state_path, key=key,
                     progress=progress)
@@ -144,8 +146,8 @@ def evaluate(
         }
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return Results(
-        provenance=provenance, arch=arch, threat=threat, eps=_fraction_str(eps), n_examples=len(labels),
-        clean_accuracy=_percent(correct), robust_accuracy=robust,
+        provenance=provenance, arch=arch, weights_sha256=weights_sha256, threat=threat, eps=_fraction_str(eps),
+        n_examples=len(labels), clean_accuracy=_percent(correct), robust_accuracy=robust,
         worst_case_accuracy=_percent(torch.stack(list(flags.values())).all(0)) if flags else None,
         autoattack_per_attack=per_attack, attacks=settings, sanity=checks, seed=seed, device=str(device),
         versions=_versions(), wall_time_s=time.time() - started, attack_seconds=seconds, created=created)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
+from safetensors.torch import load_file
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, check_model_folder, is_sglr_arch
+from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, check_model_folder, is_sglr_arch, weights_fingerprint
 from sglr_zoo.recipe import Recipe, format_fraction, from_dict, load_recipe, save_recipe
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import EXPORTS, ModelFolder, RunDir
@@ -129,22 +130,28 @@ class ModelSource:
         return None
 
 
-def collect(run_or_folder: str | Path, *, which: str = "best",
+def collect(run_or_folder: str | Path, *, which: str | None = None,
             results: str | Path | dict[str, Any] | Results | None = None) -> ModelSource:
     """Finds the weights, recipe, run record and results of a run directory or a model folder.
 
-    `results` defaults to the `results.json` the trainer's final evaluation wrote next to the weights.
+    `which` picks a run's export: by default `best/` where the run has one, else `last/`. `results` defaults to the
+    `results.json` the trainer's final evaluation wrote next to the weights.
     """
     path = Path(run_or_folder)
-    if which not in EXPORTS:
+    if which not in (None, *EXPORTS):
         raise UserError(f"which must be 'best' or 'last', not {which!r}")
+    run = RunDir(path)
+    which = which or (run.exports() or ["best"])[0]
     if ModelFolder(path).config.is_file():
         folder = ModelFolder(path)
         run, which = RunDir.of_export(path) or (None, None)
-    elif ModelFolder(RunDir(path).export(which)).config.is_file():
-        run, folder = RunDir(path), ModelFolder(RunDir(path).export(which))
+    elif ModelFolder(run.export(which)).config.is_file():
+        folder = ModelFolder(run.export(which))
+    elif run.exports():
+        raise UserError(f"{path} has no {which}/ export; it has {', '.join(e + '/' for e in run.exports())}: "
+                        f"pass --which {run.exports()[0]}")
     elif path.is_dir():
-        raise UserError(f"{path} has no {which}/ export with config.json + model.safetensors: "
+        raise UserError(f"{path} has no best/ or last/ export with config.json + model.safetensors: "
                         "pass a run directory written by `sglr-zoo train` or a model folder")
     else:
         raise UserError(f"{path} not found: pass a run directory or a model folder")
@@ -165,10 +172,12 @@ def collect(run_or_folder: str | Path, *, which: str = "best",
     if source.results and source.results.arch not in (None, source.arch):
         raise UserError(f"results are for {source.results.arch!r} but the weights in {folder.root} are "
                         f"{source.arch!r}: pass the matching results file with --results")
+    if source.results:
+        _check_same_weights(source.results, folder, "the results")
     return source
 
 
-def export_folder(run_or_folder: str | Path, out_dir: str | Path, *, which: str = "best",
+def export_folder(run_or_folder: str | Path, out_dir: str | Path, *, which: str | None = None,
                   results: str | Path | dict[str, Any] | Results | None = None, repo_id: str | None = None,
                   name: str | None = None, half: bool = False) -> Path:
     """Writes a Hub-ready folder: weights + timm config.json, README.md model card, recipe, results, curves.
@@ -250,7 +259,7 @@ def render_card(source: ModelSource, *, repo_id: str | None = None, name: str | 
     return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), card=facts, results=source.results)
 
 
-def write_card(run_or_folder: str | Path, path: str | Path, *, which: str = "best",
+def write_card(run_or_folder: str | Path, path: str | Path, *, which: str | None = None,
                results: str | Path | dict[str, Any] | Results | None = None, repo_id: str | None = None,
                name: str | None = None) -> Path:
     """Writes the model card of a run or model folder to `path` (a README.md or `model_cards/<name>.md`)."""
@@ -274,7 +283,7 @@ def write_zoo_cards(runs_dir: str | Path = "runs", out_dir: str | Path = MODEL_C
         run = RunDir(Path(runs_dir) / Path(entry.recipe).stem)
         if not run.exports():
             continue
-        source = collect(run.root, which=run.exports()[0])
+        source = collect(run.root)
         card = Path(out_dir) / f"{entry.name}.md"
         card.parent.mkdir(parents=True, exist_ok=True)
         render_card(source, repo_id=entry.repo_id, name=entry.name).save(card)
@@ -293,7 +302,7 @@ class Bundle(NamedTuple):
     sha256: str  # of model.safetensors
 
 
-def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | None, which: str = "best",
+def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | None, which: str | None = None,
            results: str | Path | dict[str, Any] | Results | None = None, half: bool = False,
            out: str | Path | None = None) -> Bundle:
     """Bundles an evaluated run as the zoo entry `name`: its export folder (default sglr_zoo/bundled/<bundle>)
@@ -329,6 +338,7 @@ def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | 
             raise UserError(f"--zoo-entry {name}: the zoo table says {key} {table[key]!r}, but {run_or_folder} has "
                             f"{found[key]!r}; bundle the matching run or fix the entry in sglr_zoo/zoo.py")
     check = _check_results(check_results, source.results)
+    _check_same_weights(check, source.folder, str(check_results))
     weights = _weights_bytes(source.folder.weights, half)
     if len(weights) > MAX_BUNDLE_MB * 2**20:
         raise UserError(f"{source.folder.weights}: {len(weights) / 2**20:.1f} MiB of weights is over the "
@@ -364,6 +374,13 @@ def _check_results(path: str | Path | None, results: Results) -> Results:
     return check
 
 
+def _check_same_weights(results: Results, folder: ModelFolder, what: str) -> None:
+    """Refuses results that record a weights fingerprint other than that of the folder's weights."""
+    if results.weights_sha256 not in (None, weights_fingerprint(load_file(folder.weights))):
+        raise UserError(f"{what} are for other weights than {folder.weights} (weights_sha256 differs): pass the "
+                        f"results of these weights, or evaluate them: `sglr-zoo eval {folder.root}`")
+
+
 def _files(folder: Path) -> list[tuple[str, int]]:
     return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
@@ -378,7 +395,7 @@ class Upload(NamedTuple):
     commit: str | None = None  # the commit's id, to pin as a zoo entry's revision; None for a dry run
 
 
-def push(run_or_folder: str | Path, repo_id: str, *, which: str = "best",
+def push(run_or_folder: str | Path, repo_id: str, *, which: str | None = None,
          results: str | Path | dict[str, Any] | Results | None = None, private: bool = False,
          revision: str | None = None, create_pr: bool = False, dry_run: bool = False,
          commit_message: str | None = None, announce: Callable[[str], None] = print) -> Upload:
@@ -392,7 +409,8 @@ def push(run_or_folder: str | Path, repo_id: str, *, which: str = "best",
     with tempfile.TemporaryDirectory(prefix="sglr_zoo_push_") as tmp:
         folder = export_folder(run_or_folder, Path(tmp) / "export", which=which, results=results, repo_id=repo_id)
         return _upload(folder, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
-                       commit_message=commit_message or f"Upload {_folder_name(run_or_folder)} ({which})",
+                       commit_message=commit_message or f"Upload {_folder_name(run_or_folder)}"
+                       + (f" ({which})" if which else ""),
                        announce=announce)
 
 
@@ -481,7 +499,7 @@ def _folder_name(path: str | Path) -> str:
     return f"{path.parent.name}/{path.name}" if RunDir.of_export(path) else path.name
 
 
-def robustbench_entry(run_or_folder: str | Path, *, which: str = "best",
+def robustbench_entry(run_or_folder: str | Path, *, which: str | None = None,
                       results: str | Path | dict[str, Any] | Results | None = None) -> dict[str, Any]:
     """A RobustBench model_info entry; accuracies are the results', as strings with 2 decimals."""
     source = collect(run_or_folder, which=which, results=results)
@@ -517,7 +535,7 @@ def robustbench_entry(run_or_folder: str | Path, *, which: str = "best",
     }
 
 
-def export_robustbench(run_or_folder: str | Path, out: str | Path | None = None, *, which: str = "best",
+def export_robustbench(run_or_folder: str | Path, out: str | Path | None = None, *, which: str | None = None,
                        results: str | Path | dict[str, Any] | Results | None = None) -> dict[str, Any]:
     """Builds the RobustBench entry and writes it to `out` when given."""
     entry = robustbench_entry(run_or_folder, which=which, results=results)

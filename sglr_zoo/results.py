@@ -1,14 +1,16 @@
 """The evaluator's results: one typed object, its JSON file and how it reads back (no torch import).
 
 Every number a model card, `sglr-zoo list` or a RobustBench entry shows comes from a `Results`, written by
-`sglr_zoo.evaluate.evaluate` and read back with `Results.load`. The JSON file (schema "sglr_zoo.results/2";
+`sglr_zoo.evaluate.evaluate` and read back with `Results.load`. The JSON file (schema "sglr_zoo.results/3";
 accuracies are percentages over all n_examples):
 
-    schema              "sglr_zoo.results/2"
+    schema              "sglr_zoo.results/3"
     provenance          {"model", "dataset", "split", "source", "which", "command"}: what was evaluated, on which
                         data ("first n of the split in order") and by which command, as given; local paths are
                         stored relative to the working directory, or as their last component (`public_path`)
     arch                model.pretrained_cfg["architecture"], or null
+    weights_sha256      sglr_zoo.models.weights_fingerprint of the evaluated weights: an export refuses results
+                        whose fingerprint is not that of its weights
     threat, eps         "linf" | "l2"; eps as an exact fraction string ("8/255", "1/2")
     n_examples          how many examples
     clean_accuracy      percent
@@ -22,7 +24,8 @@ accuracies are percentages over all n_examples):
     wall_time_s         seconds for the whole evaluation; attack_seconds: {"clean" | attack: seconds}
     created             UTC time, ISO 8601
 
-Schema "sglr_zoo.results/1" kept the six provenance keys at the top level; such files are read, never written.
+Older schemas are read, never written: "sglr_zoo.results/2" had no weights_sha256 (read as null, which no check
+can refuse), "sglr_zoo.results/1" also kept the six provenance keys at the top level.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from typing import Any
 
 from sglr_zoo.errors import UserError
 
-SCHEMA = "sglr_zoo.results/2"
-SCHEMA_V1 = "sglr_zoo.results/1"
+SCHEMA = "sglr_zoo.results/3"
+OLDER_SCHEMAS = ("sglr_zoo.results/2", "sglr_zoo.results/1")
 THREATS = ("linf", "l2")
 
 
@@ -79,6 +82,7 @@ class Results:
 
     provenance: Provenance
     arch: str | None
+    weights_sha256: str | None = None
     threat: str
     eps: str
     n_examples: int
@@ -105,17 +109,20 @@ class Results:
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object written by `sglr-zoo eval`")
         schema = data.get("schema")
-        if schema == SCHEMA_V1:
+        if schema not in (SCHEMA, *OLDER_SCHEMAS):
+            raise UserError(f"{where}: schema {schema!r} is not {SCHEMA!r} (or an older {' or '.join(OLDER_SCHEMAS)})"
+                            "; re-run `sglr-zoo eval`")
+        if schema == "sglr_zoo.results/1":
             data = {**{k: v for k, v in data.items() if k not in _PROVENANCE_KEYS},
                     "provenance": {k: data[k] for k in _PROVENANCE_KEYS if k in data}}
-        elif schema != SCHEMA:
-            raise UserError(f"{where}: schema {schema!r} is not {SCHEMA!r} (or the older {SCHEMA_V1!r}); re-run "
-                            "`sglr-zoo eval`")
+        if schema in OLDER_SCHEMAS:
+            data = {"weights_sha256": None, **data}
         read = _Reader(data, where)
         provenance = read.nested("provenance")
         return cls(
             provenance=Provenance(**{f.name: provenance.text(f.name, optional=True) for f in fields(Provenance)}),
             arch=read.text("arch", optional=True),
+            weights_sha256=read.text("weights_sha256", optional=True),
             threat=read.choice("threat", THREATS),
             eps=read.text("eps"),
             n_examples=read.count("n_examples"),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import timm
 import torch
 from torch import nn
 
@@ -192,13 +193,19 @@ def locate(name_or_id: str) -> str:
         return name_or_id
     if Path(name_or_id).exists():
         return f"local-dir:{resolve_folder(Path(name_or_id))}"
+    if timm.is_model(name_or_id):
+        raise UserError(f"{name_or_id!r} is an architecture without weights: give them as a .safetensors state dict "
+                        "(`--weights FILE`, or `weights=` in Python), or name a zoo model, model folder or Hub repo. "
+                        "See `sglr-zoo list`")
     names = [*ZOO, *(alias for entry in ZOO.values() for alias in entry.aliases)]
     close = difflib.get_close_matches(name_or_id, names, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    if not close and name_or_id.count("/") == 1:
+    if (run := RunDir(Path(name_or_id).parent)).exports():
+        hint = f"; the run {run.root} has {' and '.join(f'{which}/' for which in run.exports())}"
+    elif not close and name_or_id.count("/") == 1:
         hint = f"; for a Hub repo write 'hf-hub:{name_or_id}'"
-    raise UserError(f"cannot load {name_or_id!r}: not a zoo name, an existing path, 'hf-hub:ORG/NAME' or "
-                    f"'local-dir:PATH'{hint}. See `sglr-zoo list`")
+    raise UserError(f"cannot load {name_or_id!r}: not a zoo name (`sglr-zoo list`), an existing path, "
+                    f"'hf-hub:ORG/NAME' or 'local-dir:PATH'{hint}")
 
 
 def load(name_or_id: str, *, weights: str | Path | None = None, num_classes: int | None = None,

@@ -327,7 +327,8 @@ def test_the_results_module_imports_no_torch():
 
 
 def test_reads_a_version_1_results_file():
-    """The schema moved provenance into one object (version 2); committed version-1 files still load."""
+    """The schema moved provenance into one object (version 2), then added weights_sha256 (version 3); committed
+    version-1 files still load."""
     path = REPO / "tests" / "data" / "results_v1.json"  # written by the evaluator before the schema moved
     data = json.loads(path.read_text())
     assert data["schema"] == "sglr_zoo.results/1"
@@ -335,7 +336,7 @@ def test_reads_a_version_1_results_file():
     assert results.provenance.model == data["model"] and results.provenance.which == data["which"]
     assert results.clean_accuracy == data["clean_accuracy"] and results.robust_accuracy == data["robust_accuracy"]
     assert results.autoattack_per_attack["square"] == AttackStep(**data["autoattack_per_attack"]["square"])
-    assert results.to_dict()["schema"] == SCHEMA
+    assert results.weights_sha256 is None and results.to_dict()["schema"] == SCHEMA
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 import sglr_zoo
 from sglr_zoo import cli
 from sglr_zoo.errors import UserError
+from sglr_zoo.evaluate import evaluate
 from sglr_zoo.hub import collect, export_folder, export_robustbench, robustbench_entry, write_zoo_cards
-from sglr_zoo.models import create_model, load_pretrained, save_pretrained
+from sglr_zoo.models import Normalized, create_model, load_pretrained, save_pretrained, weights_fingerprint
 from sglr_zoo.recipe import Recipe, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, SanityCheck
 from sglr_zoo.zoo import ZOO, list_models, lookup
@@ -181,6 +183,29 @@ def test_results_must_match_the_weights(run_dir):
         collect(run_dir, results=bad)
 
 
+def test_results_must_be_of_these_weights(run_dir, tmp_path):
+    """The evaluator records the fingerprint of the weights it evaluated; an export refuses another model's results."""
+    best = load_pretrained(f"local-dir:{run_dir / 'best'}")
+    measured = evaluate(best, _inputs(), torch.arange(4), attacks=["clean"])
+    assert measured.weights_sha256 == weights_fingerprint(load_file(run_dir / "best" / "model.safetensors"))
+    assert collect(run_dir, results=measured).results == measured
+    with pytest.raises(UserError, match="other weights than .*last"):
+        collect(run_dir, which="last", results=measured)
+    stock = Normalized(timm.create_model("resnet10t", num_classes=10), (0.5,) * 3, (0.25,) * 3)
+    save_pretrained(stock, tmp_path / "stock")
+    assert evaluate(load_pretrained(f"local-dir:{tmp_path / 'stock'}"), _inputs(), torch.arange(4),
+                    attacks=["clean"]).weights_sha256 == weights_fingerprint(load_file(tmp_path / "stock" /
+                                                                                       "model.safetensors"))
+
+
+def test_a_run_without_best_exports_last(run_dir, tmp_path):
+    run = shutil.copytree(run_dir, tmp_path / "no_best")
+    shutil.rmtree(run / "best")
+    assert collect(run).which == "last" and collect(run).epoch == 4
+    with pytest.raises(UserError, match="no best/ export; it has last/: pass --which last"):
+        collect(run, which="best")
+
+
 def test_robustbench_entry(run_dir, tmp_path, capsys):
     entry = robustbench_entry(run_dir)
     assert entry["clean_acc"] == "81.25" and entry["autoattack_acc"] == "43.75" and entry["reported"] == "43.75"
@@ -211,6 +236,15 @@ def test_unpublished_zoo_name_names_its_recipe(name):
 def test_unknown_name_suggests_close_names(name, suggestion):
     with pytest.raises(UserError, match=f"did you mean '{suggestion}'"):
         sglr_zoo.load(name)
+
+
+def test_missing_export_and_bare_architecture_say_what_to_give(run_dir, tmp_path):
+    run = shutil.copytree(run_dir, tmp_path / "no_best")
+    shutil.rmtree(run / "best")
+    with pytest.raises(UserError, match=f"the run {run} has last/$"):
+        sglr_zoo.load(str(run / "best"))
+    with pytest.raises(UserError, match="'preactresnet18_cifar' is an architecture without weights: .*--weights"):
+        sglr_zoo.load("preactresnet18_cifar")
 
 
 def test_zoo_table_and_list(capsys):

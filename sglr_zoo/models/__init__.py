@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from sglr_zoo.models.layers import InputNormalization, Normalized
 from sglr_zoo.rundir import ModelFolder
 
 __all__ = ["InputNormalization", "Normalized", "check_model_folder", "create_model", "is_sglr_arch",
-           "load_pretrained", "load_weights", "save_pretrained", "unwrap_timm"]
+           "load_pretrained", "load_weights", "save_pretrained", "unwrap_timm", "weights_fingerprint"]
 IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
@@ -57,6 +59,18 @@ def create_model(
 def unwrap_timm(model: nn.Module) -> nn.Module:
     """The timm model inside a `Normalized` wrapper (or the model itself)."""
     return model.model if isinstance(model, Normalized) else model
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict in name order, floating tensors as float32: the same for a model, its safetensors
+    file and that file loaded into a float32 model, whatever the memory format."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu()
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, *, label_names: list[str] | None = None) -> Path:
