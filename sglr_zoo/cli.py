@@ -8,6 +8,12 @@ import sys
 
 from sglr_zoo.errors import UserError
 
+_RESUME = {  # what a rerun of the interrupted command does
+    "train": "; rerun the same command to resume from the run's last checkpoint",
+    "finetune": "; rerun the same command to resume from the run's last checkpoint",
+    "eval": "; with --state-path FILE, a rerun with the same file resumes AutoAttack where it stopped",
+}
+
 
 def _train(args: argparse.Namespace) -> None:
     from sglr_zoo.recipe import load_recipe
@@ -228,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     def checkpoint_args(sub: argparse.ArgumentParser, optional: bool = False) -> None:
         sub.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?" if optional else None,
                          help="a run directory (runs/NAME) or a model folder")
-        sub.add_argument("--which", choices=("best", "last"), default="best",
-                         help="which export of a run (default best)")
+        sub.add_argument("--which", choices=("best", "last"),
+                         help="which export of a run (default: best/ where the run has one, else last/)")
         sub.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
 
     push = commands.add_parser("push", help="upload a run's model, or the bundled zoo entries, to the Hugging Face Hub",
@@ -255,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?", help="a run directory or a model folder")
     export.add_argument("--out", help="the new folder (with --zoo-entry: default sglr_zoo/bundled/<bundle>; with "
                                       "--zoo-cards: the cards folder, default model_cards)")
-    export.add_argument("--which", choices=("best", "last"), default="best",
-                        help="which export of a run (default best)")
+    export.add_argument("--which", choices=("best", "last"),
+                        help="which export of a run (default: best/ where the run has one, else last/)")
     export.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
     export.add_argument("--repo-id", help="the Hub repo the card should point to")
     export.add_argument("--zoo-entry", metavar="NAME",
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"sglr-zoo {args.name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nsglr-zoo {args.name}: interrupted{_RESUME.get(args.name, '')}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

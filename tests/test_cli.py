@@ -106,6 +106,22 @@ def test_subprocess_error_is_one_line(tmp_path):
                                                   "see recipes/ for examples"]
 
 
+@pytest.mark.parametrize("command, hint", [("train", "rerun the same command to resume"),
+                                           ("eval", "with --state-path FILE, a rerun with the same file resumes")])
+def test_interrupt_says_how_to_resume(monkeypatch, capsys, command, hint):
+    from sglr_zoo import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_{command}", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "recipes/quickstart_cifar10.yaml" if command == "train" else "quickstart-sglr"])
+    assert exit_info.value.code == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"sglr-zoo {command}: interrupted; {hint}")
+
+
 def test_eval_of_a_broken_model_folder_is_one_line(tmp_path, tiny_dataset):
     from sglr_zoo.models import create_model, save_pretrained
 
