@@ -222,6 +222,12 @@ def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
     return any(limit and state.global_step >= limit for limit in (recipe.run.max_steps, recipe.schedule.steps))
 
 
+def epoch_steps(recipe: Recipe, first_step: int, batches: int) -> int:
+    """How many steps an epoch that starts after `first_step` runs: its batches, cut at run.max_steps or
+    schedule.steps (a budgeted run's last epoch)."""
+    return min([batches, *(limit - first_step for limit in (recipe.run.max_steps, recipe.schedule.steps) if limit)])
+
+
 def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objective: Objective,
                     optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, recipe: Recipe,
                     accelerator: Accelerator, state: RunState, memory_format: torch.memory_format,
@@ -235,8 +241,9 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
     attack = recipe.attack
     sums = {name: torch.zeros((), device=accelerator.device)
             for name in ("loss", "adv_correct", "grad_norm", "examples", "steps")}
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), state.global_step
     batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
+                   total=epoch_steps(recipe, first_step, len(loader)),
                    disable=not (progress_bar and accelerator.is_local_main_process))
     for step, (images, labels, index) in enumerate(batches):
         schedule = recipe.schedule
@@ -269,6 +276,7 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
         state.global_step += 1
         if replan is not None:
             replan.after_step(state.global_step, recipe, objective)
+            batches.total = epoch_steps(recipe, first_step, len(loader))
         if claims is not None and (threads := claims.share()) is not None:
             tqdm.write(f"threads: now {threads.value}: {threads.reason}")
         if max_steps_reached(recipe, state):
@@ -376,7 +384,8 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     if recipe.run.resume != "never" and run.recipe.is_file():
         saved = load_recipe(run.recipe)
         if saved.schedule.budget is None and saved.schedule.steps is not None:
-            accelerator.print(f"schedule.budget: keeping the {saved.schedule.steps} steps of {run.recipe}")
+            accelerator.print(f"schedule.budget: resuming, so keeping the {saved.schedule.steps} steps planned in "
+                              f"{run.recipe}; a new budget needs a new run (run.name=...)")
             tree = recipe.to_dict()
             tree["schedule"] = saved.to_dict()["schedule"]
             tree["method"]["start_epoch"] = saved.method.start_epoch

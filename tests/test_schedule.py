@@ -73,6 +73,14 @@ def test_epoch_progress_with_steps_spans_exactly_those_steps():
     assert all(a < b for a, b in zip(progress, progress[1:]))
 
 
+def test_epoch_steps_are_cut_at_the_planned_end():
+    """The progress bar's total: a budget's last epoch of 391 batches that ends at step 812 runs 30 of them."""
+    recipe = from_dict({"schedule": {"epochs": 3, "steps": 812, "milestones": []}, "method": {"start_epoch": 0.5}})
+    assert [training.epoch_steps(recipe, first, 391) for first in (0, 391, 782)] == [391, 391, 30]
+    recipe.run.max_steps = 800
+    assert training.epoch_steps(recipe, 782, 391) == 18
+
+
 def test_epoch_progress_follows_each_plan_from_where_the_last_left_off():
     """Planned for 500 steps over 2 epochs, again at step 50 for 800 over 3, again at step 400 for 700: each plan
     keeps the pace of the one before up to its first step, then stretches the rest of the schedule to its end."""
