@@ -209,16 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="a zoo name, model folder, run directory, local-dir:PATH, hf-hub:ORG/NAME, "
                                   "or a timm architecture with --weights")
     ev.add_argument("--weights", metavar="FILE.safetensors", help="a state dict for the architecture named as MODEL")
-    ev.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id or local folder (SGLR_ZOO_DATA is honoured)")
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--dataset", default="uoft-cs/cifar10",
+                    help="Hub id or local folder (SGLR_ZOO_DATA is honoured; default %(default)s)")
+    ev.add_argument("--split", default="test", help="default %(default)s")
     ev.add_argument("--threat", choices=["linf", "l2"], default="linf")
     ev.add_argument("--eps", default=None, help="e.g. 8/255 (the linf default) or 0.5 (the l2 default)")
     ev.add_argument("--attacks", default="clean,pgd20,cw20,autoattack",
-                    help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack")
-    ev.add_argument("--n", type=int, default=1000, help="number of examples (the first n of the split)")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--out", default="results.json", help="where to write the results JSON")
-    ev.add_argument("--seed", type=int, default=0)
+                    help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack (default %(default)s; "
+                         "AutoAttack is the slow one: on a CPU, try --n 100 first)")
+    ev.add_argument("--n", type=int, default=1000, help="number of examples, the first n of the split "
+                                                        "(default %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=256, help="default %(default)s")
+    ev.add_argument("--out", default="results.json", help="where to write the results JSON (default %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="default %(default)s")
     ev.add_argument("--autoattack-version", choices=["standard", "rand", "custom"], default="standard")
     ev.add_argument("--autoattack-attacks", default=None, metavar="apgd-ce,...",
                     help="sub-attacks for --autoattack-version custom: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
@@ -228,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bf16-quick", action="store_true", help="bf16 autocast for our PGD/CW only (never AutoAttack)")
     ev.set_defaults(func=_eval)
 
-    listing = commands.add_parser("list", help="list the architectures and zoo models")
+    listing = commands.add_parser("list", help="list the architectures and zoo models",
+                                  description="The zoo's models with their clean and AutoAttack accuracy and where "
+                                              "their weights are, then our CIFAR architectures.")
     listing.set_defaults(func=_list)
 
     def checkpoint_args(sub: argparse.ArgumentParser, optional: bool = False) -> None:

@@ -78,13 +78,22 @@ class Splits:
 
 
 def resolve_source(dataset: str) -> str:
-    """A local path if `dataset` is one, or if $SGLR_ZOO_DATA holds a copy of the Hub id; else the Hub id."""
-    if Path(dataset).expanduser().exists():
-        return str(Path(dataset).expanduser())
+    """A local path if `dataset` is one, or if $SGLR_ZOO_DATA holds a copy of the Hub id; else the Hub id.
+
+    A missing path that cannot be a Hub id (`./x`, `/x`, `a/b/c`, or `a/b` where the folder `a` exists here) is a
+    UserError at once, not a Hub lookup that retries for half a minute.
+    """
+    path = Path(dataset).expanduser()
+    if path.exists():
+        return str(path)
     if os.environ.get(DATA_ENV):
         local = Path(os.environ[DATA_ENV]).expanduser() / dataset.rstrip("/").split("/")[-1]
         if local.exists():
             return str(local)
+    if dataset.startswith((".", "/", "~")) or dataset.strip("/").count("/") > 1 or (
+            path.parent != Path(".") and path.parent.is_dir()):
+        raise UserError(f"data.dataset: no folder or file {dataset} (and it is no Hub id ORG/NAME): give an existing "
+                        "parquet folder, image folder or CSV file")
     return dataset
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -175,6 +176,10 @@ def test_resolve_source(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     assert resolve_source("uoft-cs/cifar10") == str(tmp_path / "cifar10")
     assert resolve_source("uoft-cs/cifar100") == "uoft-cs/cifar100"
+    monkeypatch.chdir(tmp_path)  # a typo in a local path fails at once, naming it, without asking the Hub
+    for typo in ("cifar10/nodir", "./cifar1O", str(tmp_path / "cifar1O"), "a/b/c", "~/no/such"):
+        with pytest.raises(UserError, match=f"data.dataset: no folder or file {re.escape(typo)} "):
+            resolve_source(typo)
 
 
 @pytest.fixture(scope="module")

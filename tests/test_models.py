@@ -158,8 +158,9 @@ def test_load_weights_from_a_safetensors_state_dict(tmp_path):
     assert not loaded.training and torch.equal(loaded(x), source(x))
     with pytest.raises(UserError, match=f"{weights}: the classifier fc has 5 outputs but the data has 7 classes"):
         sglr_zoo.load("resnet_tiny_cifar", weights=weights, num_classes=7)  # checked before building
-    with pytest.raises(UserError, match="does not fit wrn_tiny_cifar"):
+    with pytest.raises(UserError, match="does not fit wrn_tiny_cifar") as refused:
         sglr_zoo.load("wrn_tiny_cifar", weights=weights, num_classes=5)
+    assert re.search(r"Missing key\(s\) in state_dict: [\w.]+, [\w.]+, [\w.]+ and \d+ more$", str(refused.value))
     torch.save(source.state_dict(), tmp_path / "w.pt")
     with pytest.raises(UserError, match="safetensors"):
         sglr_zoo.load("resnet_tiny_cifar", weights=tmp_path / "w.pt", num_classes=5)

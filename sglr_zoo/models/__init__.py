@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,10 @@ def _check_classifier(weights: Path, classifier: Any, num_classes: int | None, c
 
 
 def _first_problem(error: Exception) -> str:
-    """The first detail line of torch's load_state_dict error (its first line only names the model class)."""
+    """The first detail line of torch's load_state_dict error (its first line only names the model class), with
+    at most three of the keys it lists."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else str(error)
+    line = lines[1] if len(lines) > 1 else str(error)
+    what, _, listed = line.partition(": ")
+    keys = re.findall(r'"([^"]+)"', listed)
+    return f"{what}: {', '.join(keys[:3])} and {len(keys) - 3} more" if len(keys) > 3 else line
