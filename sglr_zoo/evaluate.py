@@ -209,9 +209,10 @@ def evaluate_model(
     _check_options(options.get("threat", "linf"), options.get("eps"), options.get("attacks", DEFAULT_ATTACKS),
                    options.get("batch_size", 256))  # before minutes of loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    located = model_id if weights else zoo.locate(model_id)  # a wrong name fails before the data loads
     # n_train=1: only the test split is needed; the train split's first example is decoded for its class names.
     splits = load_splits(DataConfig(dataset=dataset, test_split=split, n_test=n, n_train=1))
-    model = for_evaluation(zoo.load(model_id, weights=weights, num_classes=splits.num_classes), device)
+    model = for_evaluation(zoo.load(located, weights=weights, num_classes=splits.num_classes), device)
     image_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 32, 32))[-1]
     images = to_float(splits.test.images, image_size)
     provenance = Provenance(model=f"{model_id} + {weights}" if weights else model_id, dataset=dataset, split=split,
