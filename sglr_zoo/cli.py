@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train from a recipe; `key.sub=value` overrides win over the file. "
                                             "Multi-process: `accelerate launch train.py RECIPE ...`.")
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cifar10.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. schedule.epochs=10 run.seed=1")
+    train.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="e.g. schedule.epochs=10 run.seed=1")
     train.set_defaults(func=_train)
 
     finetune = commands.add_parser(
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "local-dir:PATH, a run directory or model folder, a timm name.tag) with --data and defaults. "
                     "Multi-process: `accelerate launch train.py RECIPE ...`.")
     finetune.add_argument("target", metavar="RECIPE_OR_MODEL", help="a YAML recipe, or the backbone to fine-tune")
-    finetune.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. finetune.mode=linear_probe")
+    finetune.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
+                          help="e.g. finetune.mode=linear_probe")
     finetune.add_argument("--data", help="image folder (a sub-folder per class), parquet folder, CSV of image paths "
                                          "or Hub dataset id (the same as data.dataset=...)")
     finetune.add_argument("--mode", choices=("linear_probe", "full", "partial"),
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_args(robustbench)
     robustbench.add_argument("--out", help="the JSON file to write (default: print it)")
     robustbench.set_defaults(func=_export_robustbench)
+    for command in commands.choices.values():
+        command.set_defaults(parser=command)  # a usage error shows the command's own usage
     return parser
 
 
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positionals after options: `finetune MODEL --data DIR key=value` leaves the overrides over.
     if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     args.command = shlex.join(["sglr-zoo", *argv])

@@ -152,9 +152,15 @@ def test_list(capsys):
     assert {"wrn34_10_cifar", "preactresnet18_cifar", "resnet18_cifar", "preactresnet10_slim_cifar"} <= set(out)
 
 
-@pytest.mark.parametrize("argv", [[], ["no-such-command"], ["train"]])
-def test_usage_errors_exit_2(capsys, argv):
+@pytest.mark.parametrize("argv, message", [
+    ([], "sglr-zoo: error: the following arguments are required: COMMAND"),
+    (["no-such-command"], "sglr-zoo: error: argument COMMAND: invalid choice"),
+    (["train"], "sglr-zoo train: error: the following arguments are required: recipe\n"),  # overrides are optional
+    (["train", "r.yaml", "--budget", "4"], "usage: sglr-zoo train [-h] recipe"),  # the command's own usage
+])
+def test_usage_errors_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err
