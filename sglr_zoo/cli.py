@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
+from pathlib import Path
 
 from sglr_zoo.errors import UserError
 
@@ -21,7 +23,7 @@ def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)  # before importing the trainer: a bad recipe fails at once
     from sglr_zoo.training import train
 
-    train(recipe, command=args.command)
+    _trained(train(recipe, command=args.command))
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -29,12 +31,15 @@ def _finetune(args: argparse.Namespace) -> None:
     from sglr_zoo.training import train
 
     recipe = finetune_recipe(args.target, data=args.data, mode=args.mode, overrides=args.overrides)
-    train(recipe, command=args.command)
+    _trained(train(recipe, command=args.command))
+
+
+def _trained(run: Path) -> None:
+    print(f"done: {run}; the model is in {run / 'last'} (`sglr-zoo eval {run / 'last'}`, "
+          f"`sglr_zoo.load({str(run)!r})`, `sglr-zoo export {run} --out FOLDER`)")
 
 
 def _import(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from sglr_zoo.models.convert import import_checkpoint, save_imported
 
     imported = import_checkpoint(args.file, args.arch, args.normalization)
@@ -164,6 +169,11 @@ def _export_robustbench(args: argparse.Namespace) -> None:
 
     entry = export_robustbench(args.run_or_folder, args.out, which=args.which, results=args.results)
     print(f"wrote {args.out}" if args.out else json.dumps(entry, indent=2))
+
+
+def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """A warning as one line, without the source line Python shows by default."""
+    return f"{category.__name__}: {message}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = [*args.overrides, *extra]
     args.command = shlex.join(["sglr-zoo", *argv])
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
         args.func(args)
     except UserError as error:
@@ -310,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"\nsglr-zoo {args.name}: interrupted{_RESUME.get(args.name, '')}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

@@ -539,6 +539,7 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
                               log_with="tensorboard" if tensorboard else None, project_dir=str(run.root),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     _check_hardware(recipe, accelerator)
+    accelerator.print(f"run directory: {run.root}")
     accelerator.print(speed.describe())
     set_seed(recipe.run.seed)
 

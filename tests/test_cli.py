@@ -134,6 +134,19 @@ def test_eval_of_a_broken_model_folder_is_one_line(tmp_path, tiny_dataset):
                           command="eval")
 
 
+def test_warnings_are_one_line(tmp_path, tiny_dataset):
+    from sglr_zoo.models import create_model, save_pretrained
+
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    result = subprocess.run([sys.executable, "-m", "sglr_zoo.cli", "eval", str(folder), "--dataset",
+                             str(tiny_dataset), "--n", "100000", "--attacks", "clean", "--out",
+                             str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "Warning" in line]
+    assert warned and warned[0].startswith("UserWarning: data.n_test: 100000 examples asked for")
+    assert "warnings.warn" not in result.stderr and "load_splits(" not in result.stderr
+
+
 def test_push_dry_run_states_the_visibility(tmp_path, capsys):
     from sglr_zoo.models import create_model, save_pretrained
 
