@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -115,8 +116,13 @@ def test_save_and_load_pretrained(tmp_path, arch, stock):
     model = create_model(arch, 7, mean=MEAN, std=STD).eval()
     x = torch.rand(2, 3, 32, 32)
     expected = model(x)
-    folder = save_pretrained(model, tmp_path / "model", label_names=list("abcdefg"))
+    umask = os.umask(0o022)
+    try:
+        folder = save_pretrained(model, tmp_path / "model", label_names=list("abcdefg"))
+    finally:
+        os.umask(umask)
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors"}
+    assert {(folder / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")} == {0o644}
 
     loaded = load_pretrained(f"local-dir:{folder}")
     assert isinstance(loaded, Normalized) == stock

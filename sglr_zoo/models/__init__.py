@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, label_names: list[s
     config = {"label_names": list(label_names)} if label_names else None
     timm.models.save_for_hf(inner, str(folder), model_config=config, safe_serialization=True,
                             data_config={"mean": tuple(mean), "std": tuple(std)})
-    return Path(folder)
+    folder = ModelFolder(folder)
+    shutil.copymode(folder.config, folder.weights)  # safetensors 0.8 writes 0600, whatever the umask says
+    return folder.root
 
 
 def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module:
