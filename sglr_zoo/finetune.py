@@ -126,6 +126,15 @@ def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None 
     return model
 
 
+def describe(model: nn.Module, recipe: Recipe, num_classes: int) -> str:
+    """One line on what fine-tuning starts from and what trains."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = recipe.finetune
+    return (f"finetune: {cfg.backbone} ({recipe.model.arch}), mode {cfg.mode}, {num_classes} classes; "
+            f"{trainable:,} of {total:,} parameters train")
+
+
 def _classifier(model: nn.Module, name: str) -> nn.Module:
     """The head timm knows the model by (`get_classifier`), which must hold weights."""
     if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):

@@ -553,6 +553,8 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
                                                num_workers=recipe.run.num_workers)
 
     model = finetune.build_model(recipe, splits.num_classes, splits.train.class_names)
+    if recipe.finetune.backbone is not None:
+        accelerator.print(finetune.describe(model, recipe, splits.num_classes))
     if recipe.run.sync_batchnorm and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format

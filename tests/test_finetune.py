@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,13 +110,17 @@ def test_head_reset_changes_only_the_classifier(backbone):
     assert not torch.equal(reset["fc.weight"], original["fc.weight"])
 
 
-def test_linear_probe_keeps_backbone_weights_and_batchnorm_statistics(backbone, image_folder, tmp_path):
+def test_linear_probe_keeps_backbone_weights_and_batchnorm_statistics(backbone, image_folder, tmp_path, capsys):
     """Two adversarial SGLR epochs through `sglr-zoo train RECIPE` (what `accelerate launch train.py` runs)."""
     recipe = {**TINY_RUN, **finetune_cfg(backbone, mode="linear_probe"), "data": {"dataset": str(image_folder)}}
     recipe["run"] = {**TINY_RUN["run"], "output_dir": str(tmp_path), "name": "probe"}
     path = tmp_path / "probe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     main(["train", str(path)])
+    out = capsys.readouterr().out
+    assert f"run directory: {tmp_path / 'probe'}\n" in out and f"done: {tmp_path / 'probe'}; " in out
+    assert re.search(r"finetune: local-dir:.* \(preactresnet_tiny_cifar\), mode linear_probe, 3 classes; 51 of "
+                     r"[\d,]+ parameters train", out)  # the new head: 16 x 3 + 3
 
     original = load_file(str(backbone / "model.safetensors"))
     tuned = load_file(str(tmp_path / "probe/last/model.safetensors"))
