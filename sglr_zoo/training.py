@@ -192,6 +192,13 @@ def plot_curves(history: list[dict], path: Path, attack: str) -> None:
         acc.legend()
     grad.plot(*series("grad_norm"), marker=".")
     grad.set(xlabel="epoch", ylabel="mean gradient norm", title="gradient norm of the training loss")
+    last_epoch = max((r["epoch"] for r in history), default=1)
+    for axes in (acc, grad):  # whole epochs, also for a run of one (matplotlib's own ticks: 0.96 ... 1.04)
+        axes.set_xlim(0.5, last_epoch + 0.5)
+        if last_epoch <= 10:
+            axes.set_xticks(range(1, last_epoch + 1))
+        else:
+            axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
