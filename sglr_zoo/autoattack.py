@@ -121,9 +121,10 @@ def run_autoattack(aa: Any, images: torch.Tensor, labels: torch.Tensor, candidat
                 state["robust"], state["attacked"][name] = robust.tolist(), attacked.tolist()
                 state["seconds"][name] = state["seconds"].get(name, 0.0) + time.time() - clock
                 _write_state(path, state)
-            state["per_attack"][name] = {"robust_accuracy": percent(int(robust.sum()), len(robust)),
-                                         "seconds": state["seconds"].get(name, 0.0)}
-            _write_state(path, state)
+            if name not in state["per_attack"]:  # resumed, a finished sub-attack keeps what it left
+                state["per_attack"][name] = {"robust_accuracy": percent(int(robust.sum()), len(robust)),
+                                             "seconds": state["seconds"].get(name, 0.0)}
+                _write_state(path, state)
     finally:
         aa.attacks_to_run = sub_attacks
     return robust, {name: AttackStep(**step) for name, step in state["per_attack"].items()}

@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from fractions import Fraction
+from functools import partial
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -216,6 +217,41 @@ def test_autoattack_resume(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(UserError, match="different evaluation"):
         ev.evaluate(model, x, y, state_path=state, **{**options, "eps": "2/255"})
+
+
+class ScriptedAutoAttack:
+    """Stands in for pyautoattack: sub-attack `name` breaks the examples in `breaks[name]` (the images carry their
+    index), and the `kill_at`-th call is killed."""
+
+    def __init__(self, breaks: dict[str, set[int]], kill_at: int | None = None):
+        self.attacks_to_run, self.breaks, self.kill_at, self.calls = list(breaks), breaks, kill_at, 0
+
+    def run_standard_evaluation(self, x, y, batch_size):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise KeyboardInterrupt
+        broken = torch.tensor([int(i) in self.breaks[self.attacks_to_run[0]] for i in x[:, 0, 0, 0]])
+        return x, torch.where(broken, (y + 1) % 10, y)
+
+
+def test_autoattack_resume_keeps_each_sub_attacks_accuracy(tmp_path):
+    """Killed in any batch, also after a later sub-attack broke some examples, the resumed run reports what an
+    uninterrupted one does, sub-attack by sub-attack (a resume once rewrote the finished ones' accuracy)."""
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2)
+    labels, candidates = torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.bool)
+    breaks = {"apgd-ce": {0, 1, 2}, "apgd-t": {3, 4, 6}}
+    run = partial(autoattack.run_autoattack, images=images, labels=labels, candidates=candidates, batch_size=2, key={})
+    robust, per_attack = run(ScriptedAutoAttack(breaks), state_path=None)
+    assert robust.tolist() == [False] * 5 + [True, False, True]
+    assert {name: step.robust_accuracy for name, step in per_attack.items()} == {"apgd-ce": 62.5, "apgd-t": 25.0}
+    for kill_at in range(2, 8):  # 4 batches of apgd-ce, then 3 of apgd-t
+        state = tmp_path / f"state_{kill_at}.json"
+        with pytest.raises(KeyboardInterrupt):
+            run(ScriptedAutoAttack(breaks, kill_at), state_path=state)
+        resumed = run(ScriptedAutoAttack(breaks), state_path=state)
+        assert resumed[0].tolist() == robust.tolist()
+        assert {k: v.robust_accuracy for k, v in resumed[1].items()} == \
+            {k: v.robust_accuracy for k, v in per_attack.items()}, f"killed in call {kill_at}"
 
 
 @pytest.mark.parametrize("damage, message", [
