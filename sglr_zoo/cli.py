@@ -35,8 +35,11 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _trained(run: Path) -> None:
-    print(f"done: {run}; the model is in {run / 'last'} (`sglr-zoo eval {run / 'last'}`, "
-          f"`sglr_zoo.load({str(run)!r})`, `sglr-zoo export {run} --out FOLDER`)")
+    from sglr_zoo.rundir import RunDir
+
+    exports = ", ".join(str(RunDir(run).export(which)) for which in RunDir(run).exports())
+    print(f"done: {run}; models: {exports} (evaluate one with `sglr-zoo eval FOLDER`, export it with "
+          f"`sglr-zoo export {run} --out FOLDER`)")
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -252,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a run directory (runs/NAME) or a model folder")
         sub.add_argument("--which", choices=("best", "last"),
                          help="which export of a run (default: best/ where the run has one, else last/)")
-        sub.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
+        sub.add_argument("--results", help="the evaluator's results JSON (default: the results.json beside the "
+                                           "weights)")
 
     push = commands.add_parser("push", help="upload a run's model, or the bundled zoo entries, to the Hugging Face Hub",
                                description="Export weights, config, model card, recipe and results and upload them "
@@ -274,12 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a Hub-ready model folder (weights, config, model card, ...)",
                                  description="Write a folder loadable with `timm.create_model('local-dir:OUT')`; "
                                              "with --zoo-cards, write model_cards/<name>.md for zoo runs that exist.")
-    export.add_argument("run_or_folder", metavar="RUN_OR_FOLDER", nargs="?", help="a run directory or a model folder")
+    checkpoint_args(export, optional=True)
     export.add_argument("--out", help="the new folder (with --zoo-entry: default sglr_zoo/bundled/<bundle>; with "
                                       "--zoo-cards: the cards folder, default model_cards)")
-    export.add_argument("--which", choices=("best", "last"),
-                        help="which export of a run (default: best/ where the run has one, else last/)")
-    export.add_argument("--results", help="the evaluator's results JSON (default: the run's results.json)")
     export.add_argument("--repo-id", help="the Hub repo the card should point to")
     export.add_argument("--zoo-entry", metavar="NAME",
                         help="bundle the run as zoo entry NAME (in the table of sglr_zoo/zoo.py): write "

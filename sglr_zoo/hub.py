@@ -617,7 +617,10 @@ def _standard_error(results: Results) -> float:
 def _selection_attack(metrics: Path | None) -> str:
     """The attack of the validation column that picks `best` (e.g. `val_pgd10_acc` -> "PGD-10"), read from
     metrics.csv's header so that the card names what the trainer measured."""
-    header = next(csv.reader(metrics.open(newline="")), []) if metrics is not None else []
+    header = []
+    if metrics is not None:
+        with metrics.open(newline="") as rows:
+            header = next(csv.reader(rows), [])
     for column in header:
         if match := re.fullmatch(r"val_(pgd|cw)(\d*)_acc", column):
             return match[1].upper() + (f"-{match[2]}" if match[2] else "")

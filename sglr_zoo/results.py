@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.rundir import write_atomic
 
 SCHEMA = "sglr_zoo.results/3"
 OLDER_SCHEMAS = ("sglr_zoo.results/2", "sglr_zoo.results/1")
@@ -143,11 +144,12 @@ class Results:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Writes the JSON file (parent folders are created), with no local path in it; returns its path."""
+        """Writes the JSON file atomically (parent folders are created), with no local path in it; returns its
+        path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**self.to_dict(), "provenance": asdict(self.provenance.public())}
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
         return path
 
     @classmethod

@@ -2,7 +2,8 @@
 
     RUN/
       recipe.yaml        the resolved recipe (fully expanded)
-      run.json           provenance: versions, seed, processes, precision, checksums (paths relative to RUN)
+      run.json           provenance: versions, seed, processes, precision, checksums (local paths made
+                         relative to the working directory, or their last component: results.public_paths)
       metrics.csv        one row per epoch
       curves.png         train vs test robust accuracy and the gradient norm per epoch
       checkpoints/       epoch_NNNN/ (complete) and .partial_epoch_NNNN/ (being written)

@@ -172,16 +172,15 @@ def _write_metrics(path: Path, history: list[dict], columns: list[str]) -> None:
 
 def plot_curves(history: list[dict], path: Path, attack: str) -> None:
     """Train vs held-out robust accuracy and the gradient norm per epoch (the robust-overfitting diagnostic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook calling train() keeps its backend
+    from matplotlib.ticker import MaxNLocator
 
     def series(key: str) -> tuple[list, list]:
         rows = [r for r in history if r.get(key) not in (None, "")]
         return [r["epoch"] for r in rows], [float(r[key]) for r in rows]
 
-    fig, (acc, grad) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    acc, grad = fig.subplots(1, 2)
     for key, label in [(f"{split}_{attack}_acc", f"{split} {attack.upper()}") for split in SPLITS] + [
             ("test_clean_acc", "test clean")]:
         epochs, values = series(key)
@@ -198,10 +197,9 @@ def plot_curves(history: list[dict], path: Path, attack: str) -> None:
         if last_epoch <= 10:
             axes.set_xticks(range(1, last_epoch + 1))
         else:
-            axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:

@@ -350,16 +350,22 @@ def test_results_round_trip_and_no_local_paths(tmp_path):
 
 
 def test_the_results_module_imports_no_torch():
-    """Readers of results (zoo table, cards, CLI listing) need no torch: only the standard library and our errors."""
+    """Readers of results (zoo table, cards, CLI listing) need no torch: only the standard library, our errors and
+    the run layout (for its atomic write), which imports only the standard library and our errors."""
     import ast
 
     import sglr_zoo.results
+    import sglr_zoo.rundir
 
-    tree = ast.parse(Path(sglr_zoo.results.__file__).read_text())
-    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert modules == {"__future__", "json", "math", "os", "re", "warnings", "dataclasses", "pathlib", "typing",
-                       "sglr_zoo.errors"}
+    def imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        return found | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+    assert imports(sglr_zoo.results) == {"__future__", "json", "math", "os", "re", "warnings", "dataclasses",
+                                         "pathlib", "typing", "sglr_zoo.errors", "sglr_zoo.rundir"}
+    assert {name for name in imports(sglr_zoo.rundir) if name.startswith("sglr_zoo")} == {"sglr_zoo.errors"}
+    assert not {name for name in imports(sglr_zoo.rundir) if name.split(".")[0] in ("torch", "numpy", "timm")}
 
 
 def test_reads_a_version_1_results_file():
