@@ -36,10 +36,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int | None) -> ImageSet:
-        """The first n examples (all when n is None)."""
-        return self if n is None else ImageSet(self.images[:n], self.labels[:n], self.class_names)
-
 
 class IndexedDataset(Dataset):
     """Yields (uint8 image, label, index); the index is what SGLR's per-example soft labels need."""

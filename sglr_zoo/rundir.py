@@ -104,18 +104,6 @@ class RunDir:
         run = cls(folder.parent)
         return (run, folder.name) if folder.name in EXPORTS and run.run_info.is_file() else None
 
-    def is_run(self) -> bool:
-        """True when this looks like a run directory written by the trainer."""
-        return self.recipe.is_file() or self.checkpoints.is_dir() or bool(self.exports())
-
-    def relative(self, path: str | Path) -> str:
-        """`path` relative to the run directory when inside it, else its file name only (no local paths leak)."""
-        path = Path(path)
-        try:
-            return str(path.resolve().relative_to(self.root.resolve()))
-        except ValueError:
-            return path.name
-
 
 def checkpoint_dirs(folder: Path) -> list[Path]:
     """The `epoch_NNNN` folders in a run's checkpoints/ folder, oldest first."""

@@ -61,10 +61,10 @@ class ClassifierHead:
         return self.forward_head(self.forward_features(x))
 
 
-def cifar_cfg(pool_size: tuple[int, int], **kwargs) -> dict:
+def cifar_cfg(pool_size: tuple[int, int]) -> dict:
     """A pretrained_cfg for 32x32 inputs taken in [0, 1] (normalisation, if any, is inside the model)."""
     return {
         "num_classes": 10, "input_size": (3, 32, 32), "pool_size": pool_size, "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1",
-        "classifier": "fc", **kwargs,
+        "classifier": "fc",
     }
