@@ -84,6 +84,8 @@ class ModelConfig:
     pretrained: str | None = None  # a local-dir:/hf-hub: id, zoo name or run directory to start from
     mean: list[float] | None = None  # normalisation applied inside the model; None = none (inputs in [0, 1])
     std: list[float] | None = None
+    # timm's drop_rate: dropout before the classifier; in our WideResNets, inside every block instead (the
+    # original WRN's dropout, as in the TRADES code's WideResNet)
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to timm.create_model
 
