@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train from a recipe; `key.sub=value` overrides win over the file. "
                                             "Multi-process: `accelerate launch train.py RECIPE ...`.")
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cifar10.yaml")
-    train.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="e.g. schedule.epochs=10 run.seed=1")
+    train.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
+                       help="e.g. schedule.epochs=10 run.seed=1")
     train.set_defaults(func=_train)
 
     finetune = commands.add_parser(

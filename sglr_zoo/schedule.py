@@ -70,7 +70,8 @@ class BudgetPlan:
     def describe(self, step_s: float, steps_per_epoch: int) -> str:
         last = self.steps - (self.epochs - 1) * steps_per_epoch
         cut = "" if last == steps_per_epoch else f", the last cut at {last} steps"
-        return (f"{step_s:.3f} s per step -> {self.steps} steps = {self.epochs} epoch{'s' * (self.epochs != 1)} of {steps_per_epoch}{cut}; "
+        epochs = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
+        return (f"{step_s:.3f} s per step -> {self.steps} steps = {epochs} of {steps_per_epoch}{cut}; "
                 f"predicted: training {self.train_s:.0f} s, monitoring {self.monitor_s:.0f} s, final evaluation "
                 f"{self.final_s:.0f} s")
 
