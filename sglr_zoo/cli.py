@@ -10,9 +10,10 @@ from pathlib import Path
 
 from sglr_zoo.errors import UserError
 
+_RERUN_RESUMES = "; rerun the same command to resume from the run's last checkpoint"
 _RESUME = {  # what a rerun of the interrupted command does
-    "train": "; rerun the same command to resume from the run's last checkpoint",
-    "finetune": "; rerun the same command to resume from the run's last checkpoint",
+    "train": _RERUN_RESUMES,
+    "finetune": _RERUN_RESUMES,
     "eval": "; with --state-path FILE, a rerun with the same file resumes AutoAttack where it stopped",
 }
 
@@ -37,7 +38,8 @@ def _finetune(args: argparse.Namespace) -> None:
 def _trained(run: Path) -> None:
     from sglr_zoo.rundir import RunDir
 
-    exports = ", ".join(str(RunDir(run).export(which)) for which in RunDir(run).exports())
+    run_dir = RunDir(run)
+    exports = ", ".join(str(run_dir.export(which)) for which in run_dir.exports())
     print(f"done: {run}; models: {exports} (evaluate one with `sglr-zoo eval FOLDER`, export it with "
           f"`sglr-zoo export {run} --out FOLDER`)")
 

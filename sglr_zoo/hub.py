@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -100,6 +101,11 @@ class ModelSource:
             return exported["epoch"]
         return (self.run_info or {}).get(f"{self.which}_epoch") if self.which else None
 
+    @cached_property
+    def weights_sha256(self) -> str:
+        """`weights_fingerprint` of the weights, computed once."""
+        return weights_fingerprint(load_file(self.folder.weights))
+
     @property
     def method(self) -> str | None:
         return self.recipe.method.name if self.recipe else None
@@ -173,7 +179,7 @@ def collect(run_or_folder: str | Path, *, which: str | None = None,
         raise UserError(f"results are for {source.results.arch!r} but the weights in {folder.root} are "
                         f"{source.arch!r}: pass the matching results file with --results")
     if source.results:
-        _check_same_weights(source.results, folder, "the results")
+        _check_same_weights(source.results, source, "the results")
     return source
 
 
@@ -338,7 +344,7 @@ def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | 
             raise UserError(f"--zoo-entry {name}: the zoo table says {key} {table[key]!r}, but {run_or_folder} has "
                             f"{found[key]!r}; bundle the matching run or fix the entry in sglr_zoo/zoo.py")
     check = _check_results(check_results, source.results)
-    _check_same_weights(check, source.folder, str(check_results))
+    _check_same_weights(check, source, str(check_results))
     weights = _weights_bytes(source.folder.weights, half)
     if len(weights) > MAX_BUNDLE_MB * 2**20:
         raise UserError(f"{source.folder.weights}: {len(weights) / 2**20:.1f} MiB of weights is over the "
@@ -374,11 +380,11 @@ def _check_results(path: str | Path | None, results: Results) -> Results:
     return check
 
 
-def _check_same_weights(results: Results, folder: ModelFolder, what: str) -> None:
-    """Refuses results that record a weights fingerprint other than that of the folder's weights."""
-    if results.weights_sha256 not in (None, weights_fingerprint(load_file(folder.weights))):
-        raise UserError(f"{what} are for other weights than {folder.weights} (weights_sha256 differs): pass the "
-                        f"results of these weights, or evaluate them: `sglr-zoo eval {folder.root}`")
+def _check_same_weights(results: Results, source: ModelSource, what: str) -> None:
+    """Refuses results that record a weights fingerprint other than that of the source's weights."""
+    if results.weights_sha256 not in (None, source.weights_sha256):
+        raise UserError(f"{what} are for other weights than {source.folder.weights} (weights_sha256 differs): pass "
+                        f"the results of these weights, or evaluate them: `sglr-zoo eval {source.folder.root}`")
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
