@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from sglr_zoo.attacks import Threat
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import write_atomic
 from sglr_zoo.results import AttackStep, percent
-from sglr_zoo.rundir import write_atomic
 
 PYAUTOATTACK_VERSION = "0.2.0"  # the internals read below are this version's; pyproject.toml pins the same
 STATE_SCHEMA = "sglr_zoo.autoattack_state/1"

@@ -42,8 +42,9 @@ from accelerate.utils import broadcast
 from torch import nn
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import WriteFailed, fsync_dir, write_atomic
 from sglr_zoo.recipe import Recipe, from_dict
-from sglr_zoo.rundir import RunDir, RunLock, WriteFailed, checkpoint_dirs, checkpoint_epoch, fsync_dir, write_atomic
+from sglr_zoo.rundir import RunDir, RunLock, checkpoint_dirs, checkpoint_epoch
 
 FORMAT = "sglr-zoo-checkpoint/1"
 MANIFEST = "manifest.json"

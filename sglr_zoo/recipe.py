@@ -633,7 +633,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Writes the resolved recipe as YAML: every key expanded, no `base:`."""
-    from sglr_zoo.rundir import write_atomic
+    from sglr_zoo.files import write_atomic
 
     write_atomic(Path(path), yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False).encode())
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.rundir import write_atomic
+from sglr_zoo.files import write_atomic
 
 SCHEMA = "sglr_zoo.results/3"
 OLDER_SCHEMAS = ("sglr_zoo.results/2", "sglr_zoo.results/1")

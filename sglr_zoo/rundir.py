@@ -15,18 +15,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
 import json
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import WriteFailed
 
 EXPORTS = ("best", "last")
 CHECKPOINT_PATTERN = re.compile(r"epoch_(\d{4,})")
@@ -118,49 +118,6 @@ def checkpoint_epoch(folder: Path) -> int:
     return int(CHECKPOINT_PATTERN.fullmatch(folder.name).group(1))
 
 
-class WriteFailed(UserError):
-    """A file could not be written; the message names it, and says so when the disk is full."""
-
-    def __init__(self, path: Path, error: OSError):
-        reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
-        reason = reasons.get(error.errno, error.strerror or str(error))
-        super().__init__(f"could not write {path}: {reason}")
-        self.path = path
-
-
-def fsync_dir(folder: Path) -> None:
-    """Makes the entries of `folder` durable: a rename is only kept over a crash once its directory is synced."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # some network filesystems cannot sync a directory
-            raise
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to a temporary name beside `path`, fsyncs it, renames it to `path` and fsyncs the folder:
-    a crash leaves the old file or the new one, never part of one. Raises WriteFailed naming `path`."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-        fsync_dir(path.parent)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        raise WriteFailed(path, error) from error
-
-
 class RunLock:
     """One run per directory: an exclusive `flock` on RUN/.lock, held until `release()` or the process ends.
 
@@ -185,9 +142,13 @@ class RunLock:
             key = os.path.realpath(path)
             if key in cls._held:
                 cls._held[key].release()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a `.lock` planted as a link to another file would be truncated below
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise WriteFailed(path, error) from error
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{path} is not a plain file; delete it (it only serves the lock of this run directory)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

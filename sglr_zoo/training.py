@@ -38,11 +38,12 @@ from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
+from sglr_zoo.files import write_atomic
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.objectives import SGLR, Objective, build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, public_paths
-from sglr_zoo.rundir import RunDir, write_atomic
+from sglr_zoo.rundir import RunDir
 from sglr_zoo.schedule import epoch_progress, parse_budget, plan_budget
 
 SPLITS = ("train", "val", "test")  # the splits monitored each epoch (val only when data.val_size > 0)

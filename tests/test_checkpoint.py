@@ -28,9 +28,10 @@ from sglr_zoo.checkpoint import (
     split_tensors,
 )
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import WriteFailed, write_atomic
 from sglr_zoo.objectives import build_objective
 from sglr_zoo.recipe import Recipe, from_dict
-from sglr_zoo.rundir import RunDir, RunLock, WriteFailed, write_atomic
+from sglr_zoo.rundir import RunDir, RunLock
 from sglr_zoo.training import RunState
 
 # Every file name accelerate's save_state writes as a pickle (and loads with weights_only=False, or not at all).
