@@ -16,11 +16,16 @@ from typing import Any, Literal
 import yaml
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import read_regular, write_atomic
 from sglr_zoo.schedule import parse_budget
 
 STANDARD_EPS = {"linf": Fraction(8, 255), "l2": Fraction(1, 2)}  # RobustBench's CIFAR radii
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few kB; a bigger file is a mistake, refused before it is parsed
 _MAX_DEPTH = 32  # nesting levels (recipes use 3); PyYAML's composer recurses once per level
+MAX_IMAGE_SIZE = 1024  # data.image_size: pixels per side; CIFAR models take 32, ImageNet ones 224
+MAX_THREADS = 4096  # run.threads: more than any machine has; a recipe travels between machines, so no cpu_count()
+MAX_WORKERS = 256  # run.num_workers: data-loading processes
+MAX_LR = 10.0  # optim.lr: SGD's rates are 0.01-0.4; 10 and more only diverge
 _HUGE_EXPONENT = re.compile(r"[eE][-+]?0*[0-9]{4,}")  # Fraction("1e99999") would build a 10**99999 integer
 
 
@@ -37,6 +42,23 @@ def parse_fraction(value: Any) -> Fraction:
     except (ValueError, ZeroDivisionError, OverflowError):  # nan, inf, 1/0, text
         raise ValueError(f"expected a finite number or a fraction like 8/255, got {value!r}") from None
     return result
+
+
+def eps_problem(threat: str, eps: Fraction, values: int | None) -> str | None:
+    """Why `eps` is no radius for `threat` on [0, 1] images of `values` numbers (C x H x W; None: unknown), or None.
+
+    A radius is >= 0 and at most what reaches every image: 1 for linf (the whole pixel range), the image cube's
+    diagonal sqrt(values) for l2.
+    """
+    if eps < 0:
+        return "must be >= 0"
+    if threat == "linf" and eps > 1:
+        return (f"{format_fraction(eps)} is more than 1, the whole [0, 1] pixel range, for a linf radius; write "
+                "pixel units as k/255 (8/255 is standard)")
+    if threat == "l2" and values is not None and eps * eps > values:
+        return (f"{format_fraction(eps)} is more than {math.sqrt(values):.4g}, the diameter of [0, 1] images of "
+                f"{values} values, for an l2 radius (1/2 is standard)")
+    return None
 
 
 def format_fraction(value: Fraction) -> str | int | float:
@@ -72,7 +94,7 @@ class DataConfig:
         _check(self.n_train is None or self.n_train >= 1, "n_train", "must be >= 1 or null")
         _check(self.n_test is None or self.n_test >= 1, "n_test", "must be >= 1 or null")
         _check(self.val_size >= 0, "val_size", "must be >= 0")
-        _check(self.image_size >= 8, "image_size", "must be >= 8")
+        _check(8 <= self.image_size <= MAX_IMAGE_SIZE, "image_size", f"must be in [8, {MAX_IMAGE_SIZE}] (pixels a side)")
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2 or null")
 
 
@@ -151,9 +173,9 @@ class OptimConfig:
     grad_clip: float | None = None  # max gradient norm; None = no clipping
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1] (5e-4 is usual)")
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
 
 
@@ -252,8 +274,10 @@ class RunConfig:
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
-        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        _check(self.threads == "auto" or self.threads >= 1, "threads", "must be auto or >= 1")
+        _check(0 <= self.num_workers <= MAX_WORKERS, "num_workers", f"must be in [0, {MAX_WORKERS}]")
+        _check(self.threads == "auto" or 1 <= self.threads <= MAX_THREADS, "threads",
+               f"must be auto or in [1, {MAX_THREADS}]")
+        _check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32 - 1] (what numpy's generator takes)")
 
 
 @dataclass
@@ -297,6 +321,10 @@ class Recipe:
     def __post_init__(self) -> None:
         _check(self.model.pretrained is None or self.finetune.backbone is None, "model.pretrained",
                "give the backbone once: finetune.backbone (model.pretrained is its older, shorter form)")
+        values = 3 * self.data.image_size**2  # images are decoded to RGB
+        for key, eps in (("attack.eps", self.attack.eps), ("eval.eps", self.eval.eps)):
+            problem = None if eps is None else eps_problem(self.attack.threat, eps, values)
+            _check(problem is None, key, problem)
         if self.method.start_epoch >= 1:
             _check(self.method.start_epoch <= self.schedule.epochs + 1, "method.start_epoch",
                    f"must be <= epochs + 1 = {self.schedule.epochs + 1} (or a fraction < 1)")
@@ -565,15 +593,14 @@ def _read_yaml(path: Path, base_of: Path | None = None) -> dict[str, Any]:
     """One recipe file (the base named in `base_of`), strictly parsed: a non-empty UTF-8 mapping of limited size."""
     name = f"{base_of}: base file {path}" if base_of else f"recipe file {path}"
     try:
-        with path.open("rb") as file:
-            raw = file.read(MAX_RECIPE_BYTES + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raw = read_regular(path, MAX_RECIPE_BYTES, "recipe")  # a FIFO or a device is refused, never waited on
+    except (FileNotFoundError, NotADirectoryError):
         fix = f"`base:` is relative to {base_of.parent}" if base_of else "see recipes/ for examples"
         raise UserError(f"{name} not found; {fix}") from None
+    except UserError as error:
+        raise UserError(f"{base_of}: base file {error}" if base_of else str(error)) from None
     except (OSError, ValueError) as error:  # ValueError: a NUL in the name
         raise UserError(f"{name} cannot be read: {getattr(error, 'strerror', None) or error}") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise UserError(f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a short YAML file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -633,8 +660,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Writes the resolved recipe as YAML: every key expanded, no `base:`."""
-    from sglr_zoo.files import write_atomic
-
     write_atomic(Path(path), yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False).encode())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -171,7 +172,7 @@ ERRORS = [
     ("eps < 0", "attack:\n  eps: -1/255\n", [], ["attack.eps", ">= 0"]),
     ("eps not a number", "attack:\n  eps: eight\n", [], ["attack.eps", "8/255"]),
     ("steps < 1", "attack:\n  steps: 0\n", [], ["attack.steps", ">= 1"]),
-    ("lr <= 0", "optim:\n  lr: 0\n", [], ["optim.lr", "> 0"]),
+    ("lr <= 0", "optim:\n  lr: 0\n", [], ["optim.lr", "(0, 10]"]),
     ("bad literal", "method:\n  name: foo\n", [], ["method.name", "'foo'", "'sglr'"]),
     ("start_epoch beyond epochs", "schedule:\n  epochs: 10\n  milestones: [5]\nmethod:\n  start_epoch: 50\n", [],
      ["method.start_epoch", "11"]),
@@ -298,9 +299,56 @@ def test_billion_laughs_fails_fast(tmp_path):
 
 def test_size_cap(tmp_path):
     path = write(tmp_path, "run:\n  seed: 1\n" + "#" * MAX_RECIPE_BYTES + "\n")
-    with pytest.raises(UserError, match="larger than 1024 KiB") as info:
+    with pytest.raises(UserError, match=r"more than a recipe can be \(1,048,576\)") as info:
         load_recipe(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("planted", ["recipe", "base"])
+def test_a_fifo_or_device_is_refused_without_waiting(tmp_path, planted):
+    """A FIFO as the recipe or its `base:` once waited forever for a writer; /dev/zero read until the cap."""
+    child = write(tmp_path, "base: parent.yaml\nrun: {seed: 1}\n", "child.yaml")
+    path = child if planted == "recipe" else tmp_path / "parent.yaml"
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    with pytest.raises(UserError, match=r"not a regular file \(a FIFO\); a recipe must be a plain file") as info:
+        load_recipe(child)
+    assert str(info.value).startswith(f"{child}: base file {path}" if planted == "base" else str(path))
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match="a character device"):
+        load_recipe(child)
+
+
+# (override, the key and fragment of its one-line error): numbers far outside what any run means
+OUT_OF_RANGE = [
+    ("run.seed=-1", "run.seed", "[0, 2**32 - 1]"),
+    ("run.seed=4294967296", "run.seed", "[0, 2**32 - 1]"),
+    ("optim.lr=1e300", "optim.lr", "(0, 10]"),
+    ("optim.weight_decay=5", "optim.weight_decay", "[0, 1]"),
+    ("run.threads=1000000", "run.threads", "auto or in [1, 4096]"),
+    ("run.num_workers=100000", "run.num_workers", "[0, 256]"),
+    ("data.image_size=100000", "data.image_size", "[8, 1024]"),
+    ("attack.eps=5", "attack.eps", "5 is more than 1, the whole [0, 1] pixel range, for a linf radius"),
+    ("eval.eps=2", "eval.eps", "2 is more than 1"),
+    ("attack.threat=l2 attack.eps=56", "attack.eps", "56 is more than 55.43, the diameter of [0, 1] images of 3072"),
+    ("attack.threat=l2 eval.eps=200 data.image_size=64", "eval.eps", "200 is more than 110.9"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, fragment", OUT_OF_RANGE, ids=[o[0] for o in OUT_OF_RANGE])
+def test_numbers_out_of_range(overrides, key, fragment):
+    with pytest.raises(UserError) as info:
+        from_dict({}, overrides.split(), source="file.yaml")
+    assert str(info.value).startswith(f"file.yaml: {key}: ") and fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("overrides", ["run.seed=4294967295", "optim.lr=10", "run.threads=4096", "run.threads=auto",
+                                       "run.num_workers=256", "data.image_size=1024", "attack.eps=1", "attack.eps=0",
+                                       "attack.threat=l2 attack.eps=55", "attack.threat=l2 eval.eps=110 "
+                                       "data.image_size=64"])
+def test_numbers_at_their_bounds(overrides):
+    assert from_dict({}, overrides.split()).to_dict()
 
 
 # YAML 1.2 core schema: (text of run.name or run.seed, what it reads as)

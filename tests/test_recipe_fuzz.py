@@ -21,11 +21,12 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 BAD_VALUES = [".inf", "-.inf", ".nan", "1/0", "1e400", "'1e99999'", "-1", "0", "010", "0x1F", "0o7", "yes", "no",
               "~", "null", "''", "[]", "{}", "[1, 2", "{a: 1, a: 2}", "&a 1", "*a", "!!python/name:os.system",
               "!!binary aGk=", "2024-01-01", "8/255", "0.5", "true", "3", "x" * 300, "[" * 40, "\t", '"\\x00"',
-              "9" * 5000, "{1: 2}", "{a: .nan}"]
+              "9" * 5000, "{1: 2}", "{a: .nan}", "1e300", "4294967296", "1000000", "5"]  # the last: out of range
 KEYS = ["data.n_train", "data.num_classes", "data.dataset", "model.arch", "model.mean", "model.kwargs",
         "model.kwargs.img_size", "attack.eps", "attack.threat", "attack.steps", "method.name", "method.start_epoch",
-        "optim.lr", "optim.grad_clip", "schedule.epochs", "schedule.milestones", "eval.final_attacks",
-        "run.mixed_precision", "run.seed", "run.name", "run", "base", "nope.x", "run.seed.x", ""]
+        "optim.lr", "optim.grad_clip", "optim.weight_decay", "schedule.epochs", "schedule.milestones",
+        "eval.final_attacks", "eval.eps", "data.image_size", "run.mixed_precision", "run.seed", "run.threads",
+        "run.num_workers", "run.name", "run", "base", "nope.x", "run.seed.x", ""]
 TOKENS = ["data:", "model:", "run:", "attack:", "schedule:", "  ", "\n", "- ", ": ", "eps: ", "seed: ", "base: ",
           "wrn34_cifar10.yaml", "#", "'", '"', "{", "}", "[", "]", ",", "&x ", "*x", "!!", "? ", "---", "...", "|",
           ">", "%YAML 1.2", *BAD_VALUES]
