@@ -15,12 +15,13 @@ pickles and loads them with `weights_only=False`):
 
 It is written into `.partial_epoch_NNNN/` (each file through a temporary name, fsynced), the manifest last, and
 the folder is renamed to `epoch_NNNN/` and its parent fsynced: a crash at any point leaves the previous checkpoint
-intact. Loading opens only the files the manifest lists, only `.safetensors` and `.json`, each checked against its
-size and sha256 before it is parsed; anything else in the folder (a planted `custom_checkpoint_0.pkl`) is never
-opened.
+intact. A link planted at either name is removed, never followed. Loading opens only the files the manifest lists,
+only `.safetensors` and `.json`, each checked against its size and sha256 before it is parsed; anything else in the
+folder (a planted `custom_checkpoint_0.pkl`) is never opened.
 
-`open_run` applies the directory rules before training: one run per directory (RunLock), a finished run is not
-rerun, `resume: never` does not start over a directory holding checkpoints, and a resumed run keeps its recipe.
+`open_run` applies the directory rules before training: one run per directory (RunLock), checkpoints/, best/ and
+last/ are not links, a finished run is not rerun, `resume: never` does not start over a directory holding
+checkpoints, and a resumed run keeps its recipe.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class Checkpointer:
         accelerator, partial, final = self.accelerator, self.run.partial_checkpoint(epoch), self.run.checkpoint(epoch)
         try:
             if accelerator.is_main_process:
-                shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+                _remove(partial)  # left by a killed run
                 partial.mkdir(parents=True)
             accelerator.wait_for_everyone()
             write_atomic(partial / f"rng_{accelerator.process_index}.json", _json_bytes(rng_state()))
@@ -292,7 +293,7 @@ class Checkpointer:
                             "num_processes": accelerator.num_processes, "files": files}
                 write_atomic(partial / MANIFEST, _json_bytes(manifest))
                 fsync_dir(partial)
-                shutil.rmtree(final, ignore_errors=True)  # one of this epoch that did not verify (resumed before it)
+                _remove(final)  # one of this epoch that did not verify (resumed before it)
                 partial.rename(final)
                 fsync_dir(final.parent)
                 rotate_checkpoints(self.run, epoch, self.recipe.run.keep_checkpoints)
@@ -363,6 +364,15 @@ def rotate_checkpoints(run: RunDir, epoch: int, keep: int) -> None:
         shutil.rmtree(folder)
 
 
+def _remove(path: Path) -> None:
+    """Deletes a folder and its content, or a file or link itself: never what a link planted at `path` points to
+    (shutil.rmtree follows no link inside the folder either)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # ---- (re)starting a run in its directory -----------------------------------------------------------------------
 
 def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[RunLock | None, Path | None]:
@@ -370,9 +380,9 @@ def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[Run
 
     The main process locks RUN/.lock for the whole run (one run per directory) and applies the directory's rules;
     every process gets its decision, so all of them stop with the same UserError when it refuses:
-    a finished run is not rerun; `run.resume: never` does not start over checkpoints; `auto` resumes from the
-    newest checkpoint that verifies; a folder is resumed only when it is this run's newest; and a resumed run's
-    recipe may differ from its checkpoint's only in RESUMABLE_CHANGES.
+    checkpoints/, best/ and last/ are not links; a finished run is not rerun; `run.resume: never` does not start
+    over checkpoints; `auto` resumes from the newest checkpoint that verifies; a folder is resumed only when it is
+    this run's newest; and a resumed run's recipe may differ from its checkpoint's only in RESUMABLE_CHANGES.
 
     Returns:
         the lock (main process only; release it with `finish_run`) and the checkpoint folder or None.
@@ -383,6 +393,7 @@ def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[Run
         nonlocal lock
         lock = RunLock.acquire(run)
         try:
+            run.refuse_links()
             return _resume_epoch(run, recipe)
         except UserError:
             lock.release()

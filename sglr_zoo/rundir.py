@@ -11,6 +11,10 @@
                          autoattack_state.json (the final evaluation's progress)
       .lock              flock'ed while a process trains here; holds that process's pid and host
       finished.json      written last: the run is complete
+
+checkpoints/, best/ and last/ must be real folders (`RunDir.refuse_links`): a run directory may have been prepared
+by someone else, and a link there would send the run's writes and deletions elsewhere. A link named epoch_NNNN
+inside checkpoints/ is not a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import WriteFailed
+from sglr_zoo.files import WriteFailed, refuse_link
 
 EXPORTS = ("best", "last")
 CHECKPOINT_PATTERN = re.compile(r"epoch_(\d{4,})")
@@ -104,12 +108,18 @@ class RunDir:
         run = cls(folder.parent)
         return (run, folder.name) if folder.name in EXPORTS and run.run_info.is_file() else None
 
+    def refuse_links(self) -> None:
+        """Raises UserError naming the link when checkpoints/, best/ or last/ is a symbolic link."""
+        for folder in (self.checkpoints, *map(self.export, EXPORTS)):
+            refuse_link(folder)
+
 
 def checkpoint_dirs(folder: Path) -> list[Path]:
-    """The `epoch_NNNN` folders in a run's checkpoints/ folder, oldest first."""
+    """The `epoch_NNNN` folders in a run's checkpoints/ folder, oldest first; a link is none of them (resume,
+    rotation and replacing never follow one)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.fullmatch(p.name)]
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and CHECKPOINT_PATTERN.fullmatch(p.name)]
     return sorted(found, key=checkpoint_epoch)
 
 

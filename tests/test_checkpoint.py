@@ -132,6 +132,12 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def one_line(error: BaseException) -> str:
+    message = str(error)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
 def rewrite_manifest(folder: Path, **files: bytes) -> None:
     """Replaces or adds files and lists them in the manifest with their true sha256: an attacker's checkpoint."""
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -291,7 +297,7 @@ MALFORMED = [
     ("rng_0.json", b"[]", "rng_0.json: not a random state"),
     ("state.json", b"{}", "its optimizer or run state does not fit"),
     ("state.json", b'{"epoch": 1, "global_step": 0, "best_epoch": 0, "best_val_pgd": 0, "history": [1]}',
-     "history must be a list of rows"),
+     r"its optimizer or run state does not fit this recipe \(.*history"),  # the message is RunState's
     ("optimizer.json", b'{"state": {"__int_keys__": {"0": {"momentum_buffer": {"__tensor__": "t99"}}}}}',
      "names a tensor that optimizer.safetensors lacks"),
     ("optimizer.json", b'{"state": {}, "param_groups": [{"params": [0, 1, 2, 3, 4, 5, 6, 7, 8]}]}',
@@ -575,3 +581,39 @@ def test_a_bad_finished_marker_is_named(run, tmp_path):
     run.finished.write_text("[")
     with pytest.raises(UserError, match=f"{run.finished}: not a finished-run marker"):
         open_run(OneProcess(), run, make_recipe(tmp_path))
+
+
+# ---- a run directory someone else prepared --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["checkpoints", "best", "last"])
+def test_open_run_refuses_linked_run_folders(run, tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run.root.mkdir()
+    (run.root / name).symlink_to(elsewhere)
+    with pytest.raises(UserError, match=rf"{run.root / name} is a symbolic link \(to {elsewhere}\).*Replace the "
+                                        "link by a folder") as info:
+        open_run(OneProcess(), run, make_recipe(tmp_path))
+    one_line(info.value)
+    RunLock.acquire(run).release()  # a refusal leaves the directory unlocked
+
+
+@pytest.mark.parametrize("victim_kind", ["folder", "file"])
+def test_links_at_checkpoint_names_are_replaced_never_followed(run, tmp_path, victim_kind):
+    trainer = Trainer(run, make_recipe(tmp_path, "run.keep_checkpoints=1"))
+    trainer.epoch(1)
+    victim = tmp_path / "victim"
+    if victim_kind == "folder":
+        victim.mkdir()
+        (victim / "precious").write_text("mine")
+    else:
+        victim.write_text("mine")
+    before = sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()
+    for name in (".partial_epoch_0002", "epoch_0002", "epoch_0000"):  # being written, replaced, older (rotated)
+        (run.checkpoints / name).symlink_to(victim)
+    assert latest_checkpoint(run.checkpoints) == run.checkpoint(1)  # a link is no checkpoint
+    trainer.epoch(2)
+    assert (sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()) == before
+    assert not run.checkpoint(2).is_symlink() and not run.partial_checkpoint(2).exists()
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0000", "epoch_0002"]  # the link stays
+    assert latest_checkpoint(run.checkpoints) == run.checkpoint(2)
