@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -108,17 +110,31 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
 
 
+def _ended_pid() -> int:
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
+def checked(folder: Path, **kwargs) -> hardware.ThreadClaims:
+    """Claims in `folder` once `deciding` has checked it, as a run's are."""
+    claims = hardware.ThreadClaims(folder, **kwargs)
+    with claims.deciding():
+        pass
+    return claims
+
+
 def test_thread_claims_count_live_processes_only(tmp_path):
-    live, ended = _sleeper(), _sleeper()
-    ended.communicate()
+    live = _sleeper()
     try:
         (tmp_path / f"{live.pid}.threads").write_text("2")
-        (tmp_path / f"{ended.pid}.threads").write_text("3")
+        (tmp_path / f"{_ended_pid()}.threads").write_text("3")
         (tmp_path / "123.partial").write_text("4")  # a claim being written
-        mine = hardware.ThreadClaims(tmp_path)
+        mine = checked(tmp_path)
         mine.claim(1, shared=True)
         assert mine.others() == 2
-        assert not (tmp_path / f"{ended.pid}.threads").exists()  # removed: that process ended
+        assert sorted(path.name for path in tmp_path.glob("*.threads")) == sorted([f"{live.pid}.threads",
+                                                                                   mine.path.name])
         mine.release()
         assert not mine.path.exists()
     finally:
@@ -132,6 +148,166 @@ def test_thread_claims_where_the_folder_cannot_be_made_warn_and_claim_nothing(tm
         claims.claim(2, shared=True)
     assert claims.others() == 0 and claims.share(every_s=0) is None  # no claims, no sharing
     claims.release()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {path.name: (path.lstat().st_mode, b"" if path.is_symlink() else path.read_bytes())
+            for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("prepared, why", [
+    ("mode 777", "mode 777: other users may use it"),
+    ("mode 770", "mode 770: other users may use it"),
+    ("another uid", "owned by uid"),
+    ("a link", "a symbolic link to"),
+])
+def test_a_claims_folder_someone_else_may_have_prepared_is_refused_untouched(tmp_path, monkeypatch, prepared, why):
+    """Another local user who made the folder first (or may write into it) could plant a `lock` link to a file of
+    ours, a FIFO or a claim of 1000 threads: the run warns in one line, claims nothing and touches nothing there."""
+    folder = tmp_path / "claims"
+    real = tmp_path / "real" if prepared == "a link" else folder
+    real.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (real / "lock").symlink_to(victim)
+    (real / f"{_ended_pid()}.threads").write_text("1000")
+    if prepared == "a link":
+        folder.symlink_to(real)
+    elif prepared == "another uid":
+        uid = os.getuid() + 1
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+    else:
+        real.chmod(int(prepared.split()[1], 8))
+    before = _listing(real), real.lstat().st_mode
+    claims = hardware.ThreadClaims(folder)
+    warning = f"cannot claim threads in {re.escape(str(folder))} .*{why}"
+    with pytest.warns(UserWarning, match=warning) as warned, claims.deciding():
+        claims.claim(2, shared=True)
+        assert claims.others() == 0
+    assert "\n" not in str(warned[0].message)
+    claims.release()
+    assert (_listing(real), real.lstat().st_mode) == before and victim.read_text() == "precious"
+
+
+def test_an_own_claims_folder_that_others_may_only_read_is_made_private(tmp_path):
+    folder = tmp_path / "claims"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o755)  # as earlier versions made it: nobody else can have written into it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        claims = checked(folder)
+    assert claims.usable and folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("plant", ["link", "fifo"])
+def test_the_claims_lock_is_never_opened_through_a_link_or_as_a_fifo(tmp_path, plant):
+    folder = tmp_path / "claims"
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    if plant == "link":
+        (folder / "lock").symlink_to(victim)
+    else:
+        os.mkfifo(folder / "lock")
+    claims = hardware.ThreadClaims(folder)
+    with pytest.warns(UserWarning, match="cannot claim threads"), claims.deciding():  # neither hangs nor truncates
+        claims.claim(2, shared=True)
+    assert victim.read_text() == "precious" and not claims.path.exists()
+
+
+def test_a_held_claims_lock_is_waited_for_a_while_only(tmp_path):
+    import fcntl
+
+    folder = tmp_path / "claims"
+    folder.mkdir(mode=0o700)
+    holder = os.open(folder / "lock", os.O_RDONLY | os.O_CREAT)  # another run, hung while deciding
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        claims = hardware.ThreadClaims(folder, lock_wait_s=0.2)
+        started = time.monotonic()
+        with pytest.warns(UserWarning, match="lock still held after 0.2 s; deciding without waiting"), claims.deciding():
+            claims.claim(2, shared=False)  # the claims still work
+        assert time.monotonic() - started < 5 and claims.path.read_text() == "2"
+    finally:
+        os.close(holder)
+
+
+def _plant(folder: Path, name: str, content: str) -> Path:
+    path = folder / name
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "folder":
+        path.mkdir()
+    else:
+        path.write_text(content)
+    if content == "stale":
+        path.write_text("1")
+        old = time.time() - hardware.CLAIM_MAX_AGE_S - 1
+        os.utime(path, (old, old))
+    return path
+
+
+@pytest.mark.parametrize("owner, content, counted, kept", [
+    ("live", "1", 1, True),
+    ("live", "1000", 0, False),  # would pin every run on the machine to one thread
+    ("live", "0", 0, False),
+    ("live", "-2", 0, False),
+    ("live", "two", 0, False),
+    ("live", "1" * 100, 0, False),  # larger than a count can be
+    ("live", "fifo", 0, False),  # must not hang
+    ("live", "folder", 0, True),  # cannot be removed as a file: ignored
+    ("live", "stale", 0, False),  # not rewritten for CLAIM_MAX_AGE_S: its pid may be another process's by now
+    ("ended", "1", 0, False),
+    ("0", "1", 0, False),  # os.kill(0, ...) would signal this process group
+    ("99999999999999999999", "1", 0, False),  # beyond any pid
+])
+def test_claims_that_do_not_count_are_ignored_and_removed(tmp_path, owner, content, counted, kept):
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        pid = {"live": live.pid, "ended": _ended_pid()}.get(owner, owner)
+        planted = _plant(tmp_path, f"{pid}.threads", content)
+        assert checked(tmp_path).others() == counted
+        assert os.path.lexists(planted) == kept
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_claim_is_rewritten_before_it_goes_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: 0.0)
+    for shared in (True, False):
+        mine = checked(tmp_path)
+        mine.claim(1, shared=shared)
+        old = time.time() - hardware.CLAIM_MAX_AGE_S / 2
+        os.utime(mine.path, (old, old))
+        mine.share(every_s=0)
+        assert mine.path.stat().st_mtime == old  # written recently enough
+        mine.written -= hardware.CLAIM_MAX_AGE_S / 2
+        mine.share(every_s=0)
+        assert time.time() - mine.path.stat().st_mtime < 60 and mine.path.read_text() == "1"
+        mine.release()
+
+
+def test_a_claim_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
+    mine = hardware.ThreadClaims(tmp_path)
+    (mine.path / "x").mkdir(parents=True)  # a folder at the claim's name: the rename fails
+    with pytest.warns(UserWarning, match=f"threads: could not write {mine.path}"), mine.deciding():
+        mine.claim(2, shared=True)
+    assert not mine.usable and mine.share(every_s=0) is None and mine.others() == 0
+
+
+def test_the_claims_folder_is_under_xdg_runtime_dir_when_that_is_private(tmp_path, monkeypatch):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    default = Path(tempfile.gettempdir()) / f"sglr_zoo-{os.getuid()}-threads"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert hardware.claims_folder() == runtime / "sglr_zoo-threads"
+    runtime.chmod(0o777)
+    assert hardware.claims_folder() == default
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    assert hardware.claims_folder() == default
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert hardware.claims_folder() == default
 
 
 CLAIMING_RUN = """
@@ -168,7 +344,7 @@ def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
         monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
         monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: 0.0)  # both runs wait on stdin
         torch.set_num_threads(2)  # this process stands for the first run, which chose 2 (the `one_thread` fixture
-        first = hardware.ThreadClaims(tmp_path)  # restores the count)
+        first = checked(tmp_path)  # restores the count)
         first.claim(2, shared=True)
         runs[0].communicate()
         others = first.others()
@@ -193,7 +369,7 @@ def test_a_run_started_beside_another_takes_threads_back_when_it_ends(tmp_path, 
     try:
         (tmp_path / f"{other.pid}.threads").write_text("1")
         torch.set_num_threads(2)  # torch's default here (the `one_thread` fixture restores the count)
-        mine = hardware.ThreadClaims(tmp_path)
+        mine = checked(tmp_path)
         mine.claim(1, shared=True)  # chosen beside the other run
         torch.set_num_threads(1)  # as hardware.apply sets it
         assert mine.share(every_s=0) is None
@@ -213,7 +389,7 @@ def test_a_run_gives_a_thread_up_to_another_program(tmp_path, monkeypatch, busy,
     monkeypatch.setattr(hardware, "available_cpus", lambda: 2)
     monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: busy)
     torch.set_num_threads(2)  # torch's default here (the `one_thread` fixture restores the count)
-    mine = hardware.ThreadClaims(tmp_path)
+    mine = checked(tmp_path)
     mine.claim(2, shared=True)
     changed = mine.share(every_s=0)
     assert (changed and changed.value) == threads and torch.get_num_threads() == (threads or 2)
@@ -223,7 +399,7 @@ def test_a_run_gives_a_thread_up_to_another_program(tmp_path, monkeypatch, busy,
 
 def test_a_recipe_thread_count_is_never_shared(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "other_processes_cpus", lambda before, after: 1.8)
-    mine = hardware.ThreadClaims(tmp_path)
+    mine = checked(tmp_path)
     mine.claim(2, shared=False)
     assert mine.share(every_s=0) is None
 
