@@ -16,8 +16,9 @@ pickles and loads them with `weights_only=False`):
 It is written into `.partial_epoch_NNNN/` (each file through a temporary name, fsynced), the manifest last, and
 the folder is renamed to `epoch_NNNN/` and its parent fsynced: a crash at any point leaves the previous checkpoint
 intact. A link planted at either name is removed, never followed. Loading opens only the files the manifest lists,
-only `.safetensors` and `.json`, each checked against its size and sha256 before it is parsed; anything else in the
-folder (a planted `custom_checkpoint_0.pkl`) is never opened.
+only `.safetensors` and `.json`, each only when it is a regular file no larger than the manifest says, checked
+against its size and sha256 before it is parsed; anything else in the folder (a planted `custom_checkpoint_0.pkl`)
+is never opened.
 
 `open_run` applies the directory rules before training: one run per directory (RunLock), checkpoints/, best/ and
 last/ are not links, a finished run is not rerun, `resume: never` does not start over a directory holding
@@ -43,7 +44,7 @@ from accelerate.utils import broadcast
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import WriteFailed, fsync_dir, write_atomic
+from sglr_zoo.files import TEXT_LIMIT, WriteFailed, fsync_dir, read_regular, write_atomic
 from sglr_zoo.recipe import Recipe, from_dict
 from sglr_zoo.rundir import RunDir, RunLock, checkpoint_dirs, checkpoint_epoch
 
@@ -152,17 +153,25 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _entry(data: bytes) -> dict[str, Any]:
+    """A file's record in the manifest."""
+    return {"sha256": _sha256(data), "size": len(data)}
+
+
 class CheckpointReader:
-    """Reads a checkpoint's files through its manifest: listed, safe formats, sizes and sha256 verified."""
+    """Reads a checkpoint's files through its manifest: listed, safe formats, regular files, sizes and sha256
+    verified."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         path = folder / MANIFEST
         try:
-            manifest = json.loads(path.read_bytes())
+            manifest = json.loads(read_regular(path, TEXT_LIMIT, "checkpoint manifest"))
         except FileNotFoundError:
             raise UserError(f"{path} not found: not a complete checkpoint (one written by an older sglr-zoo holds "
                             "pickles, which are never loaded)") from None
+        except RecursionError:
+            raise UserError(f"{path}: not a manifest (its JSON is nested too deeply to read)") from None
         except (OSError, ValueError) as error:
             raise UserError(f"{path}: not a readable manifest ({error})") from None
         if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
@@ -187,13 +196,16 @@ class CheckpointReader:
         return sorted(p.name for p in self.folder.iterdir() if p.name not in self.files and p.name != MANIFEST)
 
     def read(self, name: str) -> bytes:
-        """A listed file's bytes, after checking its size and sha256."""
+        """A listed file's bytes, after checking that it is a regular file no larger than the manifest says, and its
+        size and sha256."""
         record = self.files.get(name)
         if record is None:
             raise UserError(f"{self.folder / MANIFEST}: does not list {name}; the checkpoint is incomplete")
         path = self.folder / name
         try:
-            data = path.read_bytes()
+            data = read_regular(path, record["size"], f"file its {MANIFEST} lists at {record['size']:,} bytes")
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing, though {MANIFEST} lists it; the checkpoint is incomplete") from None
         except OSError as error:
             raise UserError(f"{path}: cannot be read ({error.strerror or error})") from None
         if len(data) != record["size"] or _sha256(data) != record["sha256"]:
@@ -206,6 +218,9 @@ class CheckpointReader:
             return json.loads(self.read(name))
         except ValueError as error:
             raise UserError(f"{self.folder / name}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise UserError(f"{self.folder / name}: not a checkpoint file (its JSON is nested too deeply to read)"
+                            ) from None
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         try:
@@ -221,6 +236,9 @@ class CheckpointReader:
         except (KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{self.folder / stem}.json: names a tensor that {stem}.safetensors lacks "
                             f"({error})") from None
+        except RecursionError:
+            raise UserError(f"{self.folder / stem}.json: not a checkpoint file (its JSON is nested too deeply to "
+                            "read)") from None
 
     def verify(self) -> None:
         """Reads and checks every listed file."""
@@ -284,13 +302,14 @@ class Checkpointer:
             accelerator.wait_for_everyone()
             write_atomic(partial / f"rng_{accelerator.process_index}.json", _json_bytes(rng_state()))
             if accelerator.is_main_process:
-                self._write_shared(partial)
+                files = self._write_shared(partial)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                files = {p.name: {"sha256": _sha256(data := p.read_bytes()), "size": len(data)}
-                         for p in sorted(partial.iterdir()) if not p.name.startswith(".")}
+                for index in range(accelerator.num_processes):
+                    name = f"rng_{index}.json"
+                    files[name] = _entry(read_regular(partial / name, TEXT_LIMIT, "random state"))
                 manifest = {"format": FORMAT, "epoch": epoch, "global_step": self.state.global_step,
-                            "num_processes": accelerator.num_processes, "files": files}
+                            "num_processes": accelerator.num_processes, "files": dict(sorted(files.items()))}
                 write_atomic(partial / MANIFEST, _json_bytes(manifest))
                 fsync_dir(partial)
                 _remove(final)  # one of this epoch that did not verify (resumed before it)
@@ -304,22 +323,29 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return final
 
-    def _write_shared(self, partial: Path) -> None:
-        write_atomic(partial / MODEL, _tensor_bytes(self.model.state_dict()))
-        write_atomic(partial / OBJECTIVE, _tensor_bytes(self.objective.state_dict()))
-        self._write_tree(partial, "optimizer", self.optimizer.state_dict())
-        if self.accelerator.scaler is not None:
-            self._write_tree(partial, "scaler", self.accelerator.scaler.state_dict())
-        write_atomic(partial / STATE, _json_bytes(self.state.state_dict()))
-        write_atomic(partial / RECIPE, _json_bytes(self.recipe.to_dict()))
+    def _write_shared(self, partial: Path) -> dict[str, dict[str, Any]]:
+        """Writes the files all processes share; returns their manifest records (from the bytes written: nothing
+        is read back)."""
+        files = {}
 
-    @staticmethod
-    def _write_tree(partial: Path, stem: str, value: Any) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        tree = split_tensors(value, tensors)
-        if tensors:
-            write_atomic(partial / f"{stem}.safetensors", _tensor_bytes(tensors))
-        write_atomic(partial / f"{stem}.json", _json_bytes(tree))
+        def write(name: str, data: bytes) -> None:
+            write_atomic(partial / name, data)
+            files[name] = _entry(data)
+
+        write(MODEL, _tensor_bytes(self.model.state_dict()))
+        write(OBJECTIVE, _tensor_bytes(self.objective.state_dict()))
+        trees = {"optimizer": self.optimizer.state_dict()}
+        if self.accelerator.scaler is not None:
+            trees["scaler"] = self.accelerator.scaler.state_dict()
+        for stem, value in trees.items():
+            tensors: dict[str, torch.Tensor] = {}
+            tree = split_tensors(value, tensors)
+            if tensors:
+                write(f"{stem}.safetensors", _tensor_bytes(tensors))
+            write(f"{stem}.json", _json_bytes(tree))
+        write(STATE, _json_bytes(self.state.state_dict()))
+        write(RECIPE, _json_bytes(self.recipe.to_dict()))
+        return files
 
     def _fail(self, partial: Path, error: WriteFailed) -> NoReturn:
         shutil.rmtree(partial, ignore_errors=True)  # frees what it took on a full disk
@@ -456,7 +482,9 @@ def _resume_epoch(run: RunDir, recipe: Recipe) -> int:
     else:
         folder = Path(mode)
         if not folder.is_dir():
-            raise UserError(f"run.resume: checkpoint folder {folder} not found; use auto, never or a folder")
+            what = "is not a folder" if folder.exists() else "not found"
+            raise UserError(f"run.resume: checkpoint folder {folder} {what}; use auto, never or a checkpoint folder "
+                            "(checkpoints/epoch_NNNN)")
         if found and folder.resolve() != found[-1].resolve():
             raise UserError(f"run.resume: {folder}: {run.checkpoints} already holds this run's checkpoints up to "
                             f"{found[-1].name}, which run.resume: auto continues; to continue from {folder} "
@@ -470,12 +498,12 @@ def _resume_epoch(run: RunDir, recipe: Recipe) -> int:
 
 def _refuse_if_finished(run: RunDir, recipe: Recipe) -> None:
     """A finished run is not rerun, unless it stopped at run.max_steps and the new recipe asks for more steps."""
-    if not run.finished.is_file():
-        return
     try:
-        done = json.loads(run.finished.read_bytes())
+        done = json.loads(read_regular(run.finished, TEXT_LIMIT, "finished-run marker"))
         epoch, global_step = int(done["epoch"]), int(done["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise UserError(f"{run.finished}: not a finished-run marker ({error!r}); delete it if the run did not "
                         "finish") from None
     max_steps = recipe.run.max_steps

@@ -7,8 +7,10 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from sglr_zoo.checkpoint import (
     split_tensors,
 )
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import WriteFailed, write_atomic
+from sglr_zoo.files import GiB, WriteFailed, write_atomic
 from sglr_zoo.objectives import build_objective
 from sglr_zoo.recipe import Recipe, from_dict
 from sglr_zoo.rundir import RunDir, RunLock
@@ -132,8 +134,13 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def one_line(error: BaseException) -> str:
-    message = str(error)
+def nested(depth: int = 100_000) -> bytes:
+    """JSON that json.loads cannot parse without a RecursionError."""
+    return b"[" * depth + b"]" * depth
+
+
+def one_line(error: BaseException | warnings.WarningMessage) -> str:
+    message = str(error.message if isinstance(error, warnings.WarningMessage) else error)
     assert "\n" not in message and "Traceback" not in message, message
     return message
 
@@ -265,8 +272,8 @@ def test_planted_pickles_are_never_opened(run, tmp_path, evil):
 
 # (file replaced or added, manifest rewritten to match it, fragment of the error)
 TAMPERED = [
-    ("model.safetensors", False, "sha256 differs"),
-    ("optimizer.safetensors", False, "sha256 differs"),
+    ("model.safetensors", False, "more than a file its manifest.json lists at"),  # the pickle is larger
+    ("optimizer.safetensors", False, "more than a file its manifest.json lists at"),
     ("rng_0.json", False, "sha256 differs"),
     ("custom_checkpoint_0.pkl", True, "not one of the safe formats"),
     ("model.safetensors", True, "not a valid safetensors file"),
@@ -617,3 +624,82 @@ def test_links_at_checkpoint_names_are_replaced_never_followed(run, tmp_path, vi
     assert not run.checkpoint(2).is_symlink() and not run.partial_checkpoint(2).exists()
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0000", "epoch_0002"]  # the link stays
     assert latest_checkpoint(run.checkpoints) == run.checkpoint(2)
+
+
+def plant(path: Path, kind: str) -> None:
+    """Replaces `path` by something a checkpoint file must not be."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "sparse":
+        with open(path, "wb") as file:
+            file.truncate(12 * GiB)  # no blocks on disk
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "nested":
+        path.write_bytes(nested())
+
+
+# (file of the newest checkpoint, what replaces it, fragment of the one-line warning)
+PLANTED = [
+    ("model.safetensors", "fifo", r"model.safetensors: not a regular file \(a FIFO\)"),
+    ("model.safetensors", "device", r"model.safetensors: not a regular file \(a character device\)"),
+    ("model.safetensors", "sparse", r"model.safetensors: 12,884,901,888 bytes, more than a file its manifest.json "
+                                    r"lists at [\d,]+ bytes can be"),
+    ("model.safetensors", "folder", r"model.safetensors: not a regular file \(a folder\)"),
+    ("model.safetensors", "missing", "model.safetensors: missing, though manifest.json lists it"),
+    ("manifest.json", "fifo", r"manifest.json: not a regular file \(a FIFO\)"),
+    ("manifest.json", "device", r"manifest.json: not a regular file \(a character device\)"),
+    ("manifest.json", "sparse", "manifest.json: 12,884,901,888 bytes, more than a checkpoint manifest can be"),
+    ("manifest.json", "nested", r"manifest.json: not a manifest \(its JSON is nested too deeply to read\)"),
+]
+
+
+@pytest.mark.parametrize("name, kind, error", PLANTED)
+def test_resume_skips_a_checkpoint_with_a_planted_file(run, tmp_path, name, kind, error):
+    trainer = Trainer(run, make_recipe(tmp_path))
+    trainer.epoch(1), trainer.epoch(2)
+    plant(run.checkpoint(2) / name, kind)
+    with pytest.raises(UserError, match=error) as info:
+        CheckpointReader(run.checkpoint(2)).verify()
+    one_line(info.value)
+    with pytest.warns(UserWarning) as warned:
+        lock, resume_from = open_run(OneProcess(), run, make_recipe(tmp_path))
+    lock.release()
+    assert resume_from == run.checkpoint(1)
+    [warning] = warned
+    assert re.search(rf"skipping checkpoint {run.checkpoint(2)}: .*{error}", one_line(warning))
+
+
+@pytest.mark.parametrize("kind, error", [("fifo", r"not a regular file \(a FIFO\)"),
+                                         ("device", r"not a regular file \(a character device\)"),
+                                         ("folder", r"not a regular file \(a folder\)"),
+                                         ("nested", "not a finished-run marker")])
+def test_a_finished_marker_that_is_no_file_is_named(run, tmp_path, kind, error):
+    run.root.mkdir(parents=True)
+    run.finished.write_text("{}")
+    plant(run.finished, kind)
+    with pytest.raises(UserError, match=f"{run.finished}: {error}") as info:
+        open_run(OneProcess(), run, make_recipe(tmp_path))
+    one_line(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "file"])
+def test_resume_from_something_that_is_not_a_folder(run, tmp_path, kind):
+    path = tmp_path / "not-a-checkpoint"
+    os.mkfifo(path) if kind == "fifo" else path.write_text("")
+    with pytest.raises(UserError, match=f"run.resume: checkpoint folder {path} is not a folder; use auto, never or a "
+                                        "checkpoint folder") as info:
+        open_run(OneProcess(), run, make_recipe(tmp_path, f"run.resume={path}"))
+    one_line(info.value)
+
+
+def test_resume_from_a_folder_whose_manifest_is_a_fifo(run, tmp_path):
+    other = RunDir(tmp_path / "other")
+    folder = Trainer(other, make_recipe(tmp_path)).epoch(1)
+    plant(folder / "manifest.json", "fifo")
+    with pytest.raises(UserError, match=r"manifest.json: not a regular file \(a FIFO\)") as info:
+        open_run(OneProcess(), run, make_recipe(tmp_path, f"run.resume={folder}"))
+    one_line(info.value)
