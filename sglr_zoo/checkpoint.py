@@ -18,7 +18,8 @@ the folder is renamed to `epoch_NNNN/` and its parent fsynced: a crash at any po
 intact. A link planted at either name is removed, never followed. Loading opens only the files the manifest lists,
 only `.safetensors` and `.json`, each only when it is a regular file no larger than the manifest says, checked
 against its size and sha256 before it is parsed; anything else in the folder (a planted `custom_checkpoint_0.pkl`)
-is never opened.
+is never opened. A checkpoint verifies when every listed file does and parses, the files a resume needs are listed
+and its manifest's epoch is its folder's: `run.resume: auto` takes the newest that verifies.
 
 `open_run` applies the directory rules before training: one run per directory (RunLock), checkpoints/, best/ and
 last/ are not links, a finished run is not rerun, `resume: never` does not start over a directory holding
@@ -28,6 +29,7 @@ checkpoints, and a resumed run keeps its recipe.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -46,12 +48,13 @@ from torch import nn
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, WriteFailed, fsync_dir, read_regular, write_atomic
 from sglr_zoo.recipe import Recipe, from_dict
-from sglr_zoo.rundir import RunDir, RunLock, checkpoint_dirs, checkpoint_epoch
+from sglr_zoo.rundir import CHECKPOINT_PATTERN, RunDir, RunLock, checkpoint_dirs, checkpoint_epoch
 
 FORMAT = "sglr-zoo-checkpoint/1"
 MANIFEST = "manifest.json"
 SAFE_SUFFIXES = (".safetensors", ".json")
 MODEL, OBJECTIVE, STATE, RECIPE = "model.safetensors", "objective.safetensors", "state.json", "recipe.json"
+NEEDED = (MODEL, OBJECTIVE, "optimizer.json", STATE, RECIPE)  # and each process's rng_R.json
 TENSOR, INT_KEYS = "__tensor__", "__int_keys__"  # markers in the JSON half of a tensor tree
 
 # Recipe keys a resumed run may change: where the run lives, how often it saves, how it is evaluated, and speed
@@ -158,6 +161,10 @@ def _entry(data: bytes) -> dict[str, Any]:
     return {"sha256": _sha256(data), "size": len(data)}
 
 
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 class CheckpointReader:
     """Reads a checkpoint's files through its manifest: listed, safe formats, regular files, sizes and sha256
     verified."""
@@ -175,8 +182,13 @@ class CheckpointReader:
         except (OSError, ValueError) as error:
             raise UserError(f"{path}: not a readable manifest ({error})") from None
         if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
-                and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("epoch"), int)):
+                and isinstance(manifest.get("files"), dict) and _is_count(manifest.get("epoch"), 1)
+                and _is_count(manifest.get("num_processes", 1), 1)):
             raise UserError(f"{path}: not a {FORMAT} manifest")
+        named = CHECKPOINT_PATTERN.fullmatch(folder.name)
+        if named and int(named.group(1)) != manifest["epoch"]:
+            raise UserError(f"{path}: says epoch {manifest['epoch']}, but its folder is {folder.name}: the checkpoint "
+                            "was renamed or altered; delete it, or resume from another one")
         files = manifest["files"]
         for name, record in files.items():
             if Path(name).name != name or name.startswith("."):
@@ -185,7 +197,7 @@ class CheckpointReader:
                 raise UserError(f"{path}: lists {name}, which is not one of the safe formats "
                                 f"({', '.join(SAFE_SUFFIXES)}); the checkpoint is refused")
             if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
-                    and isinstance(record.get("size"), int)):
+                    and _is_count(record.get("size"), 0)):
                 raise UserError(f"{path}: the entry for {name} needs sha256 and size")
         self.epoch: int = manifest["epoch"]
         self.num_processes: int = manifest.get("num_processes", 1)
@@ -241,14 +253,22 @@ class CheckpointReader:
                             "read)") from None
 
     def verify(self) -> None:
-        """Reads and checks every listed file."""
-        for name in self.files:
-            self.read(name)
+        """Checks that the files a resume needs are listed, and reads, checks and parses every listed file: a
+        checkpoint that verifies loads (when it fits the recipe)."""
+        rngs = (f"rng_{index}.json" for index in range(self.num_processes))  # stops at the first missing one
+        missing = next((name for name in itertools.chain(NEEDED, rngs) if name not in self.files), None)
+        if missing:
+            raise UserError(f"{self.folder / MANIFEST}: does not list {missing}; the checkpoint is incomplete")
+        for name in sorted(self.files):
+            if name.endswith(".json"):
+                self.tree(name.removesuffix(".json"))  # with its tensors, when it has a .safetensors half
+            elif name.removesuffix(".safetensors") + ".json" not in self.files:
+                self.tensors(name)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in a run's checkpoints/ folder whose manifest verifies (every file's size and sha256);
-    a newer one that does not verify is skipped with a warning naming the reason."""
+    """The newest checkpoint in a run's checkpoints/ folder that verifies (`CheckpointReader.verify`); a newer one
+    that does not is skipped with a warning naming the reason."""
     for candidate in reversed(checkpoint_dirs(folder)):
         try:
             CheckpointReader(candidate).verify()

@@ -134,6 +134,11 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
 def nested(depth: int = 100_000) -> bytes:
     """JSON that json.loads cannot parse without a RecursionError."""
     return b"[" * depth + b"]" * depth
@@ -293,9 +298,8 @@ def test_tampered_checkpoint_is_refused(run, tmp_path, evil, name, listed, error
     with pytest.raises(UserError, match=error):
         Trainer(run, make_recipe(tmp_path), seed=1).checkpointer.load(folder)
     assert not marker.exists()
-    if not listed or name.endswith(".pkl"):  # a listed file with its true sha256 verifies; loading it refuses
-        with pytest.warns(UserWarning, match=error):
-            assert latest_checkpoint(run.checkpoints) is None
+    with pytest.warns(UserWarning, match=error):  # a listed file with its true sha256 must parse too
+        assert latest_checkpoint(run.checkpoints) is None
 
 
 # (file, content listed in the manifest with its true sha256, fragment of the error)
@@ -671,6 +675,49 @@ def test_resume_skips_a_checkpoint_with_a_planted_file(run, tmp_path, name, kind
     assert resume_from == run.checkpoint(1)
     [warning] = warned
     assert re.search(rf"skipping checkpoint {run.checkpoint(2)}: .*{error}", one_line(warning))
+
+
+# How the newest checkpoint is broken while its manifest still matches every file (or is itself inconsistent), and
+# the warning's fragment. `run.resume: auto` must fall back to the previous checkpoint in each case.
+BROKEN = {
+    "bad-json": (lambda f: rewrite_manifest(f, **{"state.json": b'{"epoch": '}), "state.json: not valid JSON"),
+    "bad-safetensors": (lambda f: rewrite_manifest(f, **{"objective.safetensors": b"\x08" + bytes(7)}),
+                        "objective.safetensors: not a valid safetensors file"),
+    "wrong-tree": (lambda f: rewrite_manifest(f, **{"optimizer.json": b'{"state": {"__tensor__": "t99"}}'}),
+                   "optimizer.json: names a tensor that optimizer.safetensors lacks"),
+    "nested-state": (lambda f: rewrite_manifest(f, **{"state.json": nested()}),
+                     r"state.json: not a checkpoint file \(its JSON is nested too deeply to read\)"),
+    "nested-recipe": (lambda f: rewrite_manifest(f, **{"recipe.json": nested()}), "recipe.json: not a checkpoint"),
+    "nested-optimizer": (lambda f: rewrite_manifest(f, **{"optimizer.json": nested()}),
+                         "optimizer.json: not a checkpoint"),
+    "missing-file": (lambda f: (f / "rng_0.json").unlink(), "rng_0.json: missing, though manifest.json lists it"),
+    "epoch-not-its-folder": (lambda f: edit_manifest(f, epoch=5), "manifest.json: says epoch 5, but its folder is "
+                                                                  "epoch_0002: the checkpoint was renamed"),
+    "unlisted-model": (lambda f: edit_manifest(f, files={k: v for k, v in json.loads(
+        (f / "manifest.json").read_text())["files"].items() if k != "model.safetensors"}),
+        "manifest.json: does not list model.safetensors; the checkpoint is incomplete"),
+    "rng-of-a-process-unlisted": (lambda f: edit_manifest(f, num_processes=2), "does not list rng_1.json"),
+    "negative-size": (lambda f: edit_manifest(f, files={"model.safetensors": {"sha256": "0" * 64, "size": -1}}),
+                      "the entry for model.safetensors needs sha256 and size"),
+    "epoch-not-a-number": (lambda f: edit_manifest(f, epoch=True), "not a sglr-zoo-checkpoint/1 manifest"),
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_resume_falls_back_past_a_checkpoint_that_would_not_load(run, tmp_path, how):
+    breaks, error = BROKEN[how]
+    trainer = Trainer(run, make_recipe(tmp_path))
+    trainer.epoch(1), trainer.epoch(2)
+    breaks(run.checkpoint(2))
+    with pytest.warns(UserWarning) as warned:
+        lock, resume_from = open_run(OneProcess(), run, make_recipe(tmp_path))
+    lock.release()
+    assert resume_from == run.checkpoint(1)
+    [warning] = warned
+    assert re.search(rf"skipping checkpoint {run.checkpoint(2)}: .*{error}", one_line(warning)), warning.message
+    fresh = Trainer(run, make_recipe(tmp_path), seed=1)
+    fresh.checkpointer.load(resume_from)  # the fallback loads: nothing of epoch 1 was lost
+    assert fresh.state.epoch == 1 and fresh.state.global_step == 2
 
 
 @pytest.mark.parametrize("kind, error", [("fifo", r"not a regular file \(a FIFO\)"),
