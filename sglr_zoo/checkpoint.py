@@ -23,7 +23,7 @@ and its manifest's epoch is its folder's: `run.resume: auto` takes the newest th
 
 `open_run` applies the directory rules before training: one run per directory (RunLock), checkpoints/, best/ and
 last/ are not links, a finished run is not rerun, `resume: never` does not start over a directory holding
-checkpoints, and a resumed run keeps its recipe.
+checkpoints, and a resumed run keeps its recipe and its number of processes.
 """
 
 from __future__ import annotations
@@ -390,11 +390,7 @@ class Checkpointer:
             self.state.load_state_dict(reader.json(STATE))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise UserError(f"{folder}: its optimizer or run state does not fit this recipe ({error!r})") from None
-        rng_file = f"rng_{self.accelerator.process_index}.json"
-        if rng_file not in reader.files:
-            warnings.warn(f"{folder} was written by {reader.num_processes} processes: process "
-                          f"{self.accelerator.process_index} keeps its fresh random state", stacklevel=2)
-            return
+        rng_file = f"rng_{self.accelerator.process_index}.json"  # open_run refuses another number of processes
         try:
             set_rng_state(reader.json(rng_file))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a byte out of range
@@ -428,7 +424,8 @@ def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[Run
     every process gets its decision, so all of them stop with the same UserError when it refuses:
     checkpoints/, best/ and last/ are not links; a finished run is not rerun; `run.resume: never` does not start
     over checkpoints; `auto` resumes from the newest checkpoint that verifies; a folder is resumed only when it is
-    this run's newest; and a resumed run's recipe may differ from its checkpoint's only in RESUMABLE_CHANGES.
+    this run's newest; a resumed run's recipe may differ from its checkpoint's only in RESUMABLE_CHANGES, and its
+    number of processes not at all.
 
     Returns:
         the lock (main process only; release it with `finish_run`) and the checkpoint folder or None.
@@ -440,7 +437,7 @@ def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[Run
         lock = RunLock.acquire(run)
         try:
             run.refuse_links()
-            return _resume_epoch(run, recipe)
+            return _resume_epoch(run, recipe, accelerator.num_processes)
         except UserError:
             lock.release()
             raise
@@ -480,9 +477,9 @@ def _decided_by_main(accelerator: Accelerator, decide: Callable[[], int]) -> int
     return code
 
 
-def _resume_epoch(run: RunDir, recipe: Recipe) -> int:
-    """The epoch of the checkpoint to resume from, 0 to start afresh; raises UserError when the directory's rules
-    refuse this run."""
+def _resume_epoch(run: RunDir, recipe: Recipe, processes: int) -> int:
+    """The epoch of the checkpoint to resume from with `processes` processes, 0 to start afresh; raises UserError
+    when the directory's rules refuse this run."""
     _refuse_if_finished(run, recipe)
     found = run.checkpoint_dirs()
     mode = recipe.run.resume
@@ -512,6 +509,11 @@ def _resume_epoch(run: RunDir, recipe: Recipe) -> int:
     reader = CheckpointReader(folder)
     if mode != "auto":  # latest_checkpoint verified it already
         reader.verify()
+    if reader.num_processes != processes:
+        # Each process's data shard, batch and random state depend on the count: the run would not go on as it began.
+        raise UserError(f"run.resume: {folder} was written with num_processes={reader.num_processes}, and this run "
+                        f"has {processes}: resume it with {reader.num_processes} (accelerate launch --num_processes "
+                        f"{reader.num_processes}), or train anew under another run.name or run.output_dir")
     _check_same_recipe(reader, recipe)
     return reader.epoch
 

@@ -720,6 +720,20 @@ def test_resume_falls_back_past_a_checkpoint_that_would_not_load(run, tmp_path, 
     assert fresh.state.epoch == 1 and fresh.state.global_step == 2
 
 
+def test_resume_with_another_number_of_processes_is_refused(run, tmp_path):
+    folder = Trainer(run, make_recipe(tmp_path)).epoch(1)
+    with pytest.raises(UserError, match=r"was written with num_processes=1, and this run has 2: resume it with 1 "
+                                        r"\(accelerate launch --num_processes 1\)") as info:
+        checkpoint._resume_epoch(run, make_recipe(tmp_path), processes=2)
+    one_line(info.value)
+    rewrite_manifest(folder, **{"rng_1.json": (folder / "rng_0.json").read_bytes()})  # as two processes write it
+    edit_manifest(folder, num_processes=2)
+    CheckpointReader(folder).verify()
+    with pytest.raises(UserError, match="written with num_processes=2, and this run has 1: resume it with 2"):
+        open_run(OneProcess(), run, make_recipe(tmp_path))
+    RunLock.acquire(run).release()
+
+
 @pytest.mark.parametrize("kind, error", [("fifo", r"not a regular file \(a FIFO\)"),
                                          ("device", r"not a regular file \(a character device\)"),
                                          ("folder", r"not a regular file \(a folder\)"),
