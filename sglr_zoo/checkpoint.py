@@ -55,6 +55,9 @@ MANIFEST = "manifest.json"
 SAFE_SUFFIXES = (".safetensors", ".json")
 MODEL, OBJECTIVE, STATE, RECIPE = "model.safetensors", "objective.safetensors", "state.json", "recipe.json"
 NEEDED = (MODEL, OBJECTIVE, "optimizer.json", STATE, RECIPE)  # and each process's rng_R.json
+# What the JSON files hold: an object, with at least these keys ("rng": every rng_R.json)
+JSON_KEYS = {"optimizer.json": ("state", "param_groups"), STATE: ("epoch", "global_step"),
+             "rng": ("python", "numpy", "torch")}
 TENSOR, INT_KEYS = "__tensor__", "__int_keys__"  # markers in the JSON half of a tensor tree
 
 # Recipe keys a resumed run may change: where the run lives, how often it saves, how it is evaluated, and speed
@@ -261,7 +264,11 @@ class CheckpointReader:
             raise UserError(f"{self.folder / MANIFEST}: does not list {missing}; the checkpoint is incomplete")
         for name in sorted(self.files):
             if name.endswith(".json"):
-                self.tree(name.removesuffix(".json"))  # with its tensors, when it has a .safetensors half
+                tree = self.tree(name.removesuffix(".json"))  # with its tensors, when it has a .safetensors half
+                keys = JSON_KEYS.get("rng" if name.startswith("rng_") else name, ())
+                if not (isinstance(tree, dict) and all(key in tree for key in keys)):
+                    raise UserError(f"{self.folder / name}: not a checkpoint's {name}: a JSON object"
+                                    f"{' with ' + ', '.join(keys) if keys else ''} was expected")
             elif name.removesuffix(".safetensors") + ".json" not in self.files:
                 self.tensors(name)
 

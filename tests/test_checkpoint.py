@@ -690,6 +690,13 @@ BROKEN = {
     "nested-recipe": (lambda f: rewrite_manifest(f, **{"recipe.json": nested()}), "recipe.json: not a checkpoint"),
     "nested-optimizer": (lambda f: rewrite_manifest(f, **{"optimizer.json": nested()}),
                          "optimizer.json: not a checkpoint"),
+    "optimizer-not-a-tree": (lambda f: rewrite_manifest(f, **{"optimizer.json": b"[[0]]"}),
+                             "optimizer.json: not a checkpoint's optimizer.json: a JSON object with state, "
+                             "param_groups was expected"),
+    "state-without-step": (lambda f: rewrite_manifest(f, **{"state.json": b'{"epoch": 2}'}),
+                           "state.json: not a checkpoint's state.json: a JSON object with epoch, global_step"),
+    "rng-not-an-object": (lambda f: rewrite_manifest(f, **{"rng_0.json": b"[]"}), "rng_0.json: not a checkpoint's"),
+    "recipe-not-an-object": (lambda f: rewrite_manifest(f, **{"recipe.json": b"7"}), "recipe.json: not a checkpoint's"),
     "missing-file": (lambda f: (f / "rng_0.json").unlink(), "rng_0.json: missing, though manifest.json lists it"),
     "epoch-not-its-folder": (lambda f: edit_manifest(f, epoch=5), "manifest.json: says epoch 5, but its folder is "
                                                                   "epoch_0002: the checkpoint was renamed"),
