@@ -5,6 +5,11 @@ recipe, `run.json`, `metrics.csv`, `curves.png`, atomic per-epoch checkpoints (`
 resumed with `run.resume: auto`), and `best/` (by validation PGD accuracy) and `last/` model exports. After the
 last epoch the exports and run.json are written, the process group ends, and the main process alone evaluates
 the exports (`results.json` beside each), so a long AutoAttack never runs into the process group's timeout.
+
+A run that `run.max_steps` stops inside an epoch is checkpointed there, with its position in the epoch; continuing
+it trains exactly the remaining steps, bit for bit as an uninterrupted run: an epoch's data order depends on the
+seed and the epoch alone (accelerate's seedable sampler, with its own generator), and monitoring draws no random
+number that training would.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ from sglr_zoo.rundir import RunDir
 from sglr_zoo.schedule import epoch_progress, parse_budget, plan_budget
 
 SPLITS = ("train", "val", "test")  # the splits monitored each epoch (val only when data.val_size > 0)
-TRAIN_COLUMNS = ["epoch", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s"]
+# `steps`: the optimizer steps a row covers, fewer than an epoch's where run.max_steps stopped the run inside it (the
+# row is replaced when the run continues) or where a budget's plan ends.
+TRAIN_COLUMNS = ["epoch", "steps", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s"]
+SUMS = ("loss", "adv_correct", "grad_norm", "examples", "steps")  # an epoch's training sums, over all processes
 # The evaluator's sanity checks on an export, in fp32 forward-backward passes of one image: PGD-20 at a large
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
 FINAL_SANITY_PASSES = 100 * 23
@@ -60,19 +68,25 @@ class TrainingDiverged(UserError):
 
 
 class RunState:
-    """Where the run is: the last epoch done, the optimizer steps since the start of the run (across resumes: what
-    run.max_steps counts), the best validation epoch and the metrics history. Saved as JSON with every checkpoint."""
+    """Where the run is: the last epoch trained in, whole or up to `epoch_step` where run.max_steps stopped the run
+    inside it (with the sums of those steps, `epoch_sums`), the optimizer steps since the start of the run (across
+    resumes: what run.max_steps counts), the best validation epoch and the metrics history. Saved as JSON with every
+    checkpoint."""
 
     def __init__(self) -> None:
-        self.epoch, self.global_step, self.best_epoch, self.best_val_pgd = 0, 0, 0, -1.0
+        self.epoch, self.epoch_step, self.global_step, self.best_epoch, self.best_val_pgd = 0, 0, 0, 0, -1.0
+        self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "global_step": self.global_step, "best_epoch": self.best_epoch,
-                "best_val_pgd": self.best_val_pgd, "history": self.history}
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "epoch_sums": self.epoch_sums,
+                "global_step": self.global_step, "best_epoch": self.best_epoch, "best_val_pgd": self.best_val_pgd,
+                "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        # A checkpoint of an older sglr-zoo has no position in the epoch: its epochs count as whole.
+        self.epoch_step, self.epoch_sums = int(state.get("epoch_step", 0)), dict(state.get("epoch_sums", {}))
         self.best_epoch, self.best_val_pgd = int(state["best_epoch"]), float(state["best_val_pgd"])
         if not all(isinstance(row, dict) for row in state["history"]):
             raise TypeError("history must be a list of rows")
@@ -240,18 +254,22 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
                     replan: Replan | None = None, claims: hardware.ThreadClaims | None = None,
                     progress_bar: bool = True) -> dict[str, float]:
     """One pass over the training data (or up to run.max_steps, schedule.steps): attack, objective, optimizer
-    step, the objective's own update. Returns the epoch's training metrics, over all processes. `replan` may
-    re-size a budgeted run after one of its steps (`recipe` is changed in place); `claims` shares the CPU threads
-    with other runs that start meanwhile; `progress_bar` shows the epoch's progress bar."""
+    step, the objective's own update. Returns the epoch's training metrics, over all processes, and records in
+    `state` where it stopped; an epoch that run.max_steps stopped inside (`state.epoch_step`) goes on after the
+    steps done, with their sums. `replan` may re-size a budgeted run after one of its steps (`recipe` is changed in
+    place); `claims` shares the CPU threads with other runs that start meanwhile; `progress_bar` shows the epoch's
+    progress bar."""
     finetune.set_train_mode(model)  # model.train(), but a frozen backbone stays in eval mode
     attack = recipe.attack
-    sums = {name: torch.zeros((), device=accelerator.device)
-            for name in ("loss", "adv_correct", "grad_norm", "examples", "steps")}
-    started, first_step = time.perf_counter(), state.global_step
-    batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.schedule.epochs}", leave=False,
-                   total=epoch_steps(recipe, first_step, len(loader)),
+    done = state.epoch_step if state.epoch == epoch else 0
+    before = state.epoch_sums if done else {}  # the reduced sums: carried by one process
+    sums = {name: torch.tensor(before.get(name, 0.0) if accelerator.is_main_process else 0.0,
+                               device=accelerator.device) for name in SUMS}
+    started, first_step = time.perf_counter(), state.global_step - done  # the global step the epoch began after
+    batches = tqdm(accelerator.skip_first_batches(loader, done) if done else loader, initial=done, leave=False,
+                   desc=f"epoch {epoch}/{recipe.schedule.epochs}", total=epoch_steps(recipe, first_step, len(loader)),
                    disable=not (progress_bar and accelerator.is_local_main_process))
-    for step, (images, labels, index) in enumerate(batches):
+    for step, (images, labels, index) in enumerate(batches, start=done):
         schedule = recipe.schedule
         progress = epoch_progress(schedule.epochs, schedule.steps, state.global_step, len(loader), schedule.plans)
         lr = recipe.optim.lr * lr_factor(schedule, progress)
@@ -287,11 +305,16 @@ def train_one_epoch(epoch: int, model: nn.Module, unwrapped: nn.Module, objectiv
             tqdm.write(f"threads: now {threads.value}: {threads.reason}")
         if max_steps_reached(recipe, state):
             break
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + before.get("seconds", 0.0)
     total = dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), reduction="sum").tolist(),
                      strict=True))
+    position = state.global_step - first_step
+    # Stopped inside the epoch by run.max_steps (not at a budget's planned end): a continued run goes on from here.
+    inside = position < len(loader) and not (recipe.schedule.steps and state.global_step >= recipe.schedule.steps)
+    state.epoch, state.epoch_step = epoch, position if inside else 0
+    state.epoch_sums = {**total, "seconds": seconds} if inside else {}
     group = optimizer.param_groups[0]  # the last step's rate, without a fine-tuned backbone's scale
-    return {"lr": group["lr"] / group.get("lr_scale", 1.0), "loss": total["loss"] / total["examples"],
+    return {"steps": position, "lr": group["lr"] / group.get("lr_scale", 1.0), "loss": total["loss"] / total["examples"],
             "train_adv_acc": 100 * total["adv_correct"] / total["examples"],
             "grad_norm": total["grad_norm"] / total["steps"], "img_per_s": total["examples"] / seconds,
             "epoch_s": seconds}
@@ -555,8 +578,9 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
     if recipe.schedule.budget is not None:
         recipe, replan = fit_to_budget(recipe, splits, accelerator, speed, run, started)
     per_process_batch = recipe.run.batch_size // accelerator.num_processes
+    # Its own generator: starting an epoch's iteration (or continuing one) draws no number from the global one.
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,
-                                               num_workers=recipe.run.num_workers)
+                                               num_workers=recipe.run.num_workers, generator=torch.Generator())
 
     model = finetune.build_model(recipe, splits.num_classes, splits.train.class_names)
     if recipe.finetune.backbone is not None:
@@ -591,13 +615,14 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
     lock, resume_from = open_run(accelerator, run, recipe)  # one run per directory: locked until finish_run
     if resume_from is not None:
         checkpointer.load(resume_from)
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.global_step})")
+        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.global_step}"
+                          f"{', inside the epoch' if state.epoch_step else ''})")
     if accelerator.is_main_process:
         save_recipe(recipe, run.recipe)
 
     accelerator.init_trackers("tensorboard", config=_flat(recipe.to_dict()))
     attack, columns = monitor_attack(recipe), metric_columns(recipe)
-    epoch = state.epoch
+    epoch = state.epoch - (state.epoch_step > 0)  # a run stopped inside an epoch goes on in it
     # Not a range over the epochs: a budget's second plan may change them during the first.
     while epoch < recipe.schedule.epochs and not max_steps_reached(recipe, state):  # (a resumed run may be done)
         epoch += 1
@@ -609,13 +634,16 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
         sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules())
         last_epoch = epoch == recipe.schedule.epochs or max_steps_reached(recipe, state)
         if epoch % recipe.eval.every == 0 or last_epoch:
-            row.update(monitor(unwrapped, splits, recipe, accelerator))
-        state.epoch = epoch
-        state.history.append(row)
+            with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+                row.update(monitor(unwrapped, splits, recipe, accelerator))
+        state.history = [r for r in state.history if r["epoch"] != epoch] + [row]  # one row an epoch
         accelerator.print(_format_row(row, attack))
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-
-        if row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
+        if state.epoch_step:  # a part: neither logged nor a candidate for best/, as an uninterrupted run
+            accelerator.print(f"run.max_steps: stopped after step {state.epoch_step} of epoch {epoch}'s "
+                              f"{len(train_loader)}; rerun it with a larger run.max_steps, or none, to train on from there")
+        else:
+            accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if not state.epoch_step and row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
             state.best_val_pgd, state.best_epoch = row[f"val_{attack}_acc"], epoch
             if accelerator.is_main_process:
                 save_pretrained(plain, run.export("best"), label_names=splits.train.class_names)

@@ -315,6 +315,53 @@ def test_kill_and_resume(tmp_path, tiny_dataset):
     assert info_a["best_epoch"] is None and not (run_a / "best").exists()  # no validation split, no best/
 
 
+def weights_equal(folder_a: Path, folder_b: Path) -> bool:
+    a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture
+def optimizer_steps(monkeypatch) -> list:
+    """One entry per optimizer step taken in this test."""
+    step, calls = torch.optim.SGD.step, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(None)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counted)
+    return calls
+
+
+def test_a_max_steps_stop_inside_an_epoch_continues_there(tmp_path, tiny_dataset, optimizer_steps):
+    """`run.max_steps=10` with 3 steps an epoch stops after step 1 of epoch 4: a mid-epoch checkpoint. The same
+    recipe without max_steps trains the 5 steps left (not 3: the rest of epoch 4 was skipped before) and ends bit
+    for bit where an uninterrupted run ends: last/ and best/, the soft labels, and metrics.csv with one row an
+    epoch (the part's row replaced)."""
+    overrides = ["data.val_size=16", "schedule.epochs=5", "run.threads=1"]  # 48 training images: 3 steps an epoch
+    reference = RunDir(run_train(make_recipe(TINY, tiny_dataset, tmp_path / "a", *overrides)))
+    assert len(optimizer_steps) == 15
+    optimizer_steps.clear()
+
+    recipe_file = write_recipe(tmp_path / "b" / "recipe.yaml", TINY, tiny_dataset, *overrides, "run.max_steps=10")
+    run = RunDir(run_train(load_recipe(recipe_file)))
+    assert len(optimizer_steps) == 10
+    state = json.loads((run.checkpoint(4) / "state.json").read_text())
+    assert (state["epoch"], state["epoch_step"], state["global_step"]) == (4, 1, 10)
+    _, rows = read_metrics(run.root)
+    assert [(r["epoch"], r["steps"]) for r in rows] == [("1", "3"), ("2", "3"), ("3", "3"), ("4", "1")]
+
+    run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
+    assert len(optimizer_steps) == 15
+    assert json.loads(run.finished.read_text())["global_step"] == 15
+    for which in ("last", "best"):
+        assert weights_equal(reference.export(which), run.export(which)), which
+    assert torch.equal(bank(reference.checkpoint(5)), bank(run.checkpoint(5)))
+    assert without_timing(read_metrics(run.root)[1]) == without_timing(read_metrics(reference.root)[1])
+    info, info_reference = json.loads(run.run_info.read_text()), json.loads(reference.run_info.read_text())
+    assert (info["best_epoch"], info["best_value"]) == (info_reference["best_epoch"], info_reference["best_value"])
+
+
 def test_run_directory_rules(tmp_path, tiny_dataset, capsys):
     """run.max_steps counts steps across resumes; a finished run is refused (exit 2) and left untouched;
     `resume: never` and a changed recipe are refused before anything is trained or written."""
@@ -335,9 +382,9 @@ def test_run_directory_rules(tmp_path, tiny_dataset, capsys):
             run_train(load_recipe(recipe_file, overrides))
     assert file_hashes(run.root) == before  # nothing trained, evaluated or written
 
-    run_train(load_recipe(recipe_file, ["run.max_steps=6"]))  # 3 more steps, in epoch 2
+    run_train(load_recipe(recipe_file, ["run.max_steps=6"]))  # 3 more steps: the rest of epoch 1, 2 of epoch 2
     state = json.loads((run.checkpoint(2) / "state.json").read_text())
-    assert (state["epoch"], state["global_step"]) == (2, 6)
+    assert (state["epoch"], state["epoch_step"], state["global_step"]) == (2, 2, 6)
     assert json.loads(run.finished.read_text())["global_step"] == 6
     assert [int(r["epoch"]) for r in read_metrics(run.root)[1]] == [1, 2]
 
