@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -43,18 +44,19 @@ from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
-from sglr_zoo.files import write_atomic
+from sglr_zoo.files import refuse_link, write_atomic
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.objectives import SGLR, Objective, build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, public_paths
-from sglr_zoo.rundir import RunDir
+from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.schedule import epoch_progress, parse_budget, plan_budget
 
 SPLITS = ("train", "val", "test")  # the splits monitored each epoch (val only when data.val_size > 0)
 # `steps`: the optimizer steps a row covers, fewer than an epoch's where run.max_steps stopped the run inside it (the
 # row is replaced when the run continues) or where a budget's plan ends.
 TRAIN_COLUMNS = ["epoch", "steps", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s"]
+MONITOR_COLUMN = re.compile(rf"({'|'.join(SPLITS)})_(clean|pgd\d+)_acc")
 SUMS = ("loss", "adv_correct", "grad_norm", "examples", "steps")  # an epoch's training sums, over all processes
 # The evaluator's sanity checks on an export, in fp32 forward-backward passes of one image: PGD-20 at a large
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
@@ -84,13 +86,39 @@ class RunState:
                 "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-        # A checkpoint of an older sglr-zoo has no position in the epoch: its epochs count as whole.
-        self.epoch_step, self.epoch_sums = int(state.get("epoch_step", 0)), dict(state.get("epoch_sums", {}))
-        self.best_epoch, self.best_val_pgd = int(state["best_epoch"]), float(state["best_val_pgd"])
-        if not all(isinstance(row, dict) for row in state["history"]):
-            raise TypeError("history must be a list of rows")
-        self.history = list(state["history"])
+        """Restores `state_dict()`'s output; raises ValueError naming the first value that is not what it must be:
+        the history goes into metrics.csv, so its rows hold finite numbers under metric column names, nothing else."""
+        state = {"epoch_step": 0, "epoch_sums": {}, **state}  # what an older checkpoint lacks
+        for key in ("epoch", "epoch_step", "global_step", "best_epoch"):
+            _check(key, state[key], _is_count(state[key]), "a count")
+        _check("best_val_pgd", state["best_val_pgd"], _is_number(state["best_val_pgd"]), "a finite number")
+        sums, history = state["epoch_sums"], state["history"]
+        _check("epoch_sums", sums, isinstance(sums, dict) and set(sums) <= {*SUMS, "seconds"}
+               and all(map(_is_number, sums.values())), f"finite numbers named {', '.join(SUMS)} or seconds")
+        _check("history", history, isinstance(history, list), "a list of rows")
+        for number, row in enumerate(history, 1):
+            _check(f"history row {number}", row, isinstance(row, dict) and _is_count(row.get("epoch")),
+                   "a row with an epoch")
+            for key, value in row.items():
+                _check(f"history row {number}'s column", key, key in TRAIN_COLUMNS
+                       or MONITOR_COLUMN.fullmatch(key) is not None, "a metrics.csv column")
+                _check(f"history row {number}'s {key}", value, _is_number(value), "a finite number")
+        self.epoch, self.epoch_step, self.global_step = state["epoch"], state["epoch_step"], state["global_step"]
+        self.best_epoch, self.best_val_pgd = state["best_epoch"], float(state["best_val_pgd"])
+        self.epoch_sums, self.history = dict(sums), list(history)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(name: str, value: object, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"the run state's {name} is {value!r:.60}, not {what}")
 
 
 def lr_factor(cfg: ScheduleConfig, epoch_progress: float) -> float:
@@ -178,8 +206,10 @@ def replica_checksums(accelerator: Accelerator, *modules: nn.Module) -> list[flo
 
 
 def _write_metrics(path: Path, history: list[dict], columns: list[str]) -> None:
+    """metrics.csv: `columns`, then any other column of the history (one monitored before a resume changed
+    eval.steps)."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys([*columns, *(key for row in history for key in row)])))
     writer.writeheader()
     writer.writerows(history)
     write_atomic(path, text.getvalue().encode())
@@ -236,6 +266,17 @@ def _format_row(row: dict, attack: str) -> str:
     accuracies = " | ".join(f"{split} {cell(f'{split}_clean_acc')} {cell(f'{split}_{attack}_acc')}" for split in SPLITS)
     return (f"epoch {row['epoch']:>4} | lr {row['lr']:.4f} | loss {row['loss']:.4f} | adv acc {cell('train_adv_acc')}"
             f" | grad {cell('grad_norm')} | {row['img_per_s']:>7.1f} img/s | clean/{attack}: {accuracies}")
+
+
+def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) -> None:
+    """Writes the `best/` or `last/` export: refused when the folder is a link, never written through a link planted
+    at one of its files (removed)."""
+    folder = run.export(which)
+    refuse_link(folder)
+    for path in (ModelFolder(folder).config, ModelFolder(folder).weights):
+        if path.is_symlink():
+            path.unlink()
+    save_pretrained(model, folder, label_names=class_names)
 
 
 def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
@@ -646,7 +687,7 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
         if not state.epoch_step and row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
             state.best_val_pgd, state.best_epoch = row[f"val_{attack}_acc"], epoch
             if accelerator.is_main_process:
-                save_pretrained(plain, run.export("best"), label_names=splits.train.class_names)
+                export(plain, run, "best", splits.train.class_names)
         if accelerator.is_main_process:
             _write_metrics(run.metrics, state.history, columns)
             plot_curves(state.history, run.curves, attack)
@@ -659,7 +700,7 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
     # main process alone evaluates the exports: the other processes wait in no collective however long it takes.
     checksums = replica_checksums(accelerator, plain, objective)
     if accelerator.is_main_process:
-        save_pretrained(plain, run.export("last"), label_names=splits.train.class_names)
+        export(plain, run, "last", splits.train.class_names)
         _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict())
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +35,8 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, load_results
 from sglr_zoo.models import create_model
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe
-from sglr_zoo.rundir import RunDir
-from sglr_zoo.training import TrainingDiverged, _check_hardware, lr_factor, metric_columns, train
+from sglr_zoo.rundir import ModelFolder, RunDir
+from sglr_zoo.training import RunState, TrainingDiverged, _check_hardware, lr_factor, metric_columns, train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"img_per_s", "epoch_s"}  # the only metrics allowed to differ between identical runs
@@ -437,6 +438,119 @@ def test_a_full_disk_names_the_file_and_the_intact_checkpoint(tmp_path, tiny_dat
     run_train(recipe)
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0001", "epoch_0002"]
     assert run.finished.is_file()
+
+
+def test_exports_are_never_written_through_a_link(tmp_path, tiny_dataset, monkeypatch):
+    """A link planted at an export's file is removed, not written through; best/ turned into a link while the run
+    trains (after open_run's checks) is refused when the export is written, in one line."""
+    run = RunDir(tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    for which in ("best", "last"):
+        run.export(which).mkdir(parents=True)
+        ModelFolder(run.export(which)).config.symlink_to(victim)
+        ModelFolder(run.export(which)).weights.symlink_to(victim)
+    run_train(make_recipe(TINY, tiny_dataset, tmp_path, "schedule.epochs=1", "data.val_size=16"))
+    assert victim.read_text() == "keep me"
+    for which in ("best", "last"):
+        for path in (ModelFolder(run.export(which)).config, ModelFolder(run.export(which)).weights):
+            assert path.is_file() and not path.is_symlink(), path
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monitor = training.monitor
+
+    def planting(*args, **kwargs):  # after the first epoch's training, before its best/ export
+        shutil.rmtree(other.export("best"), ignore_errors=True)
+        other.export("best").symlink_to(elsewhere)
+        return monitor(*args, **kwargs)
+
+    other = RunDir(tmp_path / "other" / "run")
+    monkeypatch.setattr(training, "monitor", planting)
+    with pytest.raises(UserError, match=rf"^{other.export('best')} is a symbolic link \(to {elsewhere}\)"):
+        run_train(make_recipe(TINY, tiny_dataset, tmp_path / "other", "schedule.epochs=1", "data.val_size=16"))
+    assert not any(elsewhere.iterdir())
+
+
+GOOD_STATE = {"epoch": 2, "epoch_step": 0, "epoch_sums": {}, "global_step": 8, "best_epoch": 1, "best_val_pgd": 25.0,
+              "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}]}
+
+# (keys that replace GOOD_STATE's, fragment of the error)
+BAD_STATES = [
+    ({"history": [{"epoch": 1, "loss": ";cmd;#"}]}, "history row 1's loss is ';cmd;#', not a finite number"),
+    ({"history": [{"epoch": 1, "loss": float("nan")}]}, "history row 1's loss is nan, not a finite number"),
+    ({"history": [{"epoch": 1, "loss": True}]}, "history row 1's loss is True"),
+    ({"history": [{"epoch": 1, "loss": [1.0]}]}, "history row 1's loss is [1.0]"),
+    ({"history": [{"epoch": 1, "loss": "x" * 10**6}]}, "history row 1's loss is 'xxxxx"),
+    ({"history": [{"epoch": 1, "x;rm -rf ~": 1.0}]}, "history row 1's column is 'x;rm -rf ~', not a metrics.csv col"),
+    ({"history": [{"epoch": 1, "val_pgd10_acc\n": 1.0}]}, "not a metrics.csv column"),
+    ({"history": [{"epoch": 1.5}]}, "history row 1 is {'epoch': 1.5}, not a row with an epoch"),
+    ({"history": [{"loss": 1.0}]}, "history row 1 is {'loss': 1.0}, not a row with an epoch"),
+    ({"history": [{"epoch": 1}, "row"]}, "history row 2 is 'row'"),
+    ({"history": {"epoch": 1}}, "history is {'epoch': 1}, not a list of rows"),
+    ({"epoch": "2"}, "epoch is '2', not a count"),
+    ({"global_step": -1}, "global_step is -1, not a count"),
+    ({"epoch_step": 2.5}, "epoch_step is 2.5, not a count"),
+    ({"best_val_pgd": float("inf")}, "best_val_pgd is inf, not a finite number"),
+    ({"epoch_sums": {"loss": "1"}}, "epoch_sums is {'loss': '1'}"),
+    ({"epoch_sums": {"rm": 1.0}}, "epoch_sums is {'rm': 1.0}"),
+]
+
+
+@pytest.mark.parametrize("change, error", BAD_STATES)
+def test_a_bad_run_state_is_refused(change, error):
+    state = RunState()
+    with pytest.raises(ValueError) as info:
+        state.load_state_dict({**GOOD_STATE, **change})
+    assert error in str(info.value) and len(str(info.value)) < 200
+    assert state.state_dict() == RunState().state_dict()  # nothing taken over
+
+
+def test_a_run_state_loads_and_an_older_one_too():
+    state = RunState()
+    state.load_state_dict(GOOD_STATE)
+    assert state.state_dict() == GOOD_STATE
+    older = {key: GOOD_STATE[key] for key in ("epoch", "global_step", "best_epoch", "best_val_pgd", "history")}
+    state = RunState()
+    state.load_state_dict(older)  # before epoch_step and epoch_sums
+    assert state.state_dict() == GOOD_STATE
+
+
+def test_a_tampered_history_is_refused_and_writes_nothing(tmp_path, tiny_dataset):
+    """A history value `;cmd;#` with a recomputed manifest, and `.metrics.csv.partial` linked to a victim (the
+    issue's attack): the resume stops in one line, and neither the victim nor metrics.csv is written."""
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", TINY, tiny_dataset, "run.max_steps=4")  # epoch 1 of 2
+    run = RunDir(run_train(load_recipe(recipe_file)))
+    checkpoint = run.checkpoint(1)
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["history"][0]["loss"] = ";cmd;#"
+    data = json.dumps(state).encode()
+    (checkpoint / "state.json").write_bytes(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    victim = tmp_path / "bashrc"
+    victim.write_text("keep me")
+    (run.root / ".metrics.csv.partial").symlink_to(victim)
+    metrics = run.metrics.read_bytes()
+
+    with pytest.raises(UserError) as info:
+        run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
+    message = str(info.value)
+    assert str(checkpoint) in message and "history row 1's loss is ';cmd;#', not a finite number" in message
+    assert "\n" not in message
+    assert victim.read_text() == "keep me" and run.metrics.read_bytes() == metrics
+
+
+def test_resuming_with_another_monitoring_attack_keeps_both_columns(tmp_path, tiny_dataset):
+    """eval.* may change on resume: metrics.csv keeps the columns of the rows monitored before (PGD-1 here)."""
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", TINY, tiny_dataset, "run.max_steps=4")
+    run = RunDir(run_train(load_recipe(recipe_file)))
+    run_train(load_recipe(recipe_file, ["run.max_steps=null", "eval.steps=2"]))
+    columns, rows = read_metrics(run.root)
+    assert columns[-2:] == ["train_pgd1_acc", "test_pgd1_acc"] and "test_pgd2_acc" in columns
+    assert rows[0]["test_pgd1_acc"] != "" and rows[0]["test_pgd2_acc"] == ""
+    assert rows[1]["test_pgd1_acc"] == "" and rows[1]["test_pgd2_acc"] != ""
 
 
 def test_a_second_run_in_the_same_directory_stops(tmp_path, tiny_dataset):
