@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,7 +45,7 @@ from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
-from sglr_zoo.files import refuse_link, write_atomic
+from sglr_zoo.files import WriteFailed, refuse_link, write_atomic
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.objectives import SGLR, Objective, build_objective
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe, save_recipe
@@ -244,7 +245,9 @@ def plot_curves(history: list[dict], path: Path, attack: str) -> None:
         else:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    write_atomic(path, png.getvalue())
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -270,13 +273,18 @@ def _format_row(row: dict, attack: str) -> str:
 
 def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) -> None:
     """Writes the `best/` or `last/` export: refused when the folder is a link, never written through a link planted
-    at one of its files (removed)."""
+    at one of its files (removed); a failed write is one line naming the folder."""
     folder = run.export(which)
     refuse_link(folder)
     for path in (ModelFolder(folder).config, ModelFolder(folder).weights):
         if path.is_symlink():
             path.unlink()
-    save_pretrained(model, folder, label_names=class_names)
+    try:
+        save_pretrained(model, folder, label_names=class_names)
+    except OSError as error:
+        raise WriteFailed(folder, error) from error
+    except SafetensorError as error:  # safetensors' own I/O errors, e.g. "No space left on device (os error 28)"
+        raise UserError(f"could not write {folder}: {error}") from error
 
 
 def max_steps_reached(recipe: Recipe, state: RunState) -> bool:

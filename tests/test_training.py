@@ -22,6 +22,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -438,6 +439,47 @@ def test_a_full_disk_names_the_file_and_the_intact_checkpoint(tmp_path, tiny_dat
     run_train(recipe)
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0001", "epoch_0002"]
     assert run.finished.is_file()
+
+
+@pytest.mark.parametrize("name", ["curves.png", "metrics.csv"])
+def test_a_full_disk_while_writing_the_records_is_one_line(tmp_path, tiny_dataset, monkeypatch, name):
+    run = RunDir(tmp_path / "run")
+    write = os.write
+
+    def full_disk(fd: int, data) -> int:
+        if f".{name}." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(UserError, match=rf"^could not write {run.root / name}: the disk is full$"):
+        run_train(make_recipe(TINY, tiny_dataset, tmp_path, "schedule.epochs=1"))
+    assert not list(run.root.glob(f".{name}.*"))  # no temporary file left
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the disk is full"),
+    # what safetensors raises for a write its own code makes (it reports no errno)
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "Error while serializing: I/O error: No space left on device"),
+])
+def test_a_failed_export_is_one_line_and_the_run_continues(tmp_path, tiny_dataset, monkeypatch, error, reason):
+    recipe, run = make_recipe(TINY, tiny_dataset, tmp_path, "schedule.epochs=1"), RunDir(tmp_path / "run")
+    save = training.save_pretrained
+
+    def failing(model, folder, **kwargs):
+        if Path(folder).name == "last":
+            raise error
+        return save(model, folder, **kwargs)
+
+    monkeypatch.setattr(training, "save_pretrained", failing)
+    with pytest.raises(UserError, match=rf"^could not write {run.export('last')}: {reason}"):
+        run_train(recipe)
+    assert not run.finished.exists()
+
+    monkeypatch.undo()  # room again: the same command writes the export, evaluates it and finishes
+    run_train(recipe)
+    assert ModelFolder(run.export("last")).is_model() and run.results("last").is_file() and run.finished.is_file()
 
 
 def test_exports_are_never_written_through_a_link(tmp_path, tiny_dataset, monkeypatch):
