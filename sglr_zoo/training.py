@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import io
 import json
@@ -73,27 +74,30 @@ class TrainingDiverged(UserError):
 class RunState:
     """Where the run is: the last epoch trained in, whole or up to `epoch_step` where run.max_steps stopped the run
     inside it (with the sums of those steps, `epoch_sums`), the optimizer steps since the start of the run (across
-    resumes: what run.max_steps counts), the best validation epoch and the metrics history. Saved as JSON with every
-    checkpoint."""
+    resumes: what run.max_steps counts), the best validation epoch, the metrics history and the training data's
+    fingerprint. Saved as JSON with every checkpoint."""
 
     def __init__(self) -> None:
         self.epoch, self.epoch_step, self.global_step, self.best_epoch, self.best_val_pgd = 0, 0, 0, 0, -1.0
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
+        self.data_sha256: str | None = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "epoch_sums": self.epoch_sums,
                 "global_step": self.global_step, "best_epoch": self.best_epoch, "best_val_pgd": self.best_val_pgd,
-                "history": self.history}
+                "history": self.history, "data_sha256": self.data_sha256}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores `state_dict()`'s output; raises ValueError naming the first value that is not what it must be:
         the history goes into metrics.csv, so its rows hold finite numbers under metric column names, nothing else."""
-        state = {"epoch_step": 0, "epoch_sums": {}, **state}  # what an older checkpoint lacks
+        state = {"epoch_step": 0, "epoch_sums": {}, "data_sha256": None, **state}  # what an older checkpoint lacks
         for key in ("epoch", "epoch_step", "global_step", "best_epoch"):
             _check(key, state[key], _is_count(state[key]), "a count")
         _check("best_val_pgd", state["best_val_pgd"], _is_number(state["best_val_pgd"]), "a finite number")
-        sums, history = state["epoch_sums"], state["history"]
+        sha256, sums, history = state["data_sha256"], state["epoch_sums"], state["history"]
+        _check("data_sha256", sha256, sha256 is None or isinstance(sha256, str)
+               and re.fullmatch(r"[0-9a-f]{64}", sha256) is not None, "a sha256")
         _check("epoch_sums", sums, isinstance(sums, dict) and set(sums) <= {*SUMS, "seconds"}
                and all(map(_is_number, sums.values())), f"finite numbers named {', '.join(SUMS)} or seconds")
         _check("history", history, isinstance(history, list), "a list of rows")
@@ -106,7 +110,7 @@ class RunState:
                 _check(f"history row {number}'s {key}", value, _is_number(value), "a finite number")
         self.epoch, self.epoch_step, self.global_step = state["epoch"], state["epoch_step"], state["global_step"]
         self.best_epoch, self.best_val_pgd = state["best_epoch"], float(state["best_val_pgd"])
-        self.epoch_sums, self.history = dict(sums), list(history)
+        self.epoch_sums, self.history, self.data_sha256 = dict(sums), list(history), sha256
 
 
 def _is_count(value: object) -> bool:
@@ -285,6 +289,14 @@ def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) ->
         raise WriteFailed(folder, error) from error
     except SafetensorError as error:  # safetensors' own I/O errors, e.g. "No space left on device (os error 28)"
         raise UserError(f"could not write {folder}: {error}") from error
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """sha256 of a split's class names, images and labels: a resumed run checks that it trains on the same data."""
+    digest = hashlib.sha256(json.dumps([data.class_names, list(data.images.shape)]).encode())
+    for tensor in (data.images, data.labels):
+        digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def max_steps_reached(recipe: Recipe, state: RunState) -> bool:
@@ -658,12 +670,19 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
         compiled = torch.compile(unwrapped)
         model, unwrapped = compiled if model is unwrapped else torch.compile(model), compiled
     state = RunState()
+    state.data_sha256 = data_fingerprint(splits.train)
     checkpointer = Checkpointer(accelerator, run, model=plain, objective=objective, optimizer=optimizer, state=state,
                                 recipe=recipe)
 
     lock, resume_from = open_run(accelerator, run, recipe)  # one run per directory: locked until finish_run
     if resume_from is not None:
+        data_sha256 = state.data_sha256
         checkpointer.load(resume_from)
+        if state.data_sha256 not in (None, data_sha256):  # None: a checkpoint of an older sglr-zoo
+            raise UserError(f"data.dataset: the training data at {recipe.data.dataset} is not the data {resume_from} "
+                            "was trained on (sha256 of its images and labels); restore that data, or train anew "
+                            "under another run.name or run.output_dir")
+        state.data_sha256 = data_sha256
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.global_step}"
                           f"{', inside the epoch' if state.epoch_step else ''})")
     if accelerator.is_main_process:

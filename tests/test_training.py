@@ -38,6 +38,7 @@ from sglr_zoo.models import create_model
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.training import RunState, TrainingDiverged, _check_hardware, lr_factor, metric_columns, train
+from tests.conftest import write_parquet_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"img_per_s", "epoch_s"}  # the only metrics allowed to differ between identical runs
@@ -515,7 +516,7 @@ def test_exports_are_never_written_through_a_link(tmp_path, tiny_dataset, monkey
 
 
 GOOD_STATE = {"epoch": 2, "epoch_step": 0, "epoch_sums": {}, "global_step": 8, "best_epoch": 1, "best_val_pgd": 25.0,
-              "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}]}
+              "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}], "data_sha256": None}
 
 # (keys that replace GOOD_STATE's, fragment of the error)
 BAD_STATES = [
@@ -536,6 +537,7 @@ BAD_STATES = [
     ({"best_val_pgd": float("inf")}, "best_val_pgd is inf, not a finite number"),
     ({"epoch_sums": {"loss": "1"}}, "epoch_sums is {'loss': '1'}"),
     ({"epoch_sums": {"rm": 1.0}}, "epoch_sums is {'rm': 1.0}"),
+    ({"data_sha256": "abc"}, "data_sha256 is 'abc', not a sha256"),
 ]
 
 
@@ -554,7 +556,7 @@ def test_a_run_state_loads_and_an_older_one_too():
     assert state.state_dict() == GOOD_STATE
     older = {key: GOOD_STATE[key] for key in ("epoch", "global_step", "best_epoch", "best_val_pgd", "history")}
     state = RunState()
-    state.load_state_dict(older)  # before epoch_step and epoch_sums
+    state.load_state_dict(older)  # before epoch_step, epoch_sums and data_sha256
     assert state.state_dict() == GOOD_STATE
 
 
@@ -582,6 +584,26 @@ def test_a_tampered_history_is_refused_and_writes_nothing(tmp_path, tiny_dataset
     assert str(checkpoint) in message and "history row 1's loss is ';cmd;#', not a finite number" in message
     assert "\n" not in message
     assert victim.read_text() == "keep me" and run.metrics.read_bytes() == metrics
+
+
+def test_resuming_on_other_data_at_the_same_path_is_refused(tmp_path):
+    """The data at data.dataset changed between the stop and the resume (same size, other images and labels)."""
+    data = write_parquet_dataset(tmp_path / "data")
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", TINY, data, "run.max_steps=4", "method.name=pgd_at")
+    run = RunDir(run_train(load_recipe(recipe_file)))  # epoch 1 of 2
+    before = file_hashes(run.root)
+    write_parquet_dataset(data, seed=1)
+    with pytest.raises(UserError, match=rf"^data.dataset: the training data at {data} is not the data "
+                                        rf"{run.checkpoint(1)} was trained on \(sha256 of its images and labels\); "
+                                        "restore that data, or train anew"):
+        run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
+    after = file_hashes(run.root)
+    after.pop("recipe.yaml"), before.pop("recipe.yaml")  # rewritten: run.max_steps changed
+    assert after == before
+
+    write_parquet_dataset(data)  # the data it began on: the run goes on
+    run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
+    assert json.loads(run.finished.read_text())["epoch"] == 2
 
 
 def test_resuming_with_another_monitoring_attack_keeps_both_columns(tmp_path, tiny_dataset):
