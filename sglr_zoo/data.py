@@ -7,7 +7,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -16,12 +16,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import MiB, read_regular
 from sglr_zoo.recipe import DataConfig
 
 DATA_ENV = "SGLR_ZOO_DATA"  # a folder holding local copies of Hub datasets, named by the id's last part
 IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 PATH_COLUMNS = ("image", "path", "file", "filename", "filepath", "image_path", "img")  # CSV-of-paths datasets
+IMAGE_LIMIT = 64 * MiB  # one encoded image file; larger is no training image, refused before it is read
+CSV_LIMIT = 256 * MiB  # a CSV of image paths (a million rows is some 50 MB)
 HOLDOUT_SEED = 0  # the held-out test split carved from train must not change with the run's seed
 
 
@@ -131,12 +134,25 @@ def _load_csv(files: dict[str, str], cfg: DataConfig):
     """CSV files with an image path column (relative to the CSV's folder) and a label column (names or ints)."""
     import datasets
 
+    for file in files.values():
+        try:  # a plain file of bounded size (a FIFO would hang the reader), with a header and rows
+            lines = [line for line in read_regular(file, CSV_LIMIT, "CSV file").splitlines() if line.strip()]
+        except UserError as error:
+            raise UserError(f"data.dataset: {error}") from None
+        if len(lines) < 2:
+            raise UserError(f"data.dataset: {file} has {'a header but ' if lines else ''}no rows; write a header "
+                            "line (image,label) and one image path and label per line under it")
     dataset = datasets.load_dataset("csv", data_files=files)
     columns = dataset[next(iter(files))].column_names
     image_column = _find_column(columns, cfg.image_column, PATH_COLUMNS, "image_column")
     label_column = _find_column(columns, cfg.label_column, LABEL_COLUMNS, "label_column")
     for split, file in files.items():
         root = Path(file).parent
+        for row, value in enumerate(dataset[split][image_column], start=1):
+            relative = PurePath(str(value))
+            if relative.is_absolute() or ".." in relative.parts:  # a CSV someone shares may not read files elsewhere
+                raise UserError(f"data.dataset: {file}, row {row}: the image path {value!r} leaves the CSV's folder; "
+                                f"paths are relative to {root} and stay inside it")
         dataset[split] = dataset[split].map(lambda row: {image_column: str(root / str(row[image_column]))})
     dataset = dataset.cast_column(image_column, datasets.Image())
     if any(dataset[split].features[label_column].dtype in ("string", "large_string") for split in dataset):
@@ -167,12 +183,22 @@ def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
 
 
 def _open_image(item: dict, row: int) -> np.ndarray:
-    """One encoded image (`datasets.Image(decode=False)`: bytes and/or path) as RGB uint8; the file named if bad."""
+    """One encoded image (`datasets.Image(decode=False)`: bytes and/or path) as RGB uint8; the file named if bad.
+
+    A file is read only when it is a plain one of at most IMAGE_LIMIT bytes; an image of more pixels than PIL's
+    Image.MAX_IMAGE_PIXELS (89 million) is refused as a likely decompression bomb, not decoded after a warning.
+    """
+    where = item.get("path") or f"row {row}"
     try:
-        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        where = item.get("path") or f"row {row}"
+        encoded = item.get("bytes") or read_regular(item["path"], IMAGE_LIMIT, "dataset image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(encoded)) as image:
+                return np.asarray(image.convert("RGB"))
+    except UserError as error:
+        raise UserError(f"data.dataset: {error}") from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
         raise UserError(f"data.dataset: cannot read image {where} ({error}); remove or replace the file") from None
 
 
@@ -236,12 +262,16 @@ def load_splits(cfg: DataConfig) -> Splits:
     train_split_labels = np.asarray(train_split[label_column])  # all of them: a subset may miss the top class
     num_classes = cfg.num_classes or len(train.class_names) or int(train_split_labels.max()) + 1
     splits = Splits(train, val, test, num_classes, source)
-    _check_labels(splits, train_split_labels, cfg)
+    _check_labels(splits, train_split_labels[:n_keep], cfg)
     return splits
 
 
-def _check_labels(splits: Splits, train_split_labels: np.ndarray, cfg: DataConfig) -> None:
-    """Labels in [0, num_classes) on every split, before any training; two classes at least; subset sizes met."""
+def _check_labels(splits: Splits, trained_labels: np.ndarray, cfg: DataConfig) -> None:
+    """Labels in [0, num_classes) on every split, before any training; two classes at least; subset sizes met.
+
+    `trained_labels` are those of the train split less its validation tail. A validation or test class they never
+    hold is a warning: the model cannot learn it, and its examples count as errors (or lucky guesses).
+    """
     for name, part in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
         if part is None or not len(part):
             continue
@@ -252,10 +282,17 @@ def _check_labels(splits: Splits, train_split_labels: np.ndarray, cfg: DataConfi
         if high >= splits.num_classes:
             raise UserError(f"data.num_classes: the {name} split holds the label {high} but num_classes is "
                             f"{splits.num_classes}; raise data.num_classes or fix the labels")
-    classes = np.unique(train_split_labels)
+    classes = np.unique(trained_labels)
     if len(classes) < 2:  # one class: every prediction is right, and "100%" means nothing
         raise UserError(f"data.dataset: the training split {cfg.train_split!r} holds a single class "
                         f"({classes.tolist()}); a classifier needs examples of at least 2 classes")
+    for name, part in (("validation", splits.val), ("test", splits.test)):
+        unseen = sorted(set(part.labels.tolist()) - set(classes.tolist())) if part is not None else []
+        if unseen:
+            names = [splits.train.class_names[c] if c < len(splits.train.class_names) else str(c) for c in unseen]
+            warnings.warn(f"data.dataset: the {name} split holds {len(unseen)} class(es) that the training split "
+                          f"{cfg.train_split!r} has no example of ({', '.join(names[:5])}"
+                          f"{', ...' if len(names) > 5 else ''}); the model cannot learn them", stacklevel=3)
     for key, asked, used in (("n_train", cfg.n_train, splits.n_train), ("n_test", cfg.n_test, splits.n_test)):
         if asked is not None and asked > used:
             warnings.warn(f"data.{key}: {asked} examples asked for, but only {used} are available; using {used}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -284,3 +285,84 @@ def test_bad_test_label_stops_the_cli_before_training(tmp_path, capsys):
     assert info.value.code == 2 and "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("sglr-zoo train: error: ") and "test split holds the label 4" in lines[-1]
     assert not list((tmp_path / "runs").rglob("checkpoints/*"))  # stopped before any training step
+
+
+def _csv_dataset(folder: Path, train: str, test: str = "image,label\n0.png,a\n1.png,b\n") -> Path:
+    """A CSV-of-paths dataset: four 8x8 PNGs 0.png..3.png and train.csv / test.csv with the given text."""
+    for i in range(4):
+        _write_png(folder / f"{i}.png", (60 * i, 0, 0), size=8)
+    (folder / "train.csv").write_text(train)
+    (folder / "test.csv").write_text(test)
+    return folder
+
+
+GOOD_TRAIN = "image,label\n0.png,a\n1.png,b\n2.png,a\n3.png,b\n"
+
+
+def test_csv_dataset_reads(tmp_path):
+    splits = load_splits(DataConfig(dataset=str(_csv_dataset(tmp_path / "data", GOOD_TRAIN)), image_size=8))
+    assert (len(splits.train), len(splits.test), splits.train.class_names) == (4, 2, ["a", "b"])
+
+
+@pytest.mark.parametrize("train, test, fragment", [
+    ("image,label\n", None, "train.csv has a header but no rows"),
+    (GOOD_TRAIN, "image,label\n\n", "test.csv has a header but no rows"),
+    ("", None, "train.csv has no rows"),
+])
+def test_csv_without_rows(tmp_path, train, test, fragment):
+    folder = _csv_dataset(tmp_path / "data", train, *(test,) if test else ())
+    with pytest.raises(UserError, match="data.dataset: .*" + re.escape(fragment)) as info:
+        load_splits(DataConfig(dataset=str(folder), image_size=8))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["../secret.png", "sub/../../secret.png", "{secret}"])
+def test_csv_paths_stay_in_the_csv_folder(tmp_path, path):
+    secret = tmp_path / "secret.png"
+    _write_png(secret, (255, 255, 255), size=8)
+    path = path.format(secret=secret)
+    folder = _csv_dataset(tmp_path / "data", f"image,label\n0.png,a\n1.png,b\n{path},a\n")
+    with pytest.raises(UserError) as info:
+        load_splits(DataConfig(dataset=str(folder), image_size=8))
+    assert str(info.value) == (f"data.dataset: {folder / 'train.csv'}, row 3: the image path {path!r} leaves the "
+                               f"CSV's folder; paths are relative to {folder} and stay inside it")
+
+
+PLANTS = {"a FIFO": os.mkfifo, "a character device": lambda path: path.symlink_to("/dev/zero"), "a folder": Path.mkdir}
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_csv_image_that_is_no_file(tmp_path, kind):
+    """A FIFO once hung the decoding; /dev/zero would read until memory ran out."""
+    folder = _csv_dataset(tmp_path / "data", GOOD_TRAIN)
+    (folder / "2.png").unlink()
+    PLANTS[kind](folder / "2.png")
+    with pytest.raises(UserError) as info:
+        load_splits(DataConfig(dataset=str(folder), image_size=8))
+    assert str(info.value) == (f"data.dataset: {folder / '2.png'}: not a regular file ({kind}); a dataset image must "
+                               "be a plain file")
+
+
+@pytest.mark.parametrize("size", [40, 50])  # over PIL's pixel limit (a warning), over twice it (an error)
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch, size):
+    from PIL import Image
+
+    folder = _csv_dataset(tmp_path / "data", GOOD_TRAIN)
+    _write_png(folder / "2.png", (0, 0, 0), size=size)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if 2.png were a gigapixel image
+    message = re.escape(f"cannot read image {folder / '2.png'} (") + ".*decompression bomb"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning, then decoding anyway
+        with pytest.raises(UserError, match=message):
+            load_splits(DataConfig(dataset=str(folder), image_size=8))
+
+
+@pytest.mark.parametrize("train, test, cfg, split, unseen", [
+    ([0, 2, 0, 2], [1, 0], {}, "test", "c1"),
+    ([0, 1, 0, 1, 2], [0, 1], dict(val_size=1), "validation", "c2"),  # the training part never has class 2
+])
+def test_a_class_the_training_split_never_has_is_a_warning(tmp_path, train, test, cfg, split, unseen):
+    folder = _labelled_dataset(tmp_path / "data", train, test, _class_label(3))
+    with pytest.warns(UserWarning, match=f"the {split} split holds 1 class\\(es\\) that the training split 'train' "
+                                         f"has no example of \\({unseen}\\); the model cannot learn them"):
+        load_splits(DataConfig(dataset=str(folder), image_size=8, **cfg))
