@@ -72,6 +72,7 @@ class Stateful(Protocol):
     """The run state kept in state.json (training's RunState): a JSON-ready dict out, the same dict back in."""
 
     epoch: int
+    epoch_step: int  # where run.max_steps stopped the run inside `epoch`; 0: the epoch is whole
     global_step: int
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -459,8 +460,11 @@ def finish_run(accelerator: Accelerator, run: RunDir, lock: RunLock | None, stat
     """Marks the run finished (RUN/finished.json) and unlocks it: the last thing a run does. Uses no collective
     (the process group may have ended)."""
     if accelerator.is_main_process:
-        write_atomic(run.finished, _json_bytes({"epoch": state.epoch, "global_step": state.global_step,
-                                                "epochs": recipe.schedule.epochs, "max_steps": recipe.run.max_steps}))
+        done = {"epoch": state.epoch, "global_step": state.global_step, "epochs": recipe.schedule.epochs,
+                "max_steps": recipe.run.max_steps}
+        if state.epoch_step:  # run.max_steps stopped it inside its epoch, maybe the last: it may train on
+            done["epoch_step"] = state.epoch_step
+        write_atomic(run.finished, _json_bytes(done))
         lock.release()
 
 
@@ -526,7 +530,8 @@ def _resume_epoch(run: RunDir, recipe: Recipe, processes: int) -> int:
 
 
 def _refuse_if_finished(run: RunDir, recipe: Recipe) -> None:
-    """A finished run is not rerun, unless it stopped at run.max_steps and the new recipe asks for more steps."""
+    """A finished run is not rerun, unless it stopped at run.max_steps (before its last epoch, or inside one) and
+    the new recipe asks for more steps."""
     try:
         done = json.loads(read_regular(run.finished, TEXT_LIMIT, "finished-run marker"))
         epoch, global_step = int(done["epoch"]), int(done["global_step"])
@@ -536,7 +541,7 @@ def _refuse_if_finished(run: RunDir, recipe: Recipe) -> None:
         raise UserError(f"{run.finished}: not a finished-run marker ({error!r}); delete it if the run did not "
                         "finish") from None
     max_steps = recipe.run.max_steps
-    if epoch < recipe.schedule.epochs and (max_steps is None or max_steps > global_step):
+    if (epoch < recipe.schedule.epochs or done.get("epoch_step")) and (max_steps is None or max_steps > global_step):
         return  # it stopped at its max_steps; this recipe trains on
     which = (run.exports() or ["last"])[0]
     raise UserError(f"{run.root} already finished (epoch {epoch}, step {global_step}; {run.finished.name}): it is "

@@ -336,14 +336,15 @@ def optimizer_steps(monkeypatch) -> list:
     return calls
 
 
-def test_a_max_steps_stop_inside_an_epoch_continues_there(tmp_path, tiny_dataset, optimizer_steps):
+@pytest.mark.parametrize("epochs", [5, 4])  # the stop is in epoch 4 of 5, or in the last epoch
+def test_a_max_steps_stop_inside_an_epoch_continues_there(tmp_path, tiny_dataset, optimizer_steps, epochs):
     """`run.max_steps=10` with 3 steps an epoch stops after step 1 of epoch 4: a mid-epoch checkpoint. The same
-    recipe without max_steps trains the 5 steps left (not 3: the rest of epoch 4 was skipped before) and ends bit
-    for bit where an uninterrupted run ends: last/ and best/, the soft labels, and metrics.csv with one row an
-    epoch (the part's row replaced)."""
-    overrides = ["data.val_size=16", "schedule.epochs=5", "run.threads=1"]  # 48 training images: 3 steps an epoch
+    recipe without max_steps trains the steps left (the rest of epoch 4 was skipped before, or the run refused as
+    finished) and ends bit for bit where an uninterrupted run ends: last/ and best/, the soft labels, and
+    metrics.csv with one row an epoch (the part's row replaced)."""
+    overrides = ["data.val_size=16", f"schedule.epochs={epochs}", "run.threads=1"]  # 48 images: 3 steps an epoch
     reference = RunDir(run_train(make_recipe(TINY, tiny_dataset, tmp_path / "a", *overrides)))
-    assert len(optimizer_steps) == 15
+    assert len(optimizer_steps) == 3 * epochs
     optimizer_steps.clear()
 
     recipe_file = write_recipe(tmp_path / "b" / "recipe.yaml", TINY, tiny_dataset, *overrides, "run.max_steps=10")
@@ -355,11 +356,11 @@ def test_a_max_steps_stop_inside_an_epoch_continues_there(tmp_path, tiny_dataset
     assert [(r["epoch"], r["steps"]) for r in rows] == [("1", "3"), ("2", "3"), ("3", "3"), ("4", "1")]
 
     run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
-    assert len(optimizer_steps) == 15
-    assert json.loads(run.finished.read_text())["global_step"] == 15
+    assert len(optimizer_steps) == 3 * epochs
+    assert json.loads(run.finished.read_text())["global_step"] == 3 * epochs
     for which in ("last", "best"):
         assert weights_equal(reference.export(which), run.export(which)), which
-    assert torch.equal(bank(reference.checkpoint(5)), bank(run.checkpoint(5)))
+    assert torch.equal(bank(reference.checkpoint(epochs)), bank(run.checkpoint(epochs)))
     assert without_timing(read_metrics(run.root)[1]) == without_timing(read_metrics(reference.root)[1])
     info, info_reference = json.loads(run.run_info.read_text()), json.loads(reference.run_info.read_text())
     assert (info["best_epoch"], info["best_value"]) == (info_reference["best_epoch"], info_reference["best_value"])
@@ -370,7 +371,8 @@ def test_run_directory_rules(tmp_path, tiny_dataset, capsys):
     `resume: never` and a changed recipe are refused before anything is trained or written."""
     recipe_file = write_recipe(tmp_path / "recipe.yaml", TINY, tiny_dataset, "run.max_steps=3")
     run = RunDir(run_train(load_recipe(recipe_file)))  # 4 steps an epoch: stops in epoch 1, at step 3
-    assert json.loads(run.finished.read_text()) == {"epoch": 1, "global_step": 3, "epochs": 2, "max_steps": 3}
+    assert json.loads(run.finished.read_text()) == {"epoch": 1, "global_step": 3, "epochs": 2, "max_steps": 3,
+                                                   "epoch_step": 3}
     before = file_hashes(run.root)
 
     AcceleratorState._reset_state(True)
