@@ -173,10 +173,16 @@ def test_load_weights_from_a_safetensors_state_dict(tmp_path):
 
 
 def _edit_config(**changes):
+    """Sets top-level keys of config.json; `pretrained_cfg__mean=...` sets a key inside a section."""
     def edit(folder: Path) -> None:
         config = json.loads((folder / "config.json").read_text())
-        config.update(changes)
-        (folder / "config.json").write_text(json.dumps(config))
+        for key, value in changes.items():
+            section, _, name = key.partition("__")
+            if name:
+                config[section][name] = value
+            else:
+                config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
     return edit
 
 
@@ -205,6 +211,21 @@ FOLDER_ERRORS = [
     ("bad num_classes", _edit_config(num_classes="ten"), "config.json", "num_classes must be a whole number"),
     ("num_classes vs weights", _edit_config(num_classes=7), "model.safetensors",
      "classifier fc has 10 outputs but .*config.json says 7 classes"),
+    # timm builds the model from model_args and silently re-initialises a classifier that does not fit
+    ("model_args num_classes", _edit_config(model_args__num_classes=11), "model.safetensors",
+     r"classifier fc has 10 outputs but .*config.json says 11 classes \(model_args.num_classes\)"),
+    ("pretrained_cfg num_classes", _edit_config(pretrained_cfg__num_classes=11), "model.safetensors",
+     r"config.json says 11 classes \(pretrained_cfg.num_classes\)"),
+    # timm would sum the first convolution's weights over the colour channels and load the rest
+    ("model_args in_chans", _edit_config(model_args__in_chans=1), "config.json", "mean must be 1 numbers"),
+    ("nested too deeply", _write("config.json", "[" * 100_000 + "]" * 100_000), "config.json", "nested too deeply"),
+    ("not a file", lambda folder: ((folder / "config.json").unlink(), os.mkfifo(folder / "config.json")),
+     "config.json", r"not a regular file \(a FIFO\)"),
+    ("huge config", lambda folder: os.truncate(folder / "config.json", 17 << 20), "config.json",
+     "more than a config.json can be"),
+    ("weights not a file", lambda folder: ((folder / "model.safetensors").unlink(),
+                                           os.mkfifo(folder / "model.safetensors")),
+     "model.safetensors", r"not a regular file \(a FIFO\)"),
     ("corrupt weights", _truncate_weights, "model.safetensors", "not a readable safetensors file"),
     ("wrong model_args", _edit_config(model_args={"num_classes": 10, "wings": 2}), "config.json",
      "does not take the arguments given .*wings"),
@@ -260,3 +281,58 @@ def test_hub_weights_always_go_through_the_zoo_download(tmp_path, monkeypatch):
         tuned = create_model("preactresnet_tiny_cifar", 3, pretrained="hf-hub:org/robust@v1")
         assert tuned(x).shape == (2, 3) and not isinstance(tuned, Normalized)
     assert downloads == [("org/robust", None), ("org/robust", "v1")]
+
+
+# (change to config.json, the normalisation it breaks): ours normalise inside (model_args mean/std, pretrained_cfg
+# the identity), a stock timm model is wrapped with pretrained_cfg mean/std
+NORMALIZATION_ERRORS = [
+    ("ours: NaN mean", "preactresnet_tiny_cifar", {"model_args__mean": [float("nan")] * 3}, "model_args: mean"),
+    ("ours: zero std", "preactresnet_tiny_cifar", {"model_args__std": [0.0, 0.2, 0.2]}, "model_args: std"),
+    ("ours: pixel-scale mean", "preactresnet_tiny_cifar", {"model_args__mean": [125.3, 123.0, 113.9]},
+     "model_args: mean"),
+    ("ours: two stds", "preactresnet_tiny_cifar", {"model_args__std": [0.2, 0.2]}, "model_args: std must be 3 numbers"),
+    ("ours: mean without std", "preactresnet_tiny_cifar", {"model_args__std": None}, "model_args: std must be 3"),
+    ("ours: shifted pretrained_cfg", "preactresnet_tiny_cifar", {"pretrained_cfg__mean": [0.5, 0.5, 0.5]},
+     "normalises inside the model"),
+    ("stock: zero std", "test_resnet", {"pretrained_cfg__std": [0.0, 0.0, 0.0]}, "pretrained_cfg: std"),
+    ("stock: NaN std", "test_resnet", {"pretrained_cfg__std": [float("nan")] * 3}, "pretrained_cfg: std"),
+    ("stock: infinite mean", "test_resnet", {"pretrained_cfg__mean": [float("inf")] * 3}, "pretrained_cfg: mean"),
+    ("stock: negative std", "test_resnet", {"pretrained_cfg__std": [-0.2, 0.2, 0.2]}, "pretrained_cfg: std"),
+    ("stock: text mean", "test_resnet", {"pretrained_cfg__mean": "imagenet"}, "pretrained_cfg: mean must be 3 numbers"),
+    ("stock: input size", "test_resnet", {"pretrained_cfg__input_size": [3, 0, 32]}, "input_size must be"),
+]
+
+
+@pytest.mark.parametrize("arch, changes, message", [e[1:] for e in NORMALIZATION_ERRORS],
+                         ids=[e[0] for e in NORMALIZATION_ERRORS])
+def test_config_normalisation_is_checked(tmp_path, arch, changes, message):
+    """A normalisation that would garble every input (NaN, zero, pixel-scale values, the wrong length) is one
+    error naming config.json, never a model that loads and scores near chance."""
+    folder = save_pretrained(create_model(arch, 10, mean=MEAN, std=STD), tmp_path / "model")
+    load_pretrained(f"local-dir:{folder}")
+    _edit_config(**changes)(folder)
+    with pytest.raises(UserError, match=f"{re.escape(str(folder / 'config.json'))}: .*{message}") as info:
+        load_pretrained(f"local-dir:{folder}")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mean, std", [([float("nan")] * 3, STD), (MEAN, [0.0] * 3), ([0.5] * 3, [2.0] * 3),
+                                       ([0.5] * 2, [0.5] * 2)])
+def test_create_model_refuses_an_unusable_normalisation(mean, std):
+    with pytest.raises(UserError, match="model.mean/model.std: (mean|std)"):
+        create_model("resnet_tiny_cifar", 10, mean=mean, std=std)
+
+
+def test_loading_is_strict_and_a_new_head_is_asked_for(tmp_path):
+    """Every stored tensor is loaded (timm's own loading drops a classifier that does not fit); a head of another
+    size comes only from the caller's num_classes, on top of the loaded backbone."""
+    torch.manual_seed(0)
+    source = create_model("preactresnet_tiny_cifar", 10).eval()
+    folder = save_pretrained(source, tmp_path / "model")
+    loaded = load_pretrained(f"local-dir:{folder}")
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    tuned = unwrap_timm(load_pretrained(f"local-dir:{folder}", num_classes=4))
+    assert tuned.get_classifier().out_features == 4 and tuned.num_classes == 4
+    stem = "conv1.weight"
+    assert torch.equal(tuned.state_dict()[stem], source.state_dict()[stem])

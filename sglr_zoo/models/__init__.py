@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,16 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import TEXT_LIMIT, GiB, open_regular, read_regular
 from sglr_zoo.models import cifar_resnet, preact_resnet, wide_resnet  # noqa: F401  (registers the models)
 from sglr_zoo.models.layers import InputNormalization, Normalized
 from sglr_zoo.rundir import ModelFolder
 
-__all__ = ["InputNormalization", "Normalized", "check_model_folder", "create_model", "is_sglr_arch",
-           "load_pretrained", "load_weights", "save_pretrained", "unwrap_timm", "weights_fingerprint"]
+__all__ = ["InputNormalization", "Normalized", "check_model_folder", "check_normalization", "check_regular",
+           "create_model", "is_sglr_arch", "load_pretrained", "load_weights", "read_config", "save_pretrained",
+           "unwrap_timm", "weights_fingerprint"]
 IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+WEIGHTS_LIMIT = 8 * GiB  # a weights or checkpoint file: a WRN-70-16 with its optimiser state is about 3 GiB
 
 
 def is_sglr_arch(arch: str) -> bool:
@@ -47,6 +52,9 @@ def create_model(
     if pretrained:
         return load_pretrained(pretrained, num_classes=num_classes, drop_rate=drop_rate, eval_mode=False, **kwargs)
     _check_arch(arch, "model.arch")
+    if mean is not None or std is not None:
+        check_normalization(IDENTITY_MEAN if mean is None else mean, IDENTITY_STD if std is None else std,
+                            "model.mean/model.std", kwargs.get("in_chans", 3))
     ours = is_sglr_arch(arch)
     try:
         model = timm.create_model(arch, num_classes=num_classes, drop_rate=drop_rate,
@@ -100,25 +108,34 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
     `sglr_zoo.zoo.locate` accepts (`hf-hub:ORG/NAME[@rev]`, a zoo name, a run directory or model folder).
 
     Hub weights go through the zoo's checked download (safetensors only, sha256 against the Hub's record); a
-    folder is checked (`check_model_folder`) before the model is built. kwargs go to `timm.create_model` (e.g.
-    `num_classes` re-initialises the classifier for fine-tuning).
+    folder is checked (`check_model_folder`) before the model is built, which is built as config.json describes
+    the weights and loaded with every key and shape checked (timm's own loading drops a classifier that does not
+    fit). kwargs go to `timm.create_model`; `num_classes` other than the weights' puts a new classifier on the
+    loaded model (timm's `reset_classifier`), for fine-tuning.
     """
+    from safetensors.torch import load_file
+
     if not name.startswith("local-dir:"):
         from sglr_zoo.zoo import locate  # the zoo owns every download: models/ never touches the network
 
         name = locate(name)
     folder = ModelFolder(name.removeprefix("local-dir:"))
     config = check_model_folder(folder.root)
-    try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+    num_classes = kwargs.pop("num_classes", None)
+    stored = next(iter(_stated_classes(config, folder.config).values()), None)  # checked: they all agree
+    try:  # pretrained=False: timm reads config.json for the architecture and its arguments, we load the weights
+        model = timm.create_model(name, pretrained=False, **({} if stored is None else {"num_classes": stored}),
+                                  **kwargs)
     except TypeError as error:  # an unexpected keyword from config.json's model_args or from the caller
         raise UserError(f"{folder.config}: {config['architecture']} does not take the arguments given (model_args "
                         f"{config.get('model_args', {})}, keywords {kwargs}): {error}") from None
+    try:
+        model.load_state_dict(load_file(str(folder.weights)), strict=True)
     except RuntimeError as error:
-        if "state_dict" not in str(error):
-            raise
         raise UserError(f"{folder.weights} does not fit {config['architecture']} as {folder.config} describes it: "
                         f"{_first_problem(error)}") from None
+    if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+        model.reset_classifier(num_classes)
     mean = tuple(float(v) for v in model.pretrained_cfg.get("mean", IDENTITY_MEAN))
     std = tuple(float(v) for v in model.pretrained_cfg.get("std", IDENTITY_STD))
     if not is_sglr_arch(model.pretrained_cfg.get("architecture", "")) and (mean, std) != (IDENTITY_MEAN, IDENTITY_STD):
@@ -126,31 +143,115 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
     return model.eval() if eval_mode else model
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a JSON object: a regular file of at most 16 MiB, valid UTF-8 JSON; a
+    UserError naming the file otherwise (FileNotFoundError when it is absent)."""
+    path = Path(path)
+    try:
+        config = json.loads(read_regular(path, TEXT_LIMIT, "config.json").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise UserError(f"{path}: not valid JSON ({detail}); export the model again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object with an \"architecture\" (timm's config.json), "
+                        f"got {json.dumps(config)[:40]}")
+    return config
+
+
 def check_model_folder(folder: str | Path) -> dict[str, Any]:
     """Checks a model folder before anything is built and returns its config.json: a JSON object naming a known
-    architecture, readable safetensors weights, and a classifier with the stated number of classes."""
+    architecture, readable safetensors weights whose classifier has the number of classes every num_classes in
+    config.json states, and a finite, plausible input normalisation (`check_normalization`)."""
     model = ModelFolder(folder)
+    files = ((model.config, TEXT_LIMIT, "config.json"), (model.weights, WEIGHTS_LIMIT, "weights file"))
+    for path, limit, what in files:
+        if path.exists():  # a FIFO would hang its reader, a device or sparse file fill memory: named, refused
+            check_regular(path, limit, what)
     if not model.is_model():
         raise UserError(f"{model.root} is not a model folder: it needs config.json and model.safetensors "
                         "(written by `sglr_zoo.models.save_pretrained` or timm's `save_for_hf`)")
-    try:
-        config = json.loads(model.config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{model.config}: not valid JSON ({error}); export the model again") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{model.config}: expected a JSON object with an \"architecture\" (timm's config.json), "
-                        f"got {json.dumps(config)[:40]}")
+    config = read_config(model.config)
     for key in ("pretrained_cfg", "model_args"):
         if not isinstance(config.get(key, {}), dict):
             raise UserError(f"{model.config}: {key} must be a JSON object, got {json.dumps(config[key])[:40]}")
     _check_arch(config.get("architecture"), f"{model.config}: architecture")
     pretrained_cfg = config.get("pretrained_cfg", config)  # timm also reads a flat, older layout
-    num_classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 0):
-        raise UserError(f"{model.config}: num_classes must be a whole number >= 0, got {num_classes!r}")
-    _check_classifier(model.weights, pretrained_cfg.get("classifier"), num_classes, f"{model.config} says")
+    stated = _stated_classes(config, model.config)
+    for head, outputs in _classifier_outputs(model.weights, pretrained_cfg.get("classifier")).items():
+        for name, num_classes in stated.items():
+            if num_classes != outputs:
+                raise UserError(f"{model.weights}: the classifier {head} has {outputs} outputs but {model.config} "
+                                f"says {num_classes} classes ({name}); export the model again, or restore the "
+                                "config.json that belongs to these weights")
+    if len(set(stated.values())) > 1:  # only when the weights have no classifier to compare with
+        raise UserError(f"{model.config}: the number of classes differs: "
+                        f"{', '.join(f'{name} {value}' for name, value in stated.items())}; export the model again")
+    _check_config_normalization(config, model.config)
     return config
+
+
+def check_normalization(mean: Any, std: Any, where: str, channels: int = 3) -> tuple[tuple[float, ...],
+                                                                                   tuple[float, ...]]:
+    """`mean` and `std` as tuples of floats when they can normalise [0, 1] images: one finite value per input
+    channel, means in [0, 1], standard deviations in (0, 1]; a UserError naming `where` otherwise."""
+    values = {}
+    for label, given, low_open in (("mean", mean, False), ("std", std, True)):
+        if not isinstance(given, Sequence) or isinstance(given, str) or len(given) != channels or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in given):
+            raise UserError(f"{where}: {label} must be {channels} numbers, one per input channel, got "
+                            f"{json.dumps(given, default=str)[:60]}")
+        floats = tuple(float(v) for v in given)
+        if not all(math.isfinite(v) and (0 < v if low_open else 0 <= v) and v <= 1 for v in floats):
+            interval = "(0, 1]" if low_open else "[0, 1]"
+            raise UserError(f"{where}: {label} {list(floats)} is not in {interval} for every channel: the model "
+                            "takes images in [0, 1], and a normalisation outside that range (NaN, zero, pixel "
+                            "values 0..255) would garble every input")
+        values[label] = floats
+    return values["mean"], values["std"]
+
+
+def check_regular(path: Path, limit: int, what: str) -> None:
+    """Raises UserError naming `path` unless it is a regular file of at most `limit` bytes (a FIFO would hang a
+    reader, a device or a sparse file fill memory); FileNotFoundError when it is absent."""
+    try:
+        fd = open_regular(path, limit, what)
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, where a {what} was expected") from None
+    os.close(fd)
+
+
+def _stated_classes(config: dict[str, Any], where: Path) -> dict[str, int]:
+    """Where config.json states a number of classes (top level, pretrained_cfg, model_args), and what it says."""
+    pretrained_cfg, model_args = config.get("pretrained_cfg", config), config.get("model_args", {})
+    stated = {name: value for name, value in (("num_classes", config.get("num_classes")),
+                                              ("pretrained_cfg.num_classes", pretrained_cfg.get("num_classes")),
+                                              ("model_args.num_classes", model_args.get("num_classes")))
+              if value is not None}
+    for name, value in stated.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{where}: {name} must be a whole number >= 0, got {value!r}")
+    return stated
+
+
+def _check_config_normalization(config: dict[str, Any], where: Path) -> None:
+    """config.json's normalisation: pretrained_cfg mean/std (what a stock model's wrapper applies; identity for
+    ours, which normalise inside) and our architectures' model_args mean/std, checked by `check_normalization`."""
+    pretrained_cfg, model_args = config.get("pretrained_cfg", config), config.get("model_args", {})
+    input_size = pretrained_cfg.get("input_size", [3, 32, 32])
+    if not (isinstance(input_size, list) and len(input_size) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 8192 for v in input_size)):
+        raise UserError(f"{where}: pretrained_cfg.input_size must be [channels, height, width], whole numbers from "
+                        f"1 to 8192, got {json.dumps(input_size)[:60]}")
+    channels = model_args.get("in_chans", input_size[0])
+    if "mean" in pretrained_cfg or "std" in pretrained_cfg:
+        mean, std = check_normalization(pretrained_cfg.get("mean"), pretrained_cfg.get("std"),
+                                        f"{where}: pretrained_cfg", channels)
+        if is_sglr_arch(config["architecture"]) and (mean, std) != (IDENTITY_MEAN, IDENTITY_STD):
+            raise UserError(f"{where}: pretrained_cfg mean {list(mean)} / std {list(std)}, but "
+                            f"{config['architecture']} normalises inside the model (model_args mean/std): its "
+                            "pretrained_cfg must say mean 0 / std 1, or timm users would normalise twice")
+    if model_args.get("mean") is not None or model_args.get("std") is not None:
+        check_normalization(model_args.get("mean"), model_args.get("std"), f"{where}: model_args", channels)
 
 
 def load_weights(arch: str, weights: str | Path, num_classes: int) -> nn.Module:
@@ -158,8 +259,9 @@ def load_weights(arch: str, weights: str | Path, num_classes: int) -> nn.Module:
     from safetensors.torch import load_file
 
     path = Path(weights)
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix != ".safetensors" or not path.exists():
         raise UserError(f"--weights {path}: give an existing .safetensors file (pickled checkpoints are not loaded)")
+    check_regular(path, WEIGHTS_LIMIT, "weights file")
     _check_arch(arch, "model")
     classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None)
     _check_classifier(path, classifier, num_classes, "the data has")
@@ -183,8 +285,17 @@ def _check_arch(arch: Any, where: str) -> None:
 
 
 def _check_classifier(weights: Path, classifier: Any, num_classes: int | None, claim: str) -> None:
-    """Reads only the safetensors header: a UserError naming the file if it is unreadable, or if the classifier's
-    weight has another number of outputs than num_classes (checked before building the model)."""
+    """A UserError naming the file if the classifier's weight has another number of outputs than num_classes
+    (read from the safetensors header, before the model is built)."""
+    for name, outputs in _classifier_outputs(weights, classifier).items():
+        if num_classes is not None and outputs != num_classes:
+            raise UserError(f"{weights}: the classifier {name} has {outputs} outputs but {claim} {num_classes} "
+                            "classes; pass the weights and num_classes that belong together")
+
+
+def _classifier_outputs(weights: Path, classifier: Any) -> dict[str, int]:
+    """The number of outputs of each named classifier found in a safetensors file, read from its header only; a
+    UserError naming the file if it is unreadable."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -193,12 +304,9 @@ def _check_classifier(weights: Path, classifier: Any, num_classes: int | None, c
     except SafetensorError as error:
         raise UserError(f"{weights}: not a readable safetensors file ({error}); download or export it again") \
             from None
-    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
-    for name in names:
-        shape = shapes.get(f"{name}.weight")
-        if num_classes is not None and shape and shape[0] != num_classes:
-            raise UserError(f"{weights}: the classifier {name} has {shape[0]} outputs but {claim} {num_classes} "
-                            "classes; pass the weights and num_classes that belong together")
+    names = [classifier] if isinstance(classifier, str) else classifier if isinstance(classifier, list) else []
+    return {name: shapes[f"{name}.weight"][0] for name in names
+            if isinstance(name, str) and shapes.get(f"{name}.weight")}
 
 
 def _first_problem(error: Exception) -> str:
