@@ -5,6 +5,9 @@ the final average pooling sums)."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 from collections import OrderedDict
 
 import pytest
@@ -321,10 +324,12 @@ def test_parse_normalization(text, expected):
     assert parse_normalization(text) == expected
 
 
-@pytest.mark.parametrize("text", ["imagenet", "0.5", "0.5,0", "1,2,3,4", "a,b"])
+@pytest.mark.parametrize("text", ["imagenet", "0.5", "0.5,0", "1,2,3,4", "a,b", "nan,1", "0.5,nan", "inf,0.5",
+                                  "0.5,-inf", "128,64", "0.5,2", "-0.1,0.5", "0.5,0.5,0.5,0.2,0.2,nan"])
 def test_bad_normalization_is_refused(text):
-    with pytest.raises(UserError, match="--normalization"):
+    with pytest.raises(UserError, match="--normalization") as info:
         parse_normalization(text)
+    assert "\n" not in str(info.value)
 
 
 def test_checkpoint_of_another_architecture_names_the_first_mismatch(tmp_path):
@@ -341,22 +346,109 @@ def test_robustbench_preact_without_final_bn_is_refused(tmp_path):
         import_checkpoint(path, "preactresnet_tiny_cifar", "none")
 
 
-def test_pickle_with_code_is_refused(tmp_path):
-    path = tmp_path / "model.pth"
-    torch.save({"state_dict": KLResNet(**TINY).state_dict(), "args": OrderedDict, "make": F.relu}, path)
-    with pytest.raises(UserError, match=r"refused: .*weights_only=True"):
+class _Shell:
+    """Pickles as a call of os.system: what an attacker's checkpoint holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("extra", ["function", "os.system"])
+def test_pickle_with_code_is_refused_in_our_words(extra, tmp_path):
+    """Refused before anything runs, with our reason and advice, never torch's hint that weights_only=False "will
+    likely succeed" (advice a user must not take for a file from elsewhere)."""
+    path, marker = tmp_path / "model.pth", tmp_path / "ran"
+    code = {"args": OrderedDict, "make": F.relu} if extra == "function" else {"hook": _Shell(marker)}
+    torch.save({"state_dict": KLResNet(**TINY).state_dict(), **code}, path)
+    with pytest.raises(UserError, match=r"refused: the file holds more than tensors \(it names [\w.]+\), and loading "
+                                        "it could run code. Ask its author for the weights as safetensors") as info:
+        import_checkpoint(path, "resnet_tiny_cifar", "none")
+    message = str(info.value)
+    assert "weights_only" not in message and "likely succeed" not in message and "\n" not in message
+    assert not marker.exists()
+
+
+def _stride0(n: int) -> torch.Tensor:
+    """n float32 values that torch.save stores as one: a stride-0 view asking for 4 n bytes once loaded."""
+    return torch.zeros(1).expand(n)
+
+
+# (where the expanded tensor sits, how the file is saved)
+EXPANDED = {
+    "an extra key": (lambda state: {**state, "extra": _stride0(2**34)}, {}),  # 64 GiB asked by a 70 KB file
+    "beside the state dict": (lambda state: {"state_dict": state, "ema": _stride0(2**34)}, {}),
+    "a weight": (lambda state: {**state, "linear.weight": torch.zeros(1).expand_as(state["linear.weight"])}, {}),
+    "a normalisation buffer": (lambda state: {**state, "mu": _stride0(2**20)}, {}),  # flattened by the old import
+    "legacy format": (lambda state: {**state, "extra": _stride0(2**34)}, {"_use_new_zipfile_serialization": False}),
+}
+
+
+@pytest.mark.parametrize("case", EXPANDED)
+def test_tensors_asking_for_more_than_their_stored_data_are_refused(case, tmp_path):
+    """A tensor whose shape asks for more than its storage holds is refused from its shape alone, before any of
+    it is allocated."""
+    change, options = EXPANDED[case]
+    path = tmp_path / "model.pt"
+    torch.save(change(KLResNet(**TINY).state_dict()), path, **options)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(UserError, match=r"model.pt: refused: tensor [\w.]+ has shape \(.*\) \([\d,]+ bytes\) but only "
+                                        r"\d+ bytes of stored data \(an expanded or stride-0 view\)") as info:
+        import_checkpoint(path, "resnet_tiny_cifar", "none")
+    assert "\n" not in str(info.value)
+
+
+def test_views_of_one_storage_and_the_legacy_format_import(tmp_path):
+    """What real checkpoints hold stays accepted: tensors sharing a storage, files saved before PyTorch 1.6."""
+    torch.manual_seed(0)
+    foreign = _randomize(KLResNet(**TINY))
+    flat = torch.randn(100)
+    x = torch.rand(2, 3, 32, 32)
+    for name, obj, options in [
+        ("views.pt", {"state_dict": foreign.state_dict(), "flat": flat, "a": flat[:50], "b": flat[50:]}, {}),
+        ("legacy.pt", {"state_dict": foreign.state_dict()}, {"_use_new_zipfile_serialization": False}),
+    ]:
+        torch.save(obj, tmp_path / name, **options)
+        with torch.no_grad():
+            assert torch.allclose(import_checkpoint(tmp_path / name, "resnet_tiny_cifar", "none").model(x),
+                                  foreign(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("key, value", [("linear.weight", float("nan")), ("layer1.0.conv1.weight", float("inf")),
+                                        ("bn1.running_var", float("-inf"))])
+def test_non_finite_weights_are_refused(key, value, tmp_path):
+    state = KLResNet(**TINY).state_dict()
+    state[key].view(-1)[3] = value
+    path = _save(state, tmp_path / "model.pt")
+    with pytest.raises(UserError, match=rf"model.pt: refused: {re.escape(key)} holds 1 NaN or infinite value"):
         import_checkpoint(path, "resnet_tiny_cifar", "none")
 
 
 @pytest.mark.parametrize("name, content, message", [
     ("weights.pkl", b"anything", "unknown checkpoint type '.pkl'"),
     ("weights.pt", b"not a torch file", "not a readable torch.save file"),
+    ("empty.pt", b"", "not a readable torch.save file \\(it ends early\\)"),
+    ("pickle.pt", pickle.dumps({"a": 1}, protocol=2), "not a readable torch.save file"),
     ("weights.safetensors", b"garbage", "not a readable safetensors file"),
 ])
 def test_unreadable_files_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as info:
         import_checkpoint(tmp_path / name, "resnet_tiny_cifar", "none")
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_checkpoint_that_is_not_a_file_is_refused(kind, tmp_path):
+    """A FIFO would wait for a writer forever; a folder is not a checkpoint."""
+    path = tmp_path / "model.pt"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(UserError, match=r"model.pt: not a regular file \((a FIFO|a folder)\)"):
+        import_checkpoint(path, "resnet_tiny_cifar", "none")
 
 
 def test_import_cli_errors_exit_2(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 Robust CIFAR models are published in many layouts (the SGLR authors' code, kuangliu's pytorch-cifar, TRADES,
 RobustBench). Each of our model files has a timm-style `checkpoint_filter_fn` that renames its family's layouts;
-this module reads the file safely (safetensors, or `torch.load(weights_only=True)`), removes the wrappers that
-training scripts add (`{"state_dict": ...}`, `module.`, RobustBench's normaliser), and loads strictly with the
+this module reads the file safely (safetensors, or `torch.load(weights_only=True)` after a first pass that reads
+only shapes, so that a small file cannot ask for more memory than it holds), removes the wrappers that training
+scripts add (`{"state_dict": ...}`, `module.`, RobustBench's normaliser), and loads strictly with the
 normalisation the user states, since foreign models differ on it and the weights do not say.
 """
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
+from sglr_zoo.files import open_regular
 
 __all__ = ["NORMALIZATIONS", "ImportedModel", "check_state_dict", "import_checkpoint", "parse_normalization",
            "read_checkpoint", "save_imported", "unwrap_state_dict"]
@@ -52,27 +56,47 @@ class ImportedModel:
 
 
 def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """`none`, `cifar10`, `cifar100`, `MEAN,STD` (one value for every channel) or `M1,M2,M3,S1,S2,S3`."""
+    """`none`, `cifar10`, `cifar100`, `MEAN,STD` (one value for every channel) or `M1,M2,M3,S1,S2,S3`; means in
+    [0, 1] and standard deviations in (0, 1], as for images in [0, 1]."""
+    from sglr_zoo.models import check_normalization
+
     if text in NORMALIZATIONS:
         return NORMALIZATIONS[text]
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) not in (2, 6) or any(s <= 0 for s in values[len(values) // 2:]):
+    if len(values) not in (2, 6):
         raise UserError(f"--normalization {text!r}: give none, {', '.join(n for n in NORMALIZATIONS if n != 'none')}, "
                         "MEAN,STD or three means then three positive stds (e.g. 0.5,0.5,0.5,0.25,0.25,0.25)")
     half = len(values) // 2
     mean, std = values[:half], values[half:]
-    return (tuple(mean * 3), tuple(std * 3)) if half == 1 else (tuple(mean), tuple(std))
+    return check_normalization(mean * 3, std * 3, f"--normalization {text!r}") if half == 1 else \
+        check_normalization(mean, std, f"--normalization {text!r}")
 
 
 def read_checkpoint(path: str | Path) -> object:
-    """The object stored in a `.safetensors` file, or in a torch.save file read with `weights_only=True`."""
+    """The object stored in a `.safetensors` file, or in a torch.save file read with `weights_only=True`.
+
+    A torch.save file is first read as shapes only (`FakeTensorMode`: nothing is allocated, no data is read): a
+    tensor that asks for more memory than its stored data holds (a stride-0 or expanded view: a small file that
+    asks for gigabytes), or storages larger than the file, are refused before the real read.
+    """
+    from sglr_zoo.models import WEIGHTS_LIMIT
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} not found: give a checkpoint file (.safetensors, {', '.join(PICKLE_SUFFIXES)})")
-    if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+        raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; give a .safetensors file "
+                        f"or a torch.save file ({', '.join(PICKLE_SUFFIXES)})")
+    try:
+        fd = open_regular(path, WEIGHTS_LIMIT, "checkpoint file")
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, where a checkpoint file was expected") from None
+    size = os.fstat(fd).st_size
+    os.close(fd)
+    if path.suffix == ".safetensors":  # no strides: every tensor's data is in the file, which the reader checks
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -80,22 +104,71 @@ def read_checkpoint(path: str | Path) -> object:
             return load_file(str(path))
         except SafetensorError as error:
             raise UserError(f"{path}: not a readable safetensors file ({error})") from None
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; give a .safetensors file "
-                        f"or a torch.save file ({', '.join(PICKLE_SUFFIXES)})")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        shapes = _torch_load(path)
+    _check_tensor_sizes(shapes, path, size)
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load(weights_only=True)`, its refusals one UserError in our own words: torch's message advises
+    `weights_only=False`, which must never be taken for a file from elsewhere."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n\n|$)", str(error), re.S)
-        detail = found.group(1).strip() if found else str(error).strip().splitlines()[0]
-        if "Unsupported global" not in detail:
-            raise UserError(f"{path}: not a readable torch.save file ({detail})") from None
-        # weights_only refuses pickles that would import or call anything beyond tensors and plain containers.
-        raise UserError(f"{path}: refused: it holds more than weights, which torch.load(weights_only=True) will not "
-                        f"run ({detail}). Re-save only the state dict, e.g. "
-                        "torch.save(model.state_dict(), 'weights.pt'), or convert it to safetensors") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise UserError(f"{path}: not a readable torch.save file ({error})") from None
+        text = str(error)
+        if name := re.search(r"GLOBAL ([\w.]+)", text):  # a global weights_only does not allow: code to import
+            raise UserError(f"{path}: refused: the file holds more than tensors (it names {name.group(1)}), and "
+                            "loading it could run code. Ask its author for the weights as safetensors, or for a "
+                            "torch.save of the state dict alone") from None
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s*Please use|\n\n|$)", text, re.S)
+        raise UserError(f"{path}: not a readable torch.save file of tensors "
+                        f"({_first_sentence(found.group(1) if found else '')})") from None
+    except EOFError:
+        raise UserError(f"{path}: not a readable torch.save file (it ends early)") from None
+    except (RuntimeError, OSError, ValueError, RecursionError, MemoryError) as error:
+        raise UserError(f"{path}: not a readable torch.save file ({_first_sentence(str(error))})") from None
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of an error message, or "unreadable content"; never torch's advice about weights_only."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    sentence = line.split(". ")[0].rstrip(".")[:200]
+    return sentence if sentence and "weights_only" not in sentence else "unreadable content"
+
+
+def _check_tensor_sizes(obj: object, path: Path, file_size: int) -> None:
+    """Refuses tensors (anywhere in the loaded object) whose shape asks for more elements than their stored data
+    holds, and storages that together exceed the file: their memory would be allocated from nothing."""
+    storages = {}
+    for where, tensor in _tensors(obj):
+        stored = tensor.untyped_storage().nbytes()
+        asked = tensor.numel() * tensor.element_size()
+        extent = 0 if tensor.numel() == 0 else (tensor.storage_offset() + 1 + sum(
+            (size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+        if asked > stored or extent > stored:
+            raise UserError(f"{path}: refused: tensor {where} has shape {tuple(tensor.shape)} ({asked:,} bytes) but "
+                            f"only {stored:,} bytes of stored data (an expanded or stride-0 view); a checkpoint "
+                            "stores every weight. Re-save it with torch.save(model.state_dict(), ...)")
+        storages[tensor.untyped_storage()._cdata] = stored
+    if sum(storages.values()) > file_size:
+        raise UserError(f"{path}: refused: its tensors claim {sum(storages.values()):,} bytes of data but the file has "
+                        f"{file_size:,}; the file is damaged or forged")
+
+
+def _tensors(obj: object) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key path, tensor) for every tensor in nested dicts, lists, tuples and sets, each container once."""
+    stack, seen = [("", obj)], set()
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield where or "(the file itself)", item
+        elif isinstance(item, (dict, list, tuple, set, frozenset)) and id(item) not in seen:
+            seen.add(id(item))
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((f"{where}.{key}" if where else str(key), value) for key, value in pairs)
 
 
 def unwrap_state_dict(obj: object, where: str) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
@@ -154,6 +227,7 @@ def import_checkpoint(path: str | Path, arch: str, normalization: str) -> Import
         raise UserError(f"--arch {arch!r}: foreign checkpoints import into our CIFAR architectures: {ours}")
     mean_std = parse_normalization(normalization)
     state, found_normalization = unwrap_state_dict(read_checkpoint(path), str(path))
+    _check_finite(state, path)
     filter_fn = importlib.import_module(timm.models.model_entrypoint(arch).__module__).checkpoint_filter_fn
     with torch.device("meta"):  # the filters take the model, timm's signature; a shape-only one costs nothing
         probe = timm.create_model(arch)
@@ -168,8 +242,25 @@ def import_checkpoint(path: str | Path, arch: str, normalization: str) -> Import
     model = timm.create_model(arch, num_classes=num_classes, mean=mean, std=std)
     check_state_dict(model, renamed, f"{path} does not fit {arch}")
     model.load_state_dict(renamed, strict=True)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _sha256(path)
     return ImportedModel(model.eval(), arch, num_classes, normalization, digest, dropped, found_normalization)
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuses NaN or infinite weights: a model holding them gives NaN logits, which no evaluation should score."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{path}: refused: {key} holds {count:,} NaN or infinite value(s); the checkpoint is "
+                            "damaged or its training diverged")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _is_state_dict(obj: dict) -> bool:
