@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 import sglr_zoo
 from sglr_zoo import finetune, hardware
 from sglr_zoo.attacks import pgd
-from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
+from sglr_zoo.checkpoint import STATE, Checkpointer, finish_run, open_run
 from sglr_zoo.data import ImageSet, IndexedDataset, Splits, augment, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import attack_correct, evaluate, for_evaluation
@@ -123,7 +123,7 @@ def _is_number(value: object) -> bool:
 
 def _check(name: str, value: object, ok: bool, what: str) -> None:
     if not ok:
-        raise ValueError(f"the run state's {name} is {value!r:.60}, not {what}")
+        raise ValueError(f"{STATE}: {name} is {value!r:.60}, not {what}")  # the checkpointer names the checkpoint
 
 
 def lr_factor(cfg: ScheduleConfig, epoch_progress: float) -> float:

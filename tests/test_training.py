@@ -583,7 +583,7 @@ def test_a_tampered_history_is_refused_and_writes_nothing(tmp_path, tiny_dataset
     with pytest.raises(UserError) as info:
         run_train(load_recipe(recipe_file, ["run.max_steps=null"]))
     message = str(info.value)
-    assert str(checkpoint) in message and "history row 1's loss is ';cmd;#', not a finite number" in message
+    assert str(checkpoint) in message and "state.json: history row 1's loss is ';cmd;#', not a finite number" in message
     assert "\n" not in message
     assert victim.read_text() == "keep me" and run.metrics.read_bytes() == metrics
 
