@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from sglr_zoo.attacks import Threat
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import write_atomic
+from sglr_zoo.files import TEXT_LIMIT, read_regular, write_atomic
 from sglr_zoo.results import AttackStep, percent
 
 PYAUTOATTACK_VERSION = "0.2.0"  # the internals read below are this version's; pyproject.toml pins the same
@@ -97,10 +97,11 @@ def run_autoattack(aa: Any, images: torch.Tensor, labels: torch.Tensor, candidat
 
     Returns, per example, True where every sub-attack failed, and each sub-attack's cumulative robust accuracy.
     With `state_path`, progress is saved after every batch; a rerun with the same `key` (what identifies the
-    evaluation: model, data, eps, settings) resumes from it, and a different key is refused.
+    evaluation: model, data, eps, settings) resumes from it, and a different key is refused, as is a state that
+    claims more than the candidates allow.
     """
     path = Path(state_path) if state_path is not None else None
-    state = _read_state(path, key, len(labels)) if path is not None and path.exists() else {
+    state = _read_state(path, key, candidates) if path is not None and path.exists() else {
         "schema": STATE_SCHEMA, "key": key, "robust": candidates.tolist(), "attacked": {}, "seconds": {},
         "per_attack": {}}
     robust = torch.tensor(state["robust"], dtype=torch.bool)
@@ -136,11 +137,13 @@ def batches(flags: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(index.split(batch_size)) if len(index) else []
 
 
-def _read_state(path: Path, key: dict[str, Any], n: int) -> dict[str, Any]:
-    """A saved state, checked: it belongs to this evaluation and holds n flags per list."""
+def _read_state(path: Path, key: dict[str, Any], candidates: torch.Tensor) -> dict[str, Any]:
+    """A saved state, checked: it belongs to this evaluation, holds a flag per candidate in each list, and its
+    robust points and accuracies lie within the candidates (the clean-correct points): a sub-attack only removes."""
     fresh = f"delete {path} to start AutoAttack over, or pass another --state-path"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+    n = len(candidates)
+    try:  # a regular file of bounded size: JSON flags take under 8 bytes each, in at most 7 lists
+        state = json.loads(read_regular(path, TEXT_LIMIT + 64 * n, "state file"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"AutoAttack state file {path} is unreadable ({error}); {fresh}") from None
     if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
@@ -163,6 +166,12 @@ def _read_state(path: Path, key: dict[str, Any], n: int) -> dict[str, Any]:
     if not valid:
         raise UserError(f"AutoAttack state file {path} is corrupt (its per-example flags or timings do not fit "
                         f"{n} examples); {fresh}")
+    robust = torch.tensor(state["robust"], dtype=torch.bool)
+    ceiling, floor = percent(int(candidates.sum()), n), percent(int(robust.sum()), n)
+    if (robust & ~candidates).any() or not all(floor <= s["robust_accuracy"] <= ceiling for s in steps.values()):
+        raise UserError(f"AutoAttack state file {path} claims examples robust that the clean pass gets wrong, or "
+                        f"accuracies outside [{floor:.2f}, {ceiling:.2f}]% (edited, or the clean predictions changed "
+                        f"on another device); {fresh}")
     return state
 
 

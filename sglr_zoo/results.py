@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import write_atomic
+from sglr_zoo.files import TEXT_LIMIT, read_regular, write_atomic
 
 SCHEMA = "sglr_zoo.results/3"
 OLDER_SCHEMAS = ("sglr_zoo.results/2", "sglr_zoo.results/1")
@@ -156,10 +156,11 @@ class Results:
     def load(cls, path: str | Path) -> Results:
         """Reads a results file; raises UserError naming the file and the problem if it is not one."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"results file {path} not found; write one with `sglr-zoo eval MODEL --out {path}`")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular(path, TEXT_LIMIT, "results file"))  # a plain file of bounded size
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError(f"results file {path} not found; write one with `sglr-zoo eval MODEL --out {path}`"
+                            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(data, where=str(path))
