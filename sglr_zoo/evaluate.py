@@ -32,7 +32,7 @@ from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
 from sglr_zoo.models import unwrap_timm, weights_fingerprint
-from sglr_zoo.recipe import STANDARD_EPS, parse_fraction
+from sglr_zoo.recipe import STANDARD_EPS, eps_problem, parse_fraction
 from sglr_zoo.results import Provenance, Results, percent
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
@@ -85,9 +85,9 @@ def evaluate(
     started = time.time()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance = _provenance(provenance, legacy_provenance)
-    eps, quick = _check_options(threat, eps, attacks, batch_size)
+    labels = _check_inputs(model, images, labels, num_classes)
+    eps, quick = _check_options(threat, eps, attacks, batch_size, seed, images[0].numel())
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _check_inputs(model, images, labels)
     images, labels = images.cpu(), labels.cpu()
     model.to(device)
     weights_sha256 = weights_fingerprint(unwrap_timm(model).state_dict())
@@ -207,7 +207,7 @@ def evaluate_model(
     if n < 1:
         raise UserError(f"--n {n}: evaluate at least one example")
     _check_options(options.get("threat", "linf"), options.get("eps"), options.get("attacks", DEFAULT_ATTACKS),
-                   options.get("batch_size", 256))  # before minutes of loading
+                   options.get("batch_size", 256), options.get("seed", 0))  # before minutes of loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     located = model_id if weights else zoo.locate(model_id)  # a wrong name fails before the data loads
     # n_train=1: only the test split is needed; the train split's first example is decoded for its class names.
@@ -238,19 +238,23 @@ def _provenance(provenance: Provenance | None, legacy: dict[str, str | None]) ->
     return (provenance or Provenance()).public()
 
 
-def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Sequence[str],
-                   batch_size: int) -> tuple[Fraction, dict[str, tuple[str, int]]]:
-    """Checks the options every evaluation takes; returns eps and our quick attacks as {name: (loss, steps)}."""
+def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Sequence[str], batch_size: int,
+                   seed: int | None = 0, values: int | None = None) -> tuple[Fraction, dict[str, tuple[str, int]]]:
+    """Checks the options every evaluation takes (eps against images of `values` numbers, C x H x W, when known);
+    returns eps and our quick attacks as {name: (loss, steps)}."""
     if threat not in STANDARD_EPS:
         raise UserError(f"threat {threat!r}: choose linf or l2")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch size {batch_size!r} (--batch-size): give a whole number of examples, at least 1")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise UserError(f"seed {seed!r} (--seed): give a whole number in [0, 2**32 - 1]")
     try:
         value = parse_fraction(eps if eps is not None else STANDARD_EPS[threat])
     except ValueError as error:
         raise UserError(f"eps (--eps): {error}") from None
-    if value < 0:
-        raise UserError(f"eps (--eps): must be >= 0, got {eps}")
+    problem = eps_problem(threat, value, values)
+    if problem:
+        raise UserError(f"eps (--eps): {problem}")
     quick = {}
     for name in attacks:
         match = re.fullmatch(r"(pgd|cw)(\d+)", name)
@@ -262,15 +266,28 @@ def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Seq
     return value, quick
 
 
-def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Images are float in [0, 1], labels match them, and the model takes [0, 1] images in fp32."""
+def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None
+                  ) -> torch.Tensor:
+    """Images are finite floats in [0, 1], labels integer classes that match them, and the model takes [0, 1]
+    images in fp32; returns the labels as int64 (what the losses index with)."""
     from sglr_zoo.models import Normalized, is_sglr_arch
 
     if not images.is_floating_point() or images.dim() != 4:
         raise UserError(f"images must be float (N, C, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}; "
                         "convert uint8 images with sglr_zoo.data.to_float")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype == torch.bool \
+            or labels.is_floating_point() or labels.is_complex():
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise UserError(f"labels must be integer class indices of shape (N,), got {got}")
     if len(images) == 0 or len(images) != len(labels):
         raise UserError(f"got {len(images)} images and {len(labels)} labels; need the same, non-zero number")
+    labels = labels.long()
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        bound = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise UserError(f"labels range over [{low}, {high}]; class indices are {bound}")
+    if not torch.isfinite(images).all():
+        raise UserError("images hold NaN or infinite values; pass finite images in [0, 1]")
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:
         raise UserError(f"images range over [{low:.3g}, {high:.3g}]; models here take [0, 1] images and normalise "
@@ -285,6 +302,7 @@ def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     if dtypes - {torch.float32}:
         raise UserError(f"the model's weights are {sorted(map(str, dtypes))}; evaluation runs in fp32: "
                         "call model.float()")
+    return labels
 
 
 @contextlib.contextmanager

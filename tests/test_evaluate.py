@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
 import re
+import threading
 from fractions import Fraction
 from functools import partial
 from importlib.metadata import version as package_version
@@ -272,6 +275,39 @@ def test_corrupt_state_file(tmp_path, damage, message):
         ev.evaluate(model, x, y, **options)
 
 
+@pytest.mark.parametrize("forge", ["robust", "per_attack"])
+def test_a_forged_state_claims_no_more_than_the_clean_pass(tmp_path, forge):
+    """A state file with the right key whose flags say every example resisted once reported AutoAttack 100% against
+    75% clean: a sub-attack can only remove points from the clean-correct ones, so such a state is refused."""
+    model = LinearNet()
+    x, y = _data(model, n=8)
+    state = tmp_path / "aa_state.json"
+    options = dict(attacks=["autoattack"], eps="1/255", autoattack_version="custom", autoattack_attacks=["apgd-ce"],
+                   state_path=state)
+    assert ev.evaluate(model, x, y, **options).clean_accuracy == 75.0
+    data = json.loads(state.read_text())
+    if forge == "robust":
+        data["robust"] = [True] * 8
+    else:
+        data["per_attack"]["apgd-ce"]["robust_accuracy"] = 100.0
+    state.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=re.escape(f"AutoAttack state file {state} claims examples robust that the "
+                                                  "clean pass gets wrong, or accuracies outside [") + r".*, 75\.00\]%"):
+        ev.evaluate(model, x, y, **options)
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_a_state_path_that_is_no_file(tmp_path, kind):
+    """A FIFO as --state-path once waited forever for a writer; /dev/zero read until memory ran out."""
+    model = LinearNet()
+    x, y = _data(model, n=4)
+    state = tmp_path / "aa_state.json"
+    os.mkfifo(state) if kind == "a FIFO" else state.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=re.escape(f"{state}: not a regular file ({kind}); a state file must be")):
+        ev.evaluate(model, x, y, attacks=["autoattack"], eps="1/255", autoattack_version="custom",
+                    autoattack_attacks=["apgd-ce"], state_path=state)
+
+
 def test_pyautoattack_cannot_resume_its_own_state(tmp_path):
     """Why we keep our own state file: pyautoattack 0.2.0 writes the attack set as a string, so never reads it back."""
     model = LinearNet()
@@ -298,7 +334,20 @@ def test_square_check(per_attack, passed):
     (lambda x, y: dict(images=x * 2 - 1), "range over"),
     (lambda x, y: dict(images=(x * 255).to(torch.uint8)), "to_float"),
     (lambda x, y: dict(attacks=["fgsm"]), "unknown attack"),
-    (lambda x, y: dict(num_classes=3), "3 classes"),
+    (lambda x, y: dict(num_classes=12), "outputs 10 logits per image but the data has 12 classes"),
+    (lambda x, y: dict(num_classes=3), r"labels range over \[2, 9\]; class indices are in \[0, 3\)"),
+    (lambda x, y: dict(labels=y - 3), r"labels range over \[-1, 6\]"),
+    (lambda x, y: dict(labels=y.float()), r"labels must be integer class indices of shape \(N,\), got \(4,\) "
+                                          "torch.float32"),
+    (lambda x, y: dict(labels=y.bool()), r"labels must be integer .*torch.bool"),
+    (lambda x, y: dict(labels=y[:, None]), r"labels must be integer .*\(4, 1\) torch.int64"),
+    (lambda x, y: dict(labels=y.tolist()), r"labels must be integer .*got list"),
+    (lambda x, y: dict(images=torch.full_like(x, float("nan"))), "images hold NaN or infinite values"),
+    (lambda x, y: dict(images=x.index_fill(0, torch.tensor([1]), float("inf"))), "images hold NaN or infinite"),
+    (lambda x, y: dict(eps="5"), r"eps \(--eps\): 5 is more than 1, the whole \[0, 1\] pixel range"),
+    (lambda x, y: dict(eps="56", threat="l2"), r"eps \(--eps\): 56 is more than 55.43, the diameter"),
+    (lambda x, y: dict(seed=-1), r"seed -1 \(--seed\): give a whole number in \[0, 2\*\*32 - 1\]"),
+    (lambda x, y: dict(seed=2**32), r"seed 4294967296 \(--seed\)"),
     (lambda x, y: dict(batch_size=0), r"batch size 0 \(--batch-size\)"),
     (lambda x, y: dict(eps="1/0"), r"eps \(--eps\).*1/0"),
     (lambda x, y: dict(eps="-1/255"), r"eps \(--eps\): must be >= 0"),
@@ -310,6 +359,16 @@ def test_input_errors(change, message):
     arguments = {"model": model, "images": x, "labels": y, **change(x, y)}
     with pytest.raises(UserError, match=message):
         ev.evaluate(arguments.pop("model"), arguments.pop("images"), arguments.pop("labels"), **arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width(dtype):
+    """Labels of another integer type are class indices all the same (int32 once failed in the attack's loss)."""
+    model = LinearNet()
+    x, y = _data(model, n=8)
+    options = dict(eps="1/255", attacks=["clean", "pgd2"], batch_size=4)
+    assert ev.evaluate(model, x, y.to(dtype), **options).robust_accuracy == \
+        ev.evaluate(model, x, y, **options).robust_accuracy
 
 
 def test_a_normalising_model_must_be_wrapped():
@@ -351,11 +410,11 @@ def test_results_round_trip_and_no_local_paths(tmp_path):
 
 def test_the_results_module_imports_no_torch():
     """Readers of results (zoo table, cards, CLI listing) need no torch: only the standard library, our errors and
-    the run layout (for its atomic write), which imports only the standard library and our errors."""
+    sglr_zoo.files (its checked reads and atomic writes), which imports only the standard library and our errors."""
     import ast
 
+    import sglr_zoo.files
     import sglr_zoo.results
-    import sglr_zoo.rundir
 
     def imports(module) -> set[str]:
         tree = ast.parse(Path(module.__file__).read_text())
@@ -363,9 +422,60 @@ def test_the_results_module_imports_no_torch():
         return found | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
 
     assert imports(sglr_zoo.results) == {"__future__", "json", "math", "os", "re", "warnings", "dataclasses",
-                                         "pathlib", "typing", "sglr_zoo.errors", "sglr_zoo.rundir"}
-    assert {name for name in imports(sglr_zoo.rundir) if name.startswith("sglr_zoo")} == {"sglr_zoo.errors"}
-    assert not {name for name in imports(sglr_zoo.rundir) if name.split(".")[0] in ("torch", "numpy", "timm")}
+                                         "pathlib", "typing", "sglr_zoo.errors", "sglr_zoo.files"}
+    assert {name for name in imports(sglr_zoo.files) if name.startswith("sglr_zoo")} == {"sglr_zoo.errors"}
+    assert not {name for name in imports(sglr_zoo.files) if name.split(".")[0] in ("torch", "numpy", "timm")}
+
+
+def _plant(path: Path, kind: str) -> None:
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a character device":
+        path.symlink_to("/dev/zero")
+    elif kind == "a folder":
+        path.mkdir()
+    else:
+        with open(path, "wb") as file:
+            file.truncate(12 << 30)  # 12 GiB, no blocks on disk
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("a FIFO", "not a regular file (a FIFO); a results file must be a plain file"),
+    ("a character device", "not a regular file (a character device)"),
+    ("a folder", "not a regular file (a folder)"),
+    ("sparse", "12,884,901,888 bytes, more than a results file can be (16,777,216)"),
+])
+def test_results_file_that_is_no_plain_file(tmp_path, kind, message):
+    path = tmp_path / "results.json"
+    _plant(path, kind)
+    with pytest.raises(UserError) as info:
+        Results.load(path)
+    assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+
+
+def test_concurrent_saves_to_one_path_each_leave_a_whole_file(tmp_path):
+    """Two evaluations with the same --out once shared one temporary name: a third of the writes failed, and a
+    reader could see an empty file."""
+    model = LinearNet()
+    x, y = _data(model, n=4)
+    results = ev.evaluate(model, x, y, attacks=["clean"])
+    path, errors, seen = tmp_path / "results.json", [], set()
+
+    def save(seed: int) -> None:
+        try:
+            for _ in range(20):
+                dataclasses.replace(results, seed=seed).save(path)
+                seen.add(Results.load(path).seed)  # never a partial file
+        except Exception as error:  # any failure is the finding, reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and seen <= {0, 1, 2, 3} and Results.load(path).seed in {0, 1, 2, 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
 
 
 def test_reads_a_version_1_results_file():
@@ -431,6 +541,8 @@ def test_cli_eval(tmp_path, tiny_dataset, capsys):
     (["--eps", "1/0"], "eps (--eps)"),
     (["--n", "0"], "--n 0"),
     (["--attacks", "clean,fgsm"], "unknown attack 'fgsm'"),
+    (["--seed", "-1"], "seed -1 (--seed): give a whole number in [0, 2**32 - 1]"),
+    (["--eps", "5"], "eps (--eps): 5 is more than 1"),
 ])
 def test_cli_eval_bad_options(tmp_path, tiny_dataset, capsys, option, message):
     folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
