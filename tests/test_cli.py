@@ -89,6 +89,31 @@ def test_dataset_without_images(tmp_path, capsys):
     assert_one_line_error(code, err, "data.dataset", str(empty))
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("run.seed=-1", "run.seed: must be in [0, 2**32 - 1]"),
+    ("run.seed=4294967296", "run.seed: must be in [0, 2**32 - 1]"),
+    ("optim.lr=1e300", "optim.lr: must be in (0, 10]"),
+    ("run.threads=1000000", "run.threads: must be auto or in [1, 4096]"),
+    ("data.image_size=100000", "data.image_size: must be in [8, 1024]"),
+    ("run.num_workers=100000", "run.num_workers: must be in [0, 256]"),
+    ("attack.eps=5", "attack.eps: 5 is more than 1"),
+])
+def test_out_of_range_numbers_are_one_line(tmp_path, capsys, tiny_dataset, override, fragment):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_RECIPE.format(dataset=tiny_dataset, arch="resnet_tiny_cifar", output_dir=tmp_path / "runs"))
+    code, _, err = run_main(["train", str(path), override], capsys)
+    assert_one_line_error(code, err, str(path), fragment)
+
+
+def test_header_only_csv_is_one_line(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_RECIPE.format(dataset=tmp_path / "labels.csv", arch="resnet_tiny_cifar",
+                                       output_dir=tmp_path / "runs"))
+    code, _, err = run_main(["train", str(path)], capsys)
+    assert_one_line_error(code, err, f"data.dataset: {tmp_path / 'labels.csv'} has a header but no rows")
+
+
 def test_unknown_architecture(tmp_path, capsys, tiny_dataset):
     path = tmp_path / "recipe.yaml"
     path.write_text(TINY_RECIPE.format(dataset=tiny_dataset, arch="resnet_tiny_cifar", output_dir=tmp_path / "runs"))
