@@ -26,7 +26,15 @@ import yaml
 from safetensors.torch import load_file
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, check_model_folder, is_sglr_arch, weights_fingerprint
+from sglr_zoo.files import TEXT_LIMIT, MiB, read_regular
+from sglr_zoo.models import (
+    IDENTITY_MEAN,
+    IDENTITY_STD,
+    WEIGHTS_LIMIT,
+    check_model_folder,
+    is_sglr_arch,
+    weights_fingerprint,
+)
 from sglr_zoo.recipe import Recipe, format_fraction, from_dict, load_recipe, save_recipe
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import EXPORTS, ModelFolder, RunDir
@@ -76,6 +84,7 @@ DATASETS = {"cifar10": ("CIFAR-10", "uoft-cs/cifar10"), "cifar100": ("CIFAR-100"
 MAX_BUNDLE_MB = 24  # weights committed to the repository: the CPU-scale entries take about 1 MiB, the
 # PreActResNet-18 trained on an H100 21.3 MiB in float16; larger models (WRN-34-10) go to the Hub only
 CHECK_ATTACKS = ("clean", "pgd20")  # what a bundle's check_results.json must hold (tests/test_zoo.py re-measures it)
+RECORD_LIMITS = {"metrics": TEXT_LIMIT, "curves": 64 * MiB}  # run records an export copies: a CSV, a PNG
 
 
 @dataclass
@@ -210,9 +219,9 @@ def _write_folder(source: ModelSource, out_dir: str | Path, weights: bytes, *, r
         save_recipe(from_dict(public_paths(source.recipe.to_dict())), records.recipe)
     if source.run_info is not None:
         records.run_info.write_text(json.dumps(public_paths(source.run_info), indent=2) + "\n")
-    for record in ("metrics", "curves"):
+    for record, limit in RECORD_LIMITS.items():
         if (found := source.record(record)) is not None:
-            shutil.copyfile(found, getattr(records, record))
+            getattr(records, record).write_bytes(read_regular(found, limit, found.name))
     if source.results is not None:
         source.results.save(target.results)
     # The card describes the weights as written (their dtype), so it is rendered from the new folder.
@@ -223,7 +232,7 @@ def _write_folder(source: ModelSource, out_dir: str | Path, weights: bytes, *, r
 def _weights_bytes(weights: Path, half: bool) -> bytes:
     """The safetensors file as exported: unchanged, or with its float32 tensors stored as float16."""
     if not half:
-        return weights.read_bytes()
+        return read_regular(weights, WEIGHTS_LIMIT, "weights file")
     import torch
     from safetensors import safe_open
     from safetensors.torch import save
@@ -300,12 +309,13 @@ def write_zoo_cards(runs_dir: str | Path = "runs", out_dir: str | Path = MODEL_C
 
 
 class Bundle(NamedTuple):
-    """What `bundle` wrote: a zoo entry's folder and the sha256 its table entry must pin."""
+    """What `bundle` wrote: a zoo entry's folder and the sha256s its table entry must pin."""
 
     name: str
     folder: Path
     files: list[tuple[str, int]]  # path in the folder, size in bytes
     sha256: str  # of model.safetensors
+    config_sha256: str  # of config.json
 
 
 def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | None, which: str | None = None,
@@ -353,7 +363,8 @@ def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | 
     target = out or replace(entry, bundle=entry.bundle or name).folder
     folder = _write_folder(source, target, weights, repo_id=entry.repo_id, name=name)
     check.save(folder / CHECK_RESULTS)
-    return Bundle(name, folder, _files(folder), hashlib.sha256(weights).hexdigest())
+    return Bundle(name, folder, _files(folder), hashlib.sha256(weights).hexdigest(),
+                  sha256_of(ModelFolder(folder).config))
 
 
 def _check_results(path: str | Path | None, results: Results) -> Results:
@@ -625,8 +636,8 @@ def _selection_attack(metrics: Path | None) -> str:
     metrics.csv's header so that the card names what the trainer measured."""
     header = []
     if metrics is not None:
-        with metrics.open(newline="") as rows:
-            header = next(csv.reader(rows), [])
+        text = read_regular(metrics, TEXT_LIMIT, "metrics.csv").decode("utf-8", errors="replace")
+        header = next(csv.reader(text.splitlines()[:1]), [])
     for column in header:
         if match := re.fullmatch(r"val_(pgd|cw)(\d*)_acc", column):
             return match[1].upper() + (f"-{match[2]}" if match[2] else "")
@@ -645,9 +656,10 @@ def _training_facts(run: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
+        data = json.loads(read_regular(path, TEXT_LIMIT, path.name).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        detail = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise UserError(f"{path}: not valid JSON ({detail})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data

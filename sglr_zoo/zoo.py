@@ -4,7 +4,8 @@ The zoo is one table, `ZOO`, mapping short names (`wrn34-sglr`, and their `alias
 the weights (named the timm way, `arch.tag`) and the recipe that trains them. An entry's weights exist when they
 are bundled (an exported folder committed under `sglr_zoo/bundled/<bundle>/`, shipped as package data so that
 editable installs and wheels both have it) or published (`published=True`: on the Hub at `repo_id`); either way
-the table pins the sha256 of `model.safetensors`. No number is typed here: clean and AutoAttack accuracy come from
+the table pins the sha256 of `model.safetensors` and of `config.json` (which says how the weights are built and
+what normalises the inputs: an edited one would load other, wrong, models from the same weights). No number is typed here: clean and AutoAttack accuracy come from
 the evaluator's results JSON, the bundle's `results.json` (else `model_cards/<name>.results.json`).
 
     sglr_zoo/bundled/<bundle>/   written by `sglr-zoo export RUN --zoo-entry NAME`, uploaded by `sglr-zoo push --zoo`
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -30,12 +33,13 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import load_pretrained, load_weights
+from sglr_zoo.files import TEXT_LIMIT, open_regular, read_regular
+from sglr_zoo.models import WEIGHTS_LIMIT, load_pretrained, load_weights
 from sglr_zoo.results import Results
 from sglr_zoo.rundir import ModelFolder, RunDir
 
-__all__ = ["ZOO", "HubUnavailable", "ZooEntry", "ZooRow", "bundle_folder", "download", "list_models", "load",
-           "lookup", "resolve_folder"]
+__all__ = ["ZOO", "HubUnavailable", "ZooEntry", "ZooRow", "bundle_folder", "check_repo_id", "download",
+           "list_models", "load", "lookup", "resolve_folder"]
 
 HUB_ORG = "sglr-zoo"
 WEIGHTS_NAME, CONFIG_NAME = ModelFolder(".").weights.name, ModelFolder(".").config.name  # a Hub repo's layout
@@ -65,6 +69,7 @@ class ZooEntry:
     published: bool = False  # True once the weights are on the Hub at `repo_id`
     revision: str | None = None  # pin a commit once published
     sha256: str | None = None  # of model.safetensors: checked on download, and on every load of the bundled copy
+    config_sha256: str | None = None  # of config.json, checked alike
     bundle: str | None = None  # the folder under sglr_zoo/bundled/ holding the committed export, if bundled
     aliases: tuple[str, ...] = ()  # other names `load` accepts for this entry
 
@@ -104,25 +109,32 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     # CPU scale, bundled (sglr_zoo/bundled/): the README quickstart's model, trained in 8 min 46 s on 2 CPU cores.
     _entry("prn10q-c10-sglr-cpu", "preactresnet10_quarter_cifar", "sglr", "recipes/quickstart_cifar10.yaml",
            scale="cpu", bundle="prn10q-c10-sglr-cpu",
-           sha256="e2418a96687b79226899aa3c783f019588c93e1ec5913a3df395807813967ac0", aliases=("quickstart-sglr",)),
+           sha256="e2418a96687b79226899aa3c783f019588c93e1ec5913a3df395807813967ac0",
+           config_sha256="ed8b6b7dcd8f1c875cb4b059f78c34be3ffade15356d95e1cfa9d5e635b583b7",
+           aliases=("quickstart-sglr",)),
     # The paper's PreActResNet-18, short scale, bundled: 16 epochs (210 s on one H100) on 24,000 CIFAR-10 images.
     _entry("prn18-c10-sglr-short", "preactresnet18_cifar", "sglr", "recipes/prn18_cifar10.yaml",
            scale="short", bundle="prn18-c10-sglr-short",
-           sha256="1c94344a25a6d375205d4b3fc1edeb365557f22e158d9c1e6745954c4f29d234"),
+           sha256="1c94344a25a6d375205d4b3fc1edeb365557f22e158d9c1e6745954c4f29d234",
+           config_sha256="2715fe440201f39641b994a97e2e182d865a2ff6631b55bae4d9557f7a3aa9a4"),
     # CPU scale, 1,000 training images, bundled: the final models (seed 0) of the robust-overfitting experiment
     # (docs/overfitting.md), 80 epochs of PGD-3 training with step decay, about 30 min each on one CPU core.
     _entry("prn10s-c10-pgdat-cpu1k", "preactresnet10_slim_cifar", "pgd_at", "experiments/overfitting/pgd_at.yaml",
            scale="cpu1k", bundle="prn10s-c10-pgdat-cpu1k",
-           sha256="ec0e3f756d15d9606be6a6d2aab19455c7f866b109f2416d2d2e181f39b08610"),
+           sha256="ec0e3f756d15d9606be6a6d2aab19455c7f866b109f2416d2d2e181f39b08610",
+           config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-sglr-cpu1k", "preactresnet10_slim_cifar", "sglr", "experiments/overfitting/sglr.yaml",
            scale="cpu1k", bundle="prn10s-c10-sglr-cpu1k",
-           sha256="d67513342f85f2adae48fd7fd4603e113ec861adf54b169136ace5ffabf5d83c"),
+           sha256="d67513342f85f2adae48fd7fd4603e113ec861adf54b169136ace5ffabf5d83c",
+           config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-trades-cpu1k", "preactresnet10_slim_cifar", "trades", "experiments/overfitting/trades.yaml",
            scale="cpu1k", bundle="prn10s-c10-trades-cpu1k",
-           sha256="2a8f223bd6c60792f775b9a8150b8914d9d7d4eaa1437d9ef7c89e13018fcb59"),
+           sha256="2a8f223bd6c60792f775b9a8150b8914d9d7d4eaa1437d9ef7c89e13018fcb59",
+           config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-sglrtrades-cpu1k", "preactresnet10_slim_cifar", "sglr_trades",
            "experiments/overfitting/sglr_trades.yaml", scale="cpu1k", bundle="prn10s-c10-sglrtrades-cpu1k",
-           sha256="9e661d4c6f32d2562db6a419e55e79e2c5575bb2887dfa6d1a886e53da8551f9"),
+           sha256="9e661d4c6f32d2562db6a419e55e79e2c5575bb2887dfa6d1a886e53da8551f9",
+           config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
 ]}
 
 
@@ -169,7 +181,7 @@ def lookup(name: str) -> ZooEntry | None:
 
 def resolve_folder(path: Path) -> Path:
     """A model folder (config.json + model.safetensors), or a run directory's `best/` (else `last/`) export."""
-    if ModelFolder(path).config.is_file():
+    if ModelFolder(path).config.exists():  # not only a regular file: what else it is, loading says
         return path
     run = RunDir(path)
     if run.exports():
@@ -188,6 +200,7 @@ def locate(name_or_id: str) -> str:
         return f"local-dir:{_entry_folder(entry)}"
     if name_or_id.startswith("hf-hub:"):
         repo_id, _, revision = name_or_id.removeprefix("hf-hub:").partition("@")
+        check_repo_id(repo_id, revision or None, name_or_id)
         return f"local-dir:{download(repo_id, revision or None)}"
     if name_or_id.startswith("local-dir:"):
         return name_or_id
@@ -224,7 +237,7 @@ def _entry_folder(entry: ZooEntry) -> Path:
     bundled copy (silently when the Hub is unreachable or offline, with a warning when the Hub copy differs)."""
     if entry.published:
         try:
-            return download(entry.repo_id, entry.revision, sha256=entry.sha256)
+            return download(entry.repo_id, entry.revision, sha256=entry.sha256, config_sha256=entry.config_sha256)
         except HubUnavailable:
             if entry.bundle is None:
                 raise
@@ -241,32 +254,65 @@ def _entry_folder(entry: ZooEntry) -> Path:
 
 
 def bundle_folder(entry: ZooEntry) -> Path:
-    """The bundled export folder of `entry`, after checking its weights against the table's sha256."""
+    """The bundled export folder of `entry`, after checking its weights and config.json against the table's
+    sha256s."""
     folder = ModelFolder(entry.folder)
     if not folder.is_model():
         raise UserError(f"{entry.name}: the bundled folder {folder.root} lacks {CONFIG_NAME} or {WEIGHTS_NAME}: "
                         "restore it from the repository (the wheel ships it as package data: reinstall sglr-zoo)")
-    if entry.sha256 is None:
-        raise UserError(f"{entry.name}: the zoo table gives no sha256 for {folder.weights}; add the one "
-                        f"`sglr-zoo export RUN --zoo-entry {entry.name}` printed to sglr_zoo/zoo.py")
-    digest = sha256_of(folder.weights)
-    if digest != entry.sha256.lower():
-        raise UserError(f"{entry.name}: {folder.weights} has sha256 {digest}, the zoo table expects {entry.sha256}: "
-                        "the bundled weights were changed or are corrupt. Restore the file from the repository, or "
-                        "if you re-exported it on purpose, put the new sha256 in sglr_zoo/zoo.py")
+    for path, field, what in ((folder.weights, "sha256", "weights"), (folder.config, "config_sha256", "config")):
+        expected = getattr(entry, field)
+        if expected is None:
+            raise UserError(f"{entry.name}: the zoo table gives no {field} for {path}; add the one "
+                            f"`sglr-zoo export RUN --zoo-entry {entry.name}` printed to sglr_zoo/zoo.py")
+        digest = sha256_of(path)
+        if digest != expected.lower():
+            raise UserError(f"{entry.name}: {path} has sha256 {digest}, the zoo table expects {expected}: the "
+                            f"bundled {what} file differs from the zoo's record (changed or corrupt). Restore it from "
+                            f"the repository, or if you re-exported it on purpose, put the new {field} in "
+                            "sglr_zoo/zoo.py")
     return folder.root
 
 
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of a file's bytes (what the zoo table pins)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256_of(path: Path, limit: int = WEIGHTS_LIMIT) -> str:
+    """The hex sha256 of a file's bytes (what the zoo table pins), read in chunks; a UserError naming the file
+    unless it is a regular file of at most `limit` bytes."""
+    digest = hashlib.sha256()
+    try:
+        fd = open_regular(path, limit, "model file")
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, where a model file was expected") from None
+    with os.fdopen(fd, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def download(repo_id: str, revision: str | None = None, *, sha256: str | None = None) -> Path:
+def check_repo_id(repo_id: str, revision: str | None = None, given: str | None = None) -> None:
+    """A UserError naming what was given unless `repo_id` is a Hub repo id (ORG/NAME, huggingface_hub's rules) and
+    `revision` a plain branch, tag or commit name: both end up in URLs and in paths of the local cache."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    where = given or f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"{where}: {repo_id!r} is not a Hub repo id ({str(error).split(':')[0]}); write "
+                        "'hf-hub:ORG/NAME' or 'hf-hub:ORG/NAME@REVISION'") from None
+    if revision is not None and (not re.fullmatch(r"[\w./-]{1,255}", revision) or revision.endswith(".lock")
+                                 or any(part in ("", ".", "..") for part in revision.split("/"))):
+        raise UserError(f"{where}: {revision!r} is not a branch, tag or commit name (letters, digits, '_', '-', '.' "
+                        "and '/', no '..')")
+
+
+def download(repo_id: str, revision: str | None = None, *, sha256: str | None = None,
+             config_sha256: str | None = None) -> Path:
     """Fetches config.json + model.safetensors of a Hub repo into the HF cache and returns their folder.
 
-    Refuses repos holding only pickle weights. The weights are hashed and compared with `sha256` (when given)
-    and with the Hub's record of the file (the LFS sha256, or the git blob id of a small file).
+    Refuses repos holding only pickle weights. Both files are hashed and compared with the Hub's record of the
+    file (the LFS sha256, or the git blob id of a small file), and with `sha256` (the weights) and `config_sha256`
+    when given.
     """
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -277,6 +323,7 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
         RevisionNotFoundError,
     )
 
+    check_repo_id(repo_id, revision)
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     remote = None
     if not constants.HF_HUB_OFFLINE:
@@ -319,17 +366,18 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
         raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable "
                              f"({error})") from None
     weights = Path(files[1])
-    data = weights.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256.lower():
-        raise UserError(f"{where}: {WEIGHTS_NAME} has sha256 {digest}, the zoo table expects {sha256}; the Hub "
-                        f"files changed or the download is corrupt. Delete {weights.parent} and retry")
-    info = remote.get(WEIGHTS_NAME) if remote else None
-    if info is not None:
-        expected, got = (info.lfs.sha256, digest) if info.lfs else (info.blob_id, _git_blob_id(data))
-        if expected and got != expected:
-            raise UserError(f"{where}: downloaded {WEIGHTS_NAME} does not match the Hub's record ({got} != "
-                            f"{expected}); delete {weights.parent} and retry")
+    for path, pinned, limit in ((weights, sha256, WEIGHTS_LIMIT), (Path(files[0]), config_sha256, TEXT_LIMIT)):
+        data = read_regular(path, limit, path.name)
+        digest = hashlib.sha256(data).hexdigest()
+        if pinned is not None and digest != pinned.lower():
+            raise UserError(f"{where}: {path.name} has sha256 {digest}, the zoo table expects {pinned}; the Hub "
+                            f"files changed or the download is corrupt. Delete {weights.parent} and retry")
+        info = remote.get(path.name) if remote else None
+        if info is not None:
+            expected, got = (info.lfs.sha256, digest) if info.lfs else (info.blob_id, _git_blob_id(data))
+            if expected and got != expected:
+                raise UserError(f"{where}: downloaded {path.name} does not match the Hub's record ({got} != "
+                                f"{expected}); delete {weights.parent} and retry")
     if Path(files[0]).parent != weights.parent:
         raise UserError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} came from different revisions; retry")
     return weights.parent

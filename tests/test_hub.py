@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -93,6 +94,27 @@ def test_export_folder_loads_like_the_source(run_dir, tmp_path):
     assert Results.load(out / "results.json") == TEST_RESULTS
     with pytest.raises(UserError, match="not an empty folder"):
         export_folder(run_dir, out)
+
+
+@pytest.mark.parametrize("record, size, what", [("metrics.csv", 17 << 20, "metrics.csv"),
+                                                ("run.json", 17 << 20, "run.json"),
+                                                ("curves.png", 65 << 20, "curves.png")])
+def test_oversized_run_records_are_refused(run_dir, tmp_path, record, size, what):
+    """The run's records an export reads and copies (the card's table and plot) are capped: a sparse file of many
+    GiB would otherwise be read into memory, and a metrics.csv without a newline read whole for its header."""
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    os.truncate(run / record, size)
+    with pytest.raises(UserError, match=rf"{re.escape(str(run / record))}: {size:,} bytes, more than a {what} can "
+                                        "be") as info:
+        export_folder(run, tmp_path / "export")
+    assert "\n" not in str(info.value)
+
+
+def test_run_json_nested_too_deeply_is_one_line(run_dir, tmp_path):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (run / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"run.json: not valid JSON \(nested too deeply\)"):
+        export_folder(run, tmp_path / "export")
 
 
 def test_nothing_exported_holds_a_local_path(run_dir, tmp_path):

@@ -98,9 +98,9 @@ def table(tmp_path, monkeypatch) -> dict[str, ZooEntry]:
 
 @pytest.fixture()
 def bundled(evaluated, table, monkeypatch) -> hub.Bundle:
-    """ENTRY bundled from the evaluated run, its sha256 in the table."""
+    """ENTRY bundled from the evaluated run, its sha256s in the table."""
     made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
-    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256))
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256, config_sha256=made.config_sha256))
     return made
 
 
@@ -173,7 +173,8 @@ def test_changed_bundle_fails_loudly(bundled, monkeypatch):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match=f"{NAME}: .*model.safetensors has sha256 [0-9a-f]{{64}}, the zoo table "
-                                        f"expects {bundled.sha256}: the bundled weights were changed"):
+                                        f"expects {bundled.sha256}: the bundled weights file differs from the zoo's "
+                                        "record"):
         sglr_zoo.load(NAME)
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=None))
     with pytest.raises(UserError, match="gives no sha256.*sglr-zoo export RUN --zoo-entry"):
@@ -183,11 +184,59 @@ def test_changed_bundle_fails_loudly(bundled, monkeypatch):
         sglr_zoo.load(NAME)
 
 
+CONFIG_EDITS = {  # an edit of a bundled config.json that loads without error on its own
+    "shifted normalisation": lambda config: config["model_args"].update(mean=[0.6, 0.6, 0.6], std=[0.2, 0.2, 0.2]),
+    "other labels": lambda config: config.update(label_names=list("abcdefghij")),
+    "one space": None,
+}
+
+
+@pytest.mark.parametrize("edit", CONFIG_EDITS)
+def test_edited_bundle_config_fails_loudly(edit, bundled, monkeypatch):
+    """The table pins config.json too: it says how the weights are built and what normalises the inputs, so an
+    edited one would load a model that scores near chance from intact weights."""
+    path = bundled.folder / "config.json"
+    if CONFIG_EDITS[edit] is None:
+        path.write_text(path.read_text() + " ")
+    else:
+        config = json.loads(path.read_text())
+        CONFIG_EDITS[edit](config)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    load_pretrained(f"local-dir:{bundled.folder}")  # a valid config.json by itself: only the zoo's record tells
+    with pytest.raises(UserError, match=f"{NAME}: .*config.json has sha256 [0-9a-f]{{64}}, the zoo table expects "
+                                        f"{bundled.config_sha256}: the bundled config file differs from the zoo's "
+                                        "record") as info:
+        sglr_zoo.load(NAME)
+    assert "\n" not in str(info.value)
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ZOO[NAME], config_sha256=None))
+    with pytest.raises(UserError, match="gives no config_sha256 for .*config.json.*sglr-zoo export RUN --zoo-entry"):
+        sglr_zoo.load(NAME)
+
+
+@pytest.mark.parametrize("name", ["hf-hub:../../etc", "hf-hub:../etc", "hf-hub:org/../../etc", "hf-hub:a/b/c",
+                                  "hf-hub:org/na me", "hf-hub:", "hf-hub:org/name@../../etc", "hf-hub:org/name@/abs",
+                                  "hf-hub:org/name@a//b"])
+def test_malformed_hub_ids_are_one_line(name, tmp_path, monkeypatch, capsys):
+    """Checked before any request or path in the cache is made from them."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=re.escape(name) + ": .* is not a (Hub repo id|branch, tag or commit name)"):
+        sglr_zoo.load(name)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", name, "--n", "1", "--dataset", str(tmp_path / "no_data")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()
+
+
 def test_fp16_bundle(evaluated, table, monkeypatch):
     from safetensors import safe_open
 
     made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
-    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256))
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256, config_sha256=made.config_sha256))
     source = evaluated.run / "best" / "model.safetensors"
     with safe_open(str(made.folder / "model.safetensors"), framework="pt") as f:
         dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
@@ -390,6 +439,7 @@ def test_real_bundle_is_intact(name, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     assert zoo.locate(name) == f"local-dir:{entry.folder}"
     assert hashlib.sha256((entry.folder / "model.safetensors").read_bytes()).hexdigest() == entry.sha256
+    assert hashlib.sha256((entry.folder / "config.json").read_bytes()).hexdigest() == entry.config_sha256
     assert sglr_zoo.load(name).pretrained_cfg["architecture"] == entry.arch
     results = entry.results
     assert results is not None and results.arch == entry.arch and "autoattack" in results.robust_accuracy
