@@ -526,6 +526,7 @@ BAD_STATES = [
     ({"history": [{"epoch": 1, "loss": float("nan")}]}, "history row 1's loss is nan, not a finite number"),
     ({"history": [{"epoch": 1, "loss": True}]}, "history row 1's loss is True"),
     ({"history": [{"epoch": 1, "loss": [1.0]}]}, "history row 1's loss is [1.0]"),
+    ({"history": [{"epoch": 1, "loss": 10**400}]}, "history row 1's loss is 1000000"),  # no float can hold it
     ({"history": [{"epoch": 1, "loss": "x" * 10**6}]}, "history row 1's loss is 'xxxxx"),
     ({"history": [{"epoch": 1, "x;rm -rf ~": 1.0}]}, "history row 1's column is 'x;rm -rf ~', not a metrics.csv col"),
     ({"history": [{"epoch": 1, "val_pgd10_acc\n": 1.0}]}, "not a metrics.csv column"),
@@ -535,6 +536,7 @@ BAD_STATES = [
     ({"history": {"epoch": 1}}, "history is {'epoch': 1}, not a list of rows"),
     ({"epoch": "2"}, "epoch is '2', not a count"),
     ({"global_step": -1}, "global_step is -1, not a count"),
+    ({"global_step": 2**64}, "global_step is 18446744073709551616, not a count"),
     ({"epoch_step": 2.5}, "epoch_step is 2.5, not a count"),
     ({"best_val_pgd": float("inf")}, "best_val_pgd is inf, not a finite number"),
     ({"epoch_sums": {"loss": "1"}}, "epoch_sums is {'loss': '1'}"),
