@@ -11,6 +11,7 @@ version is pinned exactly, here and in pyproject.toml.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from importlib.metadata import version as package_version
@@ -155,8 +156,9 @@ def _read_state(path: Path, key: dict[str, Any], candidates: torch.Tensor) -> di
     def flags(value: Any) -> bool:
         return isinstance(value, list) and len(value) == n and all(isinstance(v, bool) for v in value)
 
-    def numbers(value: Any) -> bool:
-        return isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
+    def numbers(value: Any) -> bool:  # finite and >= 0: results files hold no NaN
+        return isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and 0 <= v < math.inf for v in value.values())
 
     steps = state.get("per_attack")
     valid = (flags(state.get("robust")) and isinstance(state.get("attacked"), dict)

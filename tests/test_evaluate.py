@@ -262,6 +262,8 @@ def test_autoattack_resume_keeps_each_sub_attacks_accuracy(tmp_path):
     (lambda text: "[]", "not an AutoAttack state file"),
     (lambda text: text.replace('"robust": [', '"robust": [true, ', 1), "corrupt"),
     (lambda text: re.sub(r'"seconds": \{[^}]*\}', '"seconds": {"apgd-ce": "soon"}', text, count=1), "corrupt"),
+    (lambda text: re.sub(r'"seconds": \{[^}]*\}', '"seconds": {"apgd-ce": NaN}', text, count=1), "corrupt"),
+    (lambda text: re.sub(r'"seconds": \{[^}]*\}', '"seconds": {"apgd-ce": -1}', text, count=1), "corrupt"),
 ])
 def test_corrupt_state_file(tmp_path, damage, message):
     model = LinearNet()
