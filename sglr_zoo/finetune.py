@@ -12,7 +12,6 @@ images of another size are resized to it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,9 +21,10 @@ import timm
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import create_model, load_pretrained, unwrap_timm
+from sglr_zoo.models import check_model_folder, create_model, load_pretrained, read_config, unwrap_timm
 from sglr_zoo.recipe import Recipe, from_dict, load_recipe
-from sglr_zoo.zoo import WEIGHTS_NAME, locate
+from sglr_zoo.rundir import ModelFolder
+from sglr_zoo.zoo import locate, sha256_of
 
 __all__ = ["DEFAULT_RECIPE", "backbone_id", "build_model", "finetune_recipe", "freeze", "param_groups", "resolve",
            "set_train_mode", "stage_names", "trainable_parts"]
@@ -71,14 +71,14 @@ def resolve(recipe: Recipe) -> Path | None:
     if cfg.backbone is None:
         return None
     folder = Path(locate(backbone_id(cfg.backbone, cfg.backbone_revision)).removeprefix("local-dir:"))
-    digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    config = check_model_folder(folder)  # config.json checked against the weights before anything reads it
+    digest = sha256_of(ModelFolder(folder).weights)
     if cfg.backbone_sha256 is not None and cfg.backbone_sha256 != digest:
         raise UserError(f"finetune.backbone_sha256: {cfg.backbone} has sha256 {digest}, the recipe pins "
                         f"{cfg.backbone_sha256}; the weights changed. Pin the new hash or restore the old weights")
     cfg.backbone_sha256 = digest
     if cfg.backbone_revision is None and folder.parent.name == "snapshots":  # the Hub cache: snapshots/<commit>/
         cfg.backbone_revision = folder.name
-    config = json.loads((folder / "config.json").read_text())
     pretrained_cfg = config.get("pretrained_cfg", {})
     input_size = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg)["input_size"]
     if input_size[-1] != input_size[-2]:
@@ -114,7 +114,7 @@ def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None 
     model = load_pretrained(f"local-dir:{folder}", eval_mode=False, drop_rate=model_cfg.drop_rate,
                             **model_cfg.kwargs)
     inner = unwrap_timm(model)
-    backbone_labels = json.loads((folder / "config.json").read_text()).get("label_names")
+    backbone_labels = read_config(ModelFolder(folder).config).get("label_names")
     same_labels = bool(class_names) and backbone_labels == list(class_names) and inner.num_classes == num_classes
     if cfg.head == "keep" and inner.num_classes != num_classes:
         raise UserError(f"finetune.head: keep needs the backbone's {inner.num_classes} classes, the data has "

@@ -283,6 +283,31 @@ def test_backbone_sha256_pin_is_checked(backbone):
         resolve(from_dict(finetune_cfg(backbone, backbone_sha256="0" * 64)))
 
 
+BACKBONE_CONFIG_EDITS = {  # (change to the backbone's config.json, what the error says)
+    "NaN std": (lambda config: config["model_args"].update(mean=[0.5] * 3, std=[float("nan")] * 3),
+                r"model_args: std \[nan, nan, nan\] is not in \(0, 1\]"),
+    "pixel-scale mean": (lambda config: config["model_args"].update(mean=[125.0] * 3, std=[0.25] * 3),
+                         r"model_args: mean \[125.0, 125.0, 125.0\] is not in \[0, 1\]"),
+    "classes": (lambda config: config["model_args"].update(num_classes=11),
+                r"10 outputs but .*config.json says 11 classes \(model_args.num_classes\)"),
+}
+
+
+@pytest.mark.parametrize("edit", BACKBONE_CONFIG_EDITS)
+def test_backbone_config_is_checked_before_the_recipe_takes_it(edit, backbone, tmp_path):
+    """`resolve` copies the backbone's normalisation into the recipe: a NaN or pixel-scale one is refused there,
+    naming config.json, instead of training on garbled inputs."""
+    broken = Path(shutil.copytree(backbone, tmp_path / "broken"))
+    config = json.loads((broken / "config.json").read_text())
+    change, message = BACKBONE_CONFIG_EDITS[edit]
+    change(config)
+    (broken / "config.json").write_text(json.dumps(config))
+    recipe = from_dict(finetune_cfg(broken))
+    with pytest.raises(UserError, match=f"{re.escape(str(broken))}/(config.json|model.safetensors): .*{message}"):
+        resolve(recipe)
+    assert recipe.model.mean is None and recipe.finetune.backbone_sha256 is None
+
+
 def test_one_class_is_refused(backbone, tmp_path):
     with pytest.raises(UserError, match="at least 2"):
         build_model(from_dict(finetune_cfg(backbone)), 1, ["cat"])
