@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import TEXT_LIMIT, MiB, read_regular
+from sglr_zoo.files import TEXT_LIMIT, MiB, WriteFailed, read_regular
 from sglr_zoo.models import (
     IDENTITY_MEAN,
     IDENTITY_STD,
@@ -211,21 +211,24 @@ def _write_folder(source: ModelSource, out_dir: str | Path, weights: bytes, *, r
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; choose a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
     target, records = ModelFolder(out), RunDir(out)
-    target.weights.write_bytes(weights)
-    target.config.write_text(json.dumps(_export_config(source), indent=2) + "\n")
-    if source.recipe is not None:
-        save_recipe(from_dict(public_paths(source.recipe.to_dict())), records.recipe)
-    if source.run_info is not None:
-        records.run_info.write_text(json.dumps(public_paths(source.run_info), indent=2) + "\n")
-    for record, limit in RECORD_LIMITS.items():
-        if (found := source.record(record)) is not None:
-            getattr(records, record).write_bytes(read_regular(found, limit, found.name))
-    if source.results is not None:
-        source.results.save(target.results)
-    # The card describes the weights as written (their dtype), so it is rendered from the new folder.
-    render_card(replace(source, folder=target), repo_id=repo_id, name=name).save(out / "README.md")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        target.weights.write_bytes(weights)
+        target.config.write_text(json.dumps(_export_config(source), indent=2) + "\n")
+        if source.recipe is not None:
+            save_recipe(from_dict(public_paths(source.recipe.to_dict())), records.recipe)
+        if source.run_info is not None:
+            records.run_info.write_text(json.dumps(public_paths(source.run_info), indent=2) + "\n")
+        for record, limit in RECORD_LIMITS.items():
+            if (found := source.record(record)) is not None:
+                getattr(records, record).write_bytes(read_regular(found, limit, found.name))
+        if source.results is not None:
+            source.results.save(target.results)
+        # The card describes the weights as written (their dtype), so it is rendered from the new folder.
+        render_card(replace(source, folder=target), repo_id=repo_id, name=name).save(out / "README.md")
+    except OSError as error:  # a full disk: one line naming the file
+        raise WriteFailed(Path(error.filename or out), error) from error
     return out
 
 

@@ -8,6 +8,7 @@ Result numbers below are made up for tests.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -108,6 +109,15 @@ def test_oversized_run_records_are_refused(run_dir, tmp_path, record, size, what
                                         "be") as info:
         export_folder(run, tmp_path / "export")
     assert "\n" not in str(info.value)
+
+
+def test_full_disk_while_exporting_is_one_line(run_dir, tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError, match=r"could not write .*export/model.safetensors: the disk is full"):
+        export_folder(run_dir, tmp_path / "export")
 
 
 def test_run_json_nested_too_deeply_is_one_line(run_dir, tmp_path):

@@ -4,6 +4,7 @@ the final average pooling sums)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import re
 from collections import OrderedDict
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -472,6 +474,16 @@ def test_save_imported_records_the_source(tmp_path):
     folder = save_imported(imported, tmp_path / "out", source_name="model.pt")
     record = json.loads((folder / "config.json").read_text())["sglr_zoo_import"]
     assert record["source"] == "model.pt" and len(record["source_sha256"]) == 64
+
+
+def test_full_disk_while_importing_is_one_line(tmp_path, monkeypatch):
+    def full(model, folder, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{folder}/model.safetensors")
+
+    imported = import_checkpoint(_write("plain", KLResNet(**TINY), tmp_path), "resnet_tiny_cifar", "none")
+    monkeypatch.setattr(timm.models, "save_for_hf", full)
+    with pytest.raises(UserError, match=r"could not write .*out/model.safetensors: the disk is full"):
+        save_imported(imported, tmp_path / "out", source_name="model.pt")
 
 
 def test_card_of_an_import_names_its_source(tmp_path):

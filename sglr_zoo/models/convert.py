@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import open_regular
+from sglr_zoo.files import WriteFailed, open_regular, write_atomic
 
 __all__ = ["NORMALIZATIONS", "ImportedModel", "check_state_dict", "import_checkpoint", "parse_normalization",
            "read_checkpoint", "save_imported", "unwrap_state_dict"]
@@ -277,10 +277,13 @@ def save_imported(imported: ImportedModel, out: str | Path, *, source_name: str)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; choose a new folder")
-    save_pretrained(imported.model, out)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config["sglr_zoo_import"] = {"source": source_name, "source_sha256": imported.source_sha256,
-                                 "normalization": imported.normalization, "dropped_keys": imported.dropped}
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        save_pretrained(imported.model, out)
+        config_path = out / "config.json"
+        config = json.loads(config_path.read_text())
+        config["sglr_zoo_import"] = {"source": source_name, "source_sha256": imported.source_sha256,
+                                     "normalization": imported.normalization, "dropped_keys": imported.dropped}
+        write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    except OSError as error:  # a full disk: one line naming the file
+        raise WriteFailed(Path(error.filename or out), error) from error
     return out
