@@ -28,6 +28,7 @@ checkpoints, and a resumed run keeps its recipe and its number of processes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -274,17 +275,28 @@ class CheckpointReader:
                 self.tensors(name)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in a run's checkpoints/ folder that verifies (`CheckpointReader.verify`); a newer one
-    that does not is skipped with a warning naming the reason."""
+def latest_checkpoint(folder: Path, state: Stateful | None = None) -> Path | None:
+    """The newest checkpoint in a run's checkpoints/ folder that verifies (`CheckpointReader.verify`) and whose run
+    state `state` accepts (loaded into a copy); a newer one that does not is skipped with a warning naming the
+    reason."""
     for candidate in reversed(checkpoint_dirs(folder)):
         try:
-            CheckpointReader(candidate).verify()
+            reader = CheckpointReader(candidate)
+            reader.verify()
+            if state is not None:
+                _load_state(copy.deepcopy(state), reader)
         except UserError as error:
             warnings.warn(f"skipping checkpoint {candidate}: {error}", stacklevel=2)
             continue
         return candidate
     return None
+
+
+def _load_state(state: Stateful, reader: CheckpointReader) -> None:
+    try:
+        state.load_state_dict(reader.json(STATE))
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{reader.folder / STATE}: not this run's state ({error})") from None
 
 
 def _load_into(module: nn.Module, reader: CheckpointReader, name: str) -> None:
@@ -340,9 +352,17 @@ class Checkpointer:
                             "num_processes": accelerator.num_processes, "files": dict(sorted(files.items()))}
                 write_atomic(partial / MANIFEST, _json_bytes(manifest))
                 fsync_dir(partial)
-                _remove(final)  # one of this epoch that did not verify (resumed before it)
+                # One of this epoch already there (a run.max_steps stop inside it, or one that did not verify) is
+                # set aside, never deleted before its successor has its name: see finish_interrupted_save.
+                replaced = self.run.replaced_checkpoint(epoch)
+                _remove(replaced)
+                if final.is_dir() and not final.is_symlink():
+                    final.rename(replaced)
+                else:
+                    _remove(final)
                 partial.rename(final)
                 fsync_dir(final.parent)
+                _remove(replaced)
                 rotate_checkpoints(self.run, epoch, self.recipe.run.keep_checkpoints)
         except OSError as error:
             self._fail(partial, WriteFailed(Path(error.filename or partial), error))
@@ -395,14 +415,44 @@ class Checkpointer:
             self.optimizer.load_state_dict(reader.tree("optimizer"))
             if self.accelerator.scaler is not None and "scaler.json" in reader.files:
                 self.accelerator.scaler.load_state_dict(reader.tree("scaler"))
-            self.state.load_state_dict(reader.json(STATE))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise UserError(f"{folder}: its optimizer or run state does not fit this recipe ({error!r})") from None
+            raise UserError(f"{folder}: its optimizer state does not fit this recipe ({error!r})") from None
+        _load_state(self.state, reader)
         rng_file = f"rng_{self.accelerator.process_index}.json"  # open_run refuses another number of processes
         try:
             set_rng_state(reader.json(rng_file))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a byte out of range
             raise UserError(f"{folder / rng_file}: not a random state ({error!r})") from None
+
+
+def finish_interrupted_save(run: RunDir) -> None:
+    """Completes what a kill between `save`'s renames left: a `.partial_epoch_NNNN` whose manifest was written
+    (so every file was) and that verifies becomes `epoch_NNNN` when that name is free; a set-aside
+    `.replaced_epoch_NNNN` is restored when nothing took its name, else deleted."""
+    for epoch, partial in _numbered(run.checkpoints, ".partial_epoch_"):
+        final = run.checkpoint(epoch)
+        if not final.exists() and not final.is_symlink() and (partial / MANIFEST).is_file():
+            try:
+                CheckpointReader(partial).verify()
+            except UserError:
+                continue
+            partial.rename(final)
+            fsync_dir(run.checkpoints)
+    for epoch, replaced in _numbered(run.checkpoints, ".replaced_epoch_"):
+        final = run.checkpoint(epoch)
+        if final.exists() or final.is_symlink():
+            _remove(replaced)
+        else:
+            replaced.rename(final)
+            fsync_dir(run.checkpoints)
+
+
+def _numbered(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    """The real folders (no links) named `prefix` + a checkpoint number in `folder`."""
+    if not folder.is_dir():
+        return []
+    found = [(p.name.removeprefix(prefix), p) for p in folder.iterdir() if p.name.startswith(prefix)]
+    return [(int(number), p) for number, p in found if number.isdigit() and p.is_dir() and not p.is_symlink()]
 
 
 def rotate_checkpoints(run: RunDir, epoch: int, keep: int) -> None:
@@ -425,13 +475,15 @@ def _remove(path: Path) -> None:
 
 # ---- (re)starting a run in its directory -----------------------------------------------------------------------
 
-def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[RunLock | None, Path | None]:
+def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe,
+             state: Stateful | None = None) -> tuple[RunLock | None, Path | None]:
     """Takes the run directory for this run and says which checkpoint to resume from (None: start afresh).
 
     The main process locks RUN/.lock for the whole run (one run per directory) and applies the directory's rules;
     every process gets its decision, so all of them stop with the same UserError when it refuses:
     checkpoints/, best/ and last/ are not links; a finished run is not rerun; `run.resume: never` does not start
-    over checkpoints; `auto` resumes from the newest checkpoint that verifies; a folder is resumed only when it is
+    over checkpoints; `auto` resumes from the newest checkpoint that verifies (and whose run state `state`
+    accepts), after finishing a save that a kill interrupted between its renames; a folder is resumed only when it is
     this run's newest; a resumed run's recipe may differ from its checkpoint's only in RESUMABLE_CHANGES, and its
     number of processes not at all.
 
@@ -445,7 +497,8 @@ def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe) -> tuple[Run
         lock = RunLock.acquire(run)
         try:
             run.refuse_links()
-            return _resume_epoch(run, recipe, accelerator.num_processes)
+            finish_interrupted_save(run)
+            return _resume_epoch(run, recipe, accelerator.num_processes, state)
         except UserError:
             lock.release()
             raise
@@ -488,7 +541,7 @@ def _decided_by_main(accelerator: Accelerator, decide: Callable[[], int]) -> int
     return code
 
 
-def _resume_epoch(run: RunDir, recipe: Recipe, processes: int) -> int:
+def _resume_epoch(run: RunDir, recipe: Recipe, processes: int, state: Stateful | None = None) -> int:
     """The epoch of the checkpoint to resume from with `processes` processes, 0 to start afresh; raises UserError
     when the directory's rules refuse this run."""
     _refuse_if_finished(run, recipe)
@@ -501,7 +554,7 @@ def _resume_epoch(run: RunDir, recipe: Recipe, processes: int) -> int:
                             f"{elsewhere}, or delete {run.root}, or resume it with run.resume: auto")
         return 0
     if mode == "auto":
-        folder = latest_checkpoint(run.checkpoints)
+        folder = latest_checkpoint(run.checkpoints, state)
         if folder is None:
             if found:
                 raise UserError(f"run.resume: auto, but no checkpoint in {run.checkpoints} verifies (warnings above "

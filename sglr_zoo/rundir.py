@@ -6,7 +6,8 @@
                          relative to the working directory, or their last component: results.public_paths)
       metrics.csv        one row per epoch
       curves.png         train vs test robust accuracy and the gradient norm per epoch
-      checkpoints/       epoch_NNNN/ (complete) and .partial_epoch_NNNN/ (being written)
+      checkpoints/       epoch_NNNN/ (complete), .partial_epoch_NNNN/ (being written) and .replaced_epoch_NNNN/
+                         (an epoch_NNNN/ set aside while a newer one of its epoch takes the name)
       best/, last/       model exports (model.safetensors + config.json, timm's layout), their results.json and
                          autoattack_state.json (the final evaluation's progress)
       .lock              flock'ed while a process trains here; holds that process's pid and host
@@ -78,6 +79,10 @@ class RunDir:
 
     def partial_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f".partial_epoch_{epoch:04d}"
+
+    def replaced_checkpoint(self, epoch: int) -> Path:
+        """Where `epoch_NNNN` is set aside while a newer checkpoint of the same epoch takes its name."""
+        return self.checkpoints / f".replaced_epoch_{epoch:04d}"
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (half-written ones are never named epoch_NNNN)."""

@@ -678,7 +678,7 @@ def _train(recipe: Recipe, command: str, claims: hardware.ThreadClaims) -> Path:
     checkpointer = Checkpointer(accelerator, run, model=plain, objective=objective, optimizer=optimizer, state=state,
                                 recipe=recipe)
 
-    lock, resume_from = open_run(accelerator, run, recipe)  # one run per directory: locked until finish_run
+    lock, resume_from = open_run(accelerator, run, recipe, state)  # one run per directory: locked until finish_run
     if resume_from is not None:
         data_sha256 = state.data_sha256
         checkpointer.load(resume_from)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import warnings
@@ -306,13 +307,13 @@ def test_tampered_checkpoint_is_refused(run, tmp_path, evil, name, listed, error
 MALFORMED = [
     ("rng_0.json", b'{"python": [3, [1, 2], null], "numpy": {}, "torch": [1]}', "rng_0.json: not a random state"),
     ("rng_0.json", b"[]", "rng_0.json: not a random state"),
-    ("state.json", b"{}", "its optimizer or run state does not fit"),
+    ("state.json", b"{}", "state.json: not this run's state"),
     ("state.json", b'{"epoch": 1, "global_step": 0, "best_epoch": 0, "best_val_pgd": 0, "history": [1]}',
-     r"its optimizer or run state does not fit this recipe \(.*history"),  # the message is RunState's
+     r"state.json: not this run's state \(.*history"),  # the rest of the message is RunState's
     ("optimizer.json", b'{"state": {"__int_keys__": {"0": {"momentum_buffer": {"__tensor__": "t99"}}}}}',
      "names a tensor that optimizer.safetensors lacks"),
     ("optimizer.json", b'{"state": {}, "param_groups": [{"params": [0, 1, 2, 3, 4, 5, 6, 7, 8]}]}',
-     "its optimizer or run state does not fit"),
+     "its optimizer state does not fit"),
 ]
 
 
@@ -771,3 +772,52 @@ def test_resume_from_a_folder_whose_manifest_is_a_fifo(run, tmp_path):
     with pytest.raises(UserError, match=r"manifest.json: not a regular file \(a FIFO\)") as info:
         open_run(OneProcess(), run, make_recipe(tmp_path, f"run.resume={folder}"))
     one_line(info.value)
+
+
+def test_resume_falls_back_past_a_run_state_the_run_refuses(run, tmp_path):
+    """A state.json that parses and verifies (manifest recomputed) but whose history holds text: skipped like any
+    other broken checkpoint, when open_run is given the run's state to check it with."""
+    trainer = Trainer(run, make_recipe(tmp_path))
+    trainer.epoch(1), trainer.epoch(2)
+    state = json.loads((run.checkpoint(2) / "state.json").read_text())
+    state["history"][0]["loss"] = ";cmd;#"
+    rewrite_manifest(run.checkpoint(2), **{"state.json": json.dumps(state).encode()})
+    with pytest.warns(UserWarning, match=r"state.json: not this run's state .*history row 1's loss is ';cmd;#'"):
+        lock, resume_from = open_run(OneProcess(), run, make_recipe(tmp_path), RunState())
+    lock.release()
+    assert resume_from == run.checkpoint(1)
+
+
+@pytest.mark.parametrize("killed", ["after setting aside", "after the rename"])
+def test_a_save_killed_between_its_renames_loses_nothing(run, tmp_path, killed):
+    """Saving epoch 2 again (after a run.max_steps stop inside it) sets the old epoch_0002 aside before the new one
+    takes its name; a kill between the renames leaves both on disk, and the next open_run keeps the new one."""
+    trainer = Trainer(run, make_recipe(tmp_path, "run.keep_checkpoints=1"))
+    trainer.epoch(1), trainer.epoch(2)
+    shutil.copytree(run.checkpoint(2), tmp_path / "old")
+    new = trainer.epoch(2)  # the same epoch saved again: the old one is set aside and deleted after the rename
+    assert not run.replaced_checkpoint(2).exists() and checkpoint_dirs_names(run) == ["epoch_0002"]
+    saved = (new / "state.json").read_bytes()
+    assert saved != (tmp_path / "old" / "state.json").read_bytes()
+    (tmp_path / "old").rename(run.replaced_checkpoint(2))  # recreate what a kill leaves
+    if killed == "after setting aside":
+        new.rename(run.partial_checkpoint(2))
+    lock, resume_from = open_run(OneProcess(), run, make_recipe(tmp_path, "run.keep_checkpoints=1"))
+    lock.release()
+    assert resume_from == run.checkpoint(2) and (resume_from / "state.json").read_bytes() == saved
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0002"]
+
+
+def test_a_set_aside_checkpoint_returns_when_its_successor_was_never_complete(run, tmp_path):
+    trainer = Trainer(run, make_recipe(tmp_path))
+    folder = trainer.epoch(1)
+    folder.rename(run.replaced_checkpoint(1))
+    run.partial_checkpoint(1).mkdir()  # the successor's files were being written: no manifest
+    (run.partial_checkpoint(1) / "model.safetensors").write_bytes(b"half")
+    lock, resume_from = open_run(OneProcess(), run, make_recipe(tmp_path))
+    lock.release()
+    assert resume_from == run.checkpoint(1) and not run.replaced_checkpoint(1).exists()
+
+
+def checkpoint_dirs_names(run: RunDir) -> list[str]:
+    return [p.name for p in run.checkpoint_dirs()]
