@@ -413,6 +413,7 @@ class Upload(NamedTuple):
     url: str | None  # commit or pull-request URL; None for a dry run
     private: bool  # the repo's visibility (for a dry run: the visibility a new repo would get)
     commit: str | None = None  # the commit's id, to pin as a zoo entry's revision; None for a dry run
+    config_sha256: str | None = None  # of config.json, which a zoo entry pins beside the weights' sha256
 
 
 def push(run_or_folder: str | Path, repo_id: str, *, which: str | None = None,
@@ -477,11 +478,11 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
             commit_message: str, announce: Callable[[str], None]) -> Upload:
     """Uploads a model folder to `repo_id` (creating the repo), or for a dry run only lists it."""
     files = _files(folder)
-    sha256 = sha256_of(ModelFolder(folder).weights)
+    sha256, config_sha256 = sha256_of(ModelFolder(folder).weights), sha256_of(ModelFolder(folder).config)
     if dry_run:
         announce(f"dry run: {repo_id} would be {_visibility(private)} if this push created it "
                  + ("(--private)" if private else "(pass --private for a private repo)"))
-        return Upload(files, sha256, None, private)
+        return Upload(files, sha256, None, private, config_sha256=config_sha256)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -506,7 +507,7 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
         raise UserError(f"push to {repo_id} failed: {str(error).splitlines()[0]}.{hint}") from None
     except _network_errors() as error:
         raise UserError(f"push to {repo_id} failed: cannot reach the Hub ({error})") from None
-    return Upload(files, sha256, info.pr_url or info.commit_url, is_private, info.oid)
+    return Upload(files, sha256, info.pr_url or info.commit_url, is_private, info.oid, config_sha256)
 
 
 def _visibility(private: bool) -> str:

@@ -213,6 +213,14 @@ def test_edited_bundle_config_fails_loudly(edit, bundled, monkeypatch):
         sglr_zoo.load(NAME)
 
 
+def test_bundle_and_push_give_both_sha256s_for_the_table(bundled):
+    """What `export --zoo-entry` and `push` return carries the two sha256s a table entry pins."""
+    config = hashlib.sha256((bundled.folder / "config.json").read_bytes()).hexdigest()
+    assert bundled.config_sha256 == config
+    ((name, _, upload),) = hub.push_zoo("testorg", dry_run=True, announce=lambda line: None)
+    assert (name, upload.sha256, upload.config_sha256) == (NAME, bundled.sha256, config)
+
+
 @pytest.mark.parametrize("name", ["hf-hub:../../etc", "hf-hub:../etc", "hf-hub:org/../../etc", "hf-hub:a/b/c",
                                   "hf-hub:org/na me", "hf-hub:", "hf-hub:org/name@../../etc", "hf-hub:org/name@/abs",
                                   "hf-hub:org/name@a//b"])
