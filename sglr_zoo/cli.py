@@ -129,7 +129,8 @@ def _push(args: argparse.Namespace) -> None:
               f"({'private' if upload.private else 'public'}):")
         for path, size in upload.files:
             print(f"  {size:>12,d}  {path}")
-        print(f"model.safetensors sha256: {upload.sha256}")
+        print(f"model.safetensors sha256: {upload.sha256}" + (f", config.json sha256: {upload.config_sha256}"
+                                                             if upload.config_sha256 else ""))
         print("dry run: nothing uploaded" if args.dry_run else f"done: {upload.url}")
     if args.zoo and not args.dry_run:
         print("\nfor sglr_zoo.load(NAME) to prefer these Hub copies, set in sglr_zoo/zoo.py:")
@@ -152,7 +153,8 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {made.folder}:")
         for path, size in made.files:
             print(f"  {size:>12,d}  {path}")
-        print(f"zoo table (sglr_zoo/zoo.py), entry {made.name}: bundle={made.folder.name!r}, sha256={made.sha256!r}")
+        print(f"zoo table (sglr_zoo/zoo.py), entry {made.name}: bundle={made.folder.name!r}, sha256={made.sha256!r}, "
+              f"config_sha256={made.config_sha256!r}")
         return
     if args.check_results:
         raise UserError("--check-results goes with --zoo-entry NAME")

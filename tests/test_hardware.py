@@ -559,13 +559,15 @@ def fresh_accelerate():
 
 
 def train_weights(dataset, output_dir, *overrides: str) -> dict[str, torch.Tensor]:
-    """Weights after 3 steps (batch 16, PGD-2, SGLR with refined labels from the start) of the tiny model."""
+    """Weights after one step (batch 16, PGD-2, SGLR with refined labels from the start) of the tiny model. One:
+    PGD's signed gradient turns a last-bit difference into a whole step of another sign, so that after a few steps
+    two correct runs drift apart by 1e-3 (measured: 4e-7 after one step, 1e-4 after two, 3e-3 after four)."""
     recipe = from_dict({
         "data": {"dataset": str(dataset)}, "model": {"arch": "preactresnet_tiny_cifar"}, "attack": {"steps": 2},
         "method": {"name": "sglr", "start_epoch": 1}, "schedule": {"epochs": 1, "name": "constant"},
         "optim": {"lr": 0.05},
         "eval": {"n": 8, "steps": 1, "batch_size": 8, "final_attacks": ["clean"], "final_n": 8},
-        "run": {"output_dir": str(output_dir), "name": "run", "batch_size": 16, "max_steps": 3,
+        "run": {"output_dir": str(output_dir), "name": "run", "batch_size": 16, "max_steps": 1,
                 "mixed_precision": "no", "channels_last": False, "threads": 1}}, list(overrides))
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -580,7 +582,7 @@ def test_speed_levers_train_the_same_weights(tmp_path, tiny_dataset, fresh_accel
     fast = train_weights(tiny_dataset, tmp_path / "fast", lever)
     assert plain.keys() == fast.keys()
     for name in plain:
-        torch.testing.assert_close(fast[name], plain[name], atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 PROC_STAT = """cpu  30 0 6 60 4 0 0 0 0 0
