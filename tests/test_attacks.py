@@ -130,11 +130,22 @@ def test_model_mode_restores_after_error():
 
 @pytest.mark.parametrize("threat, eps, step_size", THREATS)
 def test_autocast_bf16(model, batch, threat, eps, step_size):
+    """Under bf16 autocast (how training attacks on a CPU with native bf16) the attack returns fp32 images in the
+    ball and raises the fp32 loss about as much as the fp32 attack from the same random start."""
     x, y = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_adv = pgd(model, x, y, threat=threat, eps=eps, step_size=step_size, steps=3)
+
+    def attacked(precision: torch.dtype) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            x_adv = pgd(model, x, y, threat=threat, eps=eps, step_size=step_size, steps=3)
+        with torch.no_grad():
+            return x_adv, F.cross_entropy(model(x_adv), y).item()
+
+    (x_adv, bf16_loss), (_, fp32_loss) = attacked(torch.bfloat16), attacked(torch.float32)
     assert_in_ball(x_adv, x, threat, eps)
-    assert not torch.equal(x_adv, x)
+    with torch.no_grad():
+        clean_loss = F.cross_entropy(model(x), y).item()
+    assert bf16_loss - clean_loss >= 0.8 * (fp32_loss - clean_loss) > 0, (clean_loss, bf16_loss, fp32_loss)
 
 
 @pytest.mark.parametrize("steps", [1, 5])

@@ -623,7 +623,8 @@ def test_autoattack_on_fewer_than_ten_classes():
     results = ev.evaluate(model, images, labels, attacks=["clean", "autoattack"], num_classes=5)
     subs = results.attacks["autoattack"]["sub_attacks"]
     assert subs["apgd-t"]["n_target_classes"] == subs["fab-t"]["n_target_classes"] == 4
-    assert results.robust_accuracy["autoattack"] <= results.clean_accuracy
+    # the clean-correct point reaches every sub-attack: the targeted ones ran with 4 targets instead of failing
+    assert results.clean_accuracy > 0 and all(step.seconds > 0 for step in results.autoattack_per_attack.values())
 
 
 def test_channels_last_model_gives_the_same_results():
