@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import platform
-import re
 import subprocess
 import time
 import warnings
@@ -28,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sglr_zoo import sanity
+from sglr_zoo.attack_names import AttackName
 from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
@@ -257,12 +257,12 @@ def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Seq
         raise UserError(f"eps (--eps): {problem}")
     quick = {}
     for name in attacks:
-        match = re.fullmatch(r"(pgd|cw)(\d+)", name)
-        if match and int(match[2]) >= 1:
-            quick[name] = ("ce" if match[1] == "pgd" else "cw", int(match[2]))
-        elif name not in ("clean", "autoattack"):
-            raise UserError(f"unknown attack {name!r}; choose from clean, pgd<steps> (e.g. pgd20), cw<steps> "
-                            "(e.g. cw20), autoattack")
+        try:
+            spec = AttackName.parse(name)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if spec.steps:
+            quick[name] = ("ce" if spec.kind == "pgd" else "cw", spec.steps)
     return value, quick
 
 

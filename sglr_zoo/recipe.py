@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sglr_zoo.attack_names import CHOICES as ATTACK_CHOICES
+from sglr_zoo.attack_names import AttackName
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import read_regular, write_atomic
 from sglr_zoo.schedule import parse_budget
@@ -238,8 +240,7 @@ class EvalConfig:
         _check(self.eps is None or self.eps >= 0, "eps", "must be >= 0 (or null: attack.eps, else the threat's standard)")
         _check(self.n >= 1, "n", "must be >= 1")
         _check(self.final_n >= 1, "final_n", "must be >= 1")
-        _check(all(re.fullmatch(r"clean|autoattack|(pgd|cw)[1-9][0-9]*", a) for a in self.final_attacks),
-               "final_attacks", "each must be clean, autoattack, pgd<steps> or cw<steps> (e.g. pgd20)")
+        _check(all(map(AttackName.is_valid, self.final_attacks)), "final_attacks", f"each must be one of {ATTACK_CHOICES}")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.every >= 1, "every", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")

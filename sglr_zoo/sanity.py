@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglr_zoo.attack_names import AttackName
 from sglr_zoo.attacks import Threat
 from sglr_zoo.errors import UserError
 from sglr_zoo.results import AttackStep, SanityCheck
@@ -58,7 +59,8 @@ def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Sanit
 
 def autoattack_le_pgd(robust: dict[str, float]) -> SanityCheck:
     """AutoAttack, the stronger attack, must not leave more points robust than our PGD."""
-    pgd_name = next((name for name in robust if name.startswith("pgd")), None)
+    pgd_name = next((name for name in robust if AttackName.is_valid(name) and AttackName.parse(name).kind == "pgd"),
+                    None)
     if "autoattack" not in robust or pgd_name is None:
         return SanityCheck(None, "not run: needs both autoattack and a pgd attack")
     return SanityCheck(robust["autoattack"] <= robust[pgd_name],
