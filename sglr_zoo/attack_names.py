@@ -41,7 +41,8 @@ class AttackName:
     @property
     def label(self) -> str:
         """How cards and tables name it: `PGD-20`, `CW-20`, `AutoAttack`, `clean`."""
-        return {"pgd": f"PGD-{self.steps}", "cw": f"CW-{self.steps}", "autoattack": "AutoAttack"}.get(self.kind, "clean")
+        labels = {"pgd": f"PGD-{self.steps}", "cw": f"CW-{self.steps}", "autoattack": "AutoAttack"}
+        return labels.get(self.kind, "clean")
 
     @property
     def passes(self) -> int | None:

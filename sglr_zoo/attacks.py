@@ -106,11 +106,15 @@ def pgd(
     loss: AttackLoss = "ce",
     mode: Literal["eval", "train"] = "eval",
     freeze: bool = True,
+    noise: float = 1.0,
+    project: bool = True,
 ) -> torch.Tensor:
     """Projected gradient ascent on `loss` within the eps-ball around x, clipped to [0, 1].
 
     loss: "ce" (cross-entropy on y), "cw" (CW margin on y) or "kl" (TRADES: KL to the clean prediction;
-    starts from x + 0.001 N(0, 1) as in TRADES' code). Gradients are taken with respect to the input
+    starts from x + 0.001 N(0, 1) as in TRADES' code). The random start lies in the ball of `noise` x eps;
+    without `project` nothing is projected back into the eps-ball: with noise 2 and one step of eps, that is
+    N-FGSM (de Jorge et al. 2022). Gradients are taken with respect to the input
     only (with `freeze`, the parameters do not require gradients meanwhile: same result, less work), the loss is
     computed in fp32 even under autocast, and the model's mode is restored afterwards.
     """
@@ -124,8 +128,8 @@ def pgd(
                 clean_probs = model(x).float().softmax(1)
             x_adv = x + 0.001 * torch.randn_like(x, memory_format=LOGICAL_ORDER)
         else:
-            x_adv = ball.random_start(x) if random_start else x.clone()
-        x_adv = ball.project(x_adv, x).clamp_(0, 1)
+            x_adv = THREATS[threat](eps * noise).random_start(x) if random_start else x.clone()
+        x_adv = (ball.project(x_adv, x) if project else x_adv).clamp_(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv).float()
@@ -136,5 +140,6 @@ def pgd(
             else:
                 objective = F.kl_div(logits.log_softmax(1), clean_probs, reduction="sum")
             (grad,) = torch.autograd.grad(objective, [x_adv])
-            x_adv = ball.project(ball.step(x_adv.detach(), grad, step_size), x).clamp_(0, 1)
+            x_adv = ball.step(x_adv.detach(), grad, step_size)
+            x_adv = (ball.project(x_adv, x) if project else x_adv).clamp_(0, 1)
     return x_adv.detach()

@@ -55,27 +55,34 @@ class Objective(nn.Module):
 
 
 class PGDAT(Objective):
-    """Madry et al.'s PGD adversarial training: cross-entropy on the adversarial batch with hard labels."""
+    """Madry et al.'s PGD adversarial training: cross-entropy on the adversarial batch with hard labels (smoothed
+    by `label_smoothing`)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
 
     def forward(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         logits = model(x_adv)
-        return {"loss": F.cross_entropy(logits.float(), y), "logits": logits}
+        return {"loss": F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), "logits": logits}
 
 
 class TRADES(Objective):
-    """Zhang et al.'s TRADES: CE on the clean logits + beta * KL(clean || adv); the attack maximises the KL."""
+    """Zhang et al.'s TRADES: CE on the clean logits (hard labels smoothed by `label_smoothing`) + beta *
+    KL(clean || adv); the attack maximises the KL."""
 
     attack_loss = "kl"
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float, label_smoothing: float = 0.0):
         super().__init__()
-        self.beta = beta
+        self.beta, self.label_smoothing = beta, label_smoothing
 
     def forward(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         clean_logits, logits = model(x), model(x_adv)
-        ce, kl = F.cross_entropy(clean_logits.float(), y), trades_kl(logits, clean_logits)
+        ce = F.cross_entropy(clean_logits.float(), y, label_smoothing=self.label_smoothing)
+        kl = trades_kl(logits, clean_logits)
         return {"loss": ce + self.beta * kl, "logits": logits, "ce": ce, "kl": kl}
 
 
@@ -86,8 +93,10 @@ class SGLR(Objective):
     each example's soft label is updated before the loss,
         t_i = alpha * t_i + (1 - alpha) * (w * softmax(adv / T) + (1 - w) * softmax(clean / T)),
     where the clean logits come from an extra train-mode forward (as in the authors' code), and the target is
-    r_hard * onehot + (1 - r_hard) * t_i. With TRADES the target replaces y in the clean CE term. With
-    `teacher="weights"` the predictions come from an EMA copy of the weights instead, and no bank is kept.
+    r_hard * onehot + (1 - r_hard) * t_i. `method.label_smoothing` smooths the hard labels only (the CE before
+    `start_epoch`, and `onehot` above), never the refined t_i. With TRADES the target replaces y in the clean CE
+    term. With `teacher="weights"` the predictions come from an EMA copy of the weights instead, and no bank is
+    kept.
 
     The bank is training state, saved in checkpoints. forward returns its updates as `bank_index` and
     `bank_targets` (fp32); `after_step` gathers them from every process and writes them, so every process holds
@@ -138,7 +147,7 @@ class SGLR(Objective):
             out["kl"] = trades_kl(logits, clean_logits)
         ce_logits = clean_logits if self.trades else logits
         if epoch < self.start_epoch:
-            out["ce"] = F.cross_entropy(ce_logits.float(), y)
+            out["ce"] = F.cross_entropy(ce_logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         else:
             with torch.no_grad():
                 if self.teacher is not None:
@@ -148,7 +157,8 @@ class SGLR(Objective):
                     mix = self._mix(logits, clean_logits if self.trades else model(x))
                     refined = self.cfg.alpha * self.bank[index].float() + (1 - self.cfg.alpha) * mix
                     out["bank_index"], out["bank_targets"] = index, refined
-                onehot = F.one_hot(y, logits.shape[1]).float()
+                classes, smoothing = logits.shape[1], self.cfg.label_smoothing
+                onehot = F.one_hot(y, classes).float() * (1 - smoothing) + smoothing / classes
                 targets = self.cfg.r_hard * onehot + (1 - self.cfg.r_hard) * refined
             out["ce"] = soft_cross_entropy(ce_logits, targets)
             out["target_confidence"] = targets.gather(1, y[:, None]).mean()
@@ -167,7 +177,7 @@ def build_objective(cfg: MethodConfig, *, labels: torch.Tensor, num_classes: int
                     model: nn.Module) -> Objective:
     """The objective named in the recipe's `method.name`; `labels` are the training labels in index order."""
     if cfg.name == "pgd_at":
-        return PGDAT()
+        return PGDAT(cfg.label_smoothing)
     if cfg.name == "trades":
-        return TRADES(cfg.beta)
+        return TRADES(cfg.beta, cfg.label_smoothing)
     return SGLR(cfg, labels, num_classes, start_epoch, model=model, trades=cfg.name == "sglr_trades")

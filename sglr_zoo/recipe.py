@@ -153,8 +153,12 @@ class MethodConfig:
     teacher_decay: float = 0.999  # EMA decay of the weight teacher
     beta: float = 6.0  # TRADES KL weight
     bank_dtype: Literal["auto", "float32", "float16"] = "auto"  # soft-label storage; auto = float16 above 256 MiB
+    # Smooths hard labels only: PGD-AT's and TRADES' cross-entropy, SGLR's before start_epoch and its r_hard
+    # one-hot share; SGLR's refined labels are already soft and are not smoothed again.
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         _check(0 <= self.alpha < 1, "alpha", "must be in [0, 1)")
         _check(self.start_epoch >= 0, "start_epoch", "must be >= 0 (an epoch, or a fraction of the run if < 1)")
         _check(0 <= self.adv_weight <= 1, "adv_weight", "must be in [0, 1]")
@@ -240,7 +244,8 @@ class EvalConfig:
         _check(self.eps is None or self.eps >= 0, "eps", "must be >= 0 (or null: attack.eps, else the threat's standard)")
         _check(self.n >= 1, "n", "must be >= 1")
         _check(self.final_n >= 1, "final_n", "must be >= 1")
-        _check(all(map(AttackName.is_valid, self.final_attacks)), "final_attacks", f"each must be one of {ATTACK_CHOICES}")
+        _check(all(map(AttackName.is_valid, self.final_attacks)), "final_attacks",
+               f"each must be one of {ATTACK_CHOICES}")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.every >= 1, "every", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")

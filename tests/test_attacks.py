@@ -179,3 +179,20 @@ def test_projection_and_random_start(threat_class):
         assert torch.allclose(delta.norm(dim=1), torch.full((4,), eps))
     inside = x + 0.1 * eps * (start - x) / eps
     assert torch.allclose(ball.project(inside, x), inside)  # points in the ball do not move
+
+
+def test_nfgsm_noise_and_no_projection(model, batch):
+    """N-FGSM: a random start in the ball of 2 eps, one step of eps, nothing projected back into the eps-ball;
+    the standard attack stays inside it."""
+    x, y = batch
+    eps = 8 / 255
+    torch.manual_seed(0)
+    nfgsm = pgd(model, x, y, eps=eps, step_size=eps, steps=1, noise=2.0, project=False)
+    delta = (nfgsm - x).abs()
+    assert nfgsm.min() >= 0 and nfgsm.max() <= 1
+    assert eps < delta.max() <= 3 * eps + 1e-6  # up to 2 eps of noise and a step of eps
+    torch.manual_seed(0)
+    noise_only = pgd(model, x, y, eps=eps, step_size=1e-9, steps=1, noise=2.0, project=False)
+    assert (noise_only - x).abs().max() > 1.5 * eps  # the start itself reaches beyond the eps-ball
+    torch.manual_seed(0)
+    assert_in_ball(pgd(model, x, y, eps=eps, step_size=eps, steps=1, noise=2.0), x, "linf", eps)

@@ -391,3 +391,36 @@ def test_baselines_keep_no_state(model, inputs, objective):
     out = objective(model, x, x_adv, Y, INDEX, epoch=1)
     objective.after_step(out, model, identity_gather)
     assert isinstance(objective, Objective) and objective.state_dict() == {} and objective.local_modules() == []
+
+
+@pytest.mark.parametrize("name", ["pgd_at", "trades"])
+def test_label_smoothing_smooths_hard_labels(name):
+    """label_smoothing s: the CE target puts 1 - s + s/K on the label and s/K elsewhere (torch's definition)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x, y = torch.rand(5, 6), torch.tensor([0, 1, 2, 3, 0])
+    plain = build_objective(MethodConfig(name=name), labels=y, num_classes=4, start_epoch=1, model=model)
+    smooth = build_objective(MethodConfig(name=name, label_smoothing=0.4), labels=y, num_classes=4, start_epoch=1,
+                             model=model)
+    logits = model(x)  # x_adv = x here: the CE of both is on these logits, and TRADES' KL is 0
+    targets = F.one_hot(y, 4).float() * 0.6 + 0.1
+    expected = -(targets * logits.log_softmax(1)).sum(1).mean()
+    got = smooth(model, x, x, y, torch.arange(5), 1)
+    ce = got["loss"] if name == "pgd_at" else got["loss"] - smooth.beta * trades_kl(logits, logits)
+    torch.testing.assert_close(ce, expected)
+    assert not torch.allclose(plain(model, x, x, y, torch.arange(5), 1)["loss"], got["loss"])
+
+
+def test_sglr_smooths_the_one_hot_share_not_the_refined_labels():
+    """With r_hard 0.5 and label smoothing 0.4, SGLR's target is 0.5 * smoothed one-hot + 0.5 * refined."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x, y = torch.rand(5, 6), torch.tensor([0, 1, 2, 3, 0])
+    cfg = MethodConfig(name="sglr", r_hard=0.5, label_smoothing=0.4, alpha=0.9, adv_weight=1.0)
+    sglr = build_objective(cfg, labels=y, num_classes=4, start_epoch=1, model=model)
+    out = sglr(model, x, x, y, torch.arange(5), 1)
+    onehot = F.one_hot(y, 4).float()
+    refined = 0.9 * onehot + 0.1 * model(x).detach().softmax(1)  # the bank starts one-hot, unsmoothed
+    targets = 0.5 * (onehot * 0.6 + 0.1) + 0.5 * refined
+    torch.testing.assert_close(out["ce"], -(targets * model(x).log_softmax(1)).sum(1).mean())
+    torch.testing.assert_close(out["bank_targets"], refined)
