@@ -32,6 +32,7 @@ from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
 from sglr_zoo.models import unwrap_timm, weights_fingerprint
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import STANDARD_EPS, eps_problem, parse_fraction
 from sglr_zoo.results import Provenance, Results, percent
 
@@ -61,6 +62,7 @@ def evaluate(
     autoattack_version: str = "standard",
     autoattack_attacks: Sequence[str] | None = None,
     state_path: str | Path | None = None,
+    outcomes_path: str | Path | None = None,
     device: str | torch.device | None = None,
     bf16_quick: bool = False,
     progress: bool = False,
@@ -75,6 +77,8 @@ def evaluate(
         eps: an exact fraction like "8/255"; defaults to 8/255 (linf) or 1/2 (l2).
         num_classes: the dataset's number of classes; the model's output must match it.
         state_path: AutoAttack's progress is saved here after every batch; a rerun with the same file resumes.
+        outcomes_path: the per-example outcomes (`sglr_zoo.outcomes.Outcomes`) are written here after each
+            attack, so a stopped evaluation keeps the attacks it finished.
         device: defaults to the model's device. The model is moved there and put in eval mode for the
             evaluation (its train/eval modes are restored afterwards).
         bf16_quick: bf16 autocast for our PGD/CW steps only (verdicts and AutoAttack stay fp32).
@@ -91,6 +95,13 @@ def evaluate(
     images, labels = images.cpu(), labels.cpu()
     model.to(device)
     weights_sha256 = weights_fingerprint(unwrap_timm(model).state_dict())
+    data_sha256 = _fingerprint([images, labels])
+    outcomes = Outcomes(len(labels), weights_sha256, data_sha256)
+
+    def finished(name: str, correct_after: torch.Tensor) -> None:
+        if outcomes_path is not None:
+            outcomes.correct[name] = correct_after.tolist()
+            outcomes.save(outcomes_path)
     aa = None
     if "autoattack" in attacks:  # built first: bad options fail before any work
         aa = make_autoattack(model, threat=threat, eps=float(eps), version=autoattack_version,
@@ -108,6 +119,7 @@ def evaluate(
         clock = time.time()
         correct = _predict(model, images, batch_size, device) == labels
         seconds["clean"] = time.time() - clock
+        finished("clean", correct)
         for name, (loss, steps) in quick.items():
             clock = time.time()
             torch.manual_seed(seed)
@@ -119,6 +131,7 @@ def evaluate(
                 "step_size": _fraction_str(eps / 4), "random_start": True, "restarts": 1,
                 "precision": "bf16 autocast (verdict fp32)" if bf16_quick else "fp32"}
             seconds[name] = time.time() - clock
+            finished(name, flags[name])
         if aa is not None:
             clock = time.time()
             settings["autoattack"] = autoattack_settings(aa)
@@ -126,12 +139,13 @@ def evaluate(
                 flags["autoattack"] = correct
             else:
                 key = {"threat": threat, "eps": _fraction_str(eps), **autoattack_settings(aa),
-                       "data_sha256": _fingerprint([images, labels]),
+                       "data_sha256": data_sha256,
                        "model_sha256": weights_sha256}
                 flags["autoattack"], per_attack = run_autoattack(
                     aa, images, labels, correct, batch_size=batch_size, state_path=state_path, key=key,
                     progress=progress)
             seconds["autoattack"] = time.time() - clock
+            finished("autoattack", flags["autoattack"])
 
         robust = {name: _percent(robust_flags) for name, robust_flags in flags.items()}
         checked = min(len(labels), sanity.CHECK_EXAMPLES)
