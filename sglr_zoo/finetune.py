@@ -13,20 +13,28 @@ images of another size are resized to it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.models import check_model_folder, create_model, load_pretrained, read_config, unwrap_timm
+from sglr_zoo.models import (
+    check_model_folder,
+    create_model,
+    input_normalization,
+    load_pretrained,
+    sha256_of,
+    unwrap_timm,
+)
 from sglr_zoo.recipe import Recipe, from_dict, load_recipe
 from sglr_zoo.rundir import ModelFolder
-from sglr_zoo.zoo import locate, sha256_of
+from sglr_zoo.zoo import locate
 
-__all__ = ["DEFAULT_RECIPE", "backbone_id", "build_model", "finetune_recipe", "freeze", "param_groups", "resolve",
+__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "build_model", "finetune_recipe", "freeze", "locate_backbone", "param_groups", "resolve",
            "set_train_mode", "stage_names", "trainable_parts"]
 
 # `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels
@@ -57,28 +65,58 @@ def backbone_id(name: str, revision: str | None = None) -> str:
     return name
 
 
+class Backbone(NamedTuple):
+    """A located backbone: its local folder, checked config.json and the sha256 of its weights."""
+
+    folder: Path
+    config: dict[str, Any]
+    sha256: str
+    stamp: tuple[tuple[int, int, int], ...]  # the files' (inode, size, mtime) when they were read
+
+
+_located: dict[str, Backbone] = {}  # by `backbone_id`: a run locates (one Hub request) and hashes its backbone once
+
+
+def locate_backbone(name: str) -> Backbone:
+    """The backbone `name` (what `backbone_id` returns) located, checked (`check_model_folder`) and hashed; kept
+    for the process while its files are unchanged, so that resolving a recipe again asks the Hub nothing."""
+    known = _located.get(name)
+    if known is not None and known.stamp == _stamp(known.folder):
+        return known
+    folder = Path(locate(name).removeprefix("local-dir:"))
+    stamp = _stamp(folder)
+    config = check_model_folder(folder)  # config.json checked against the weights before anything reads it
+    _located[name] = Backbone(folder, config, sha256_of(ModelFolder(folder).weights), stamp)
+    return _located[name]
+
+
+def _stamp(folder: Path) -> tuple[tuple[int, int, int], ...]:
+    files = (ModelFolder(folder).config, ModelFolder(folder).weights)
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files))
+
+
 def resolve(recipe: Recipe) -> Path | None:
     """Locates the backbone (Hub weights are downloaded and checked) and writes what it fixes into the recipe.
 
     Moves `model.pretrained` (the older form) to `finetune.backbone`; records or checks `finetune.backbone_sha256`,
     records the Hub commit in `finetune.backbone_revision`; sets `model.arch`, `model.mean`/`std` and
     `data.image_size` from the backbone's config. The trainer calls it before loading data; calling it again
-    changes nothing. Returns the backbone's local folder (None without a backbone).
+    changes nothing and locates nothing again (`locate_backbone`). Returns the backbone's local folder (None
+    without a backbone).
     """
     cfg = recipe.finetune
     if recipe.model.pretrained is not None:
         cfg.backbone, recipe.model.pretrained = recipe.model.pretrained, None
     if cfg.backbone is None:
         return None
-    folder = Path(locate(backbone_id(cfg.backbone, cfg.backbone_revision)).removeprefix("local-dir:"))
-    config = check_model_folder(folder)  # config.json checked against the weights before anything reads it
-    digest = sha256_of(ModelFolder(folder).weights)
+    folder, config, digest, _ = located = locate_backbone(backbone_id(cfg.backbone, cfg.backbone_revision))
     if cfg.backbone_sha256 is not None and cfg.backbone_sha256 != digest:
         raise UserError(f"finetune.backbone_sha256: {cfg.backbone} has sha256 {digest}, the recipe pins "
                         f"{cfg.backbone_sha256}; the weights changed. Pin the new hash or restore the old weights")
     cfg.backbone_sha256 = digest
     if cfg.backbone_revision is None and folder.parent.name == "snapshots":  # the Hub cache: snapshots/<commit>/
         cfg.backbone_revision = folder.name
+        _located[backbone_id(cfg.backbone, cfg.backbone_revision)] = located  # what the recipe now names
     pretrained_cfg = config.get("pretrained_cfg", {})
     input_size = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg)["input_size"]
     if input_size[-1] != input_size[-2]:
@@ -86,11 +124,8 @@ def resolve(recipe: Recipe) -> Path | None:
                         "sglr_zoo feeds square images")
     recipe.data.image_size = int(input_size[-1])
     recipe.model.arch = config["architecture"]
-    args = config.get("model_args", {})
-    mean, std = (args.get("mean"), args.get("std")) if "mean" in args else (pretrained_cfg.get("mean"),
-                                                                            pretrained_cfg.get("std"))
-    identity = mean is not None and all(m == 0 for m in mean) and all(s == 1 for s in std)
-    recipe.model.mean, recipe.model.std = (None, None) if mean is None or identity else (list(mean), list(std))
+    normalization = input_normalization(config)
+    recipe.model.mean, recipe.model.std = map(list, normalization) if normalization else (None, None)
     return folder
 
 
@@ -114,7 +149,7 @@ def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None 
     model = load_pretrained(f"local-dir:{folder}", eval_mode=False, drop_rate=model_cfg.drop_rate,
                             **model_cfg.kwargs)
     inner = unwrap_timm(model)
-    backbone_labels = read_config(ModelFolder(folder).config).get("label_names")
+    backbone_labels = locate_backbone(backbone_id(cfg.backbone, cfg.backbone_revision)).config.get("label_names")
     same_labels = bool(class_names) and backbone_labels == list(class_names) and inner.num_classes == num_classes
     if cfg.head == "keep" and inner.num_classes != num_classes:
         raise UserError(f"finetune.head: keep needs the backbone's {inner.num_classes} classes, the data has "

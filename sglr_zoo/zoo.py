@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
 import re
 import sys
 import warnings
@@ -33,8 +32,15 @@ import torch
 from torch import nn
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import TEXT_LIMIT, open_regular, read_regular
-from sglr_zoo.models import WEIGHTS_LIMIT, load_pretrained, load_weights
+from sglr_zoo.files import TEXT_LIMIT, read_regular
+from sglr_zoo.models import (
+    WEIGHTS_LIMIT,
+    check_weights_file,
+    create_model,
+    load_pretrained,
+    register_locator,
+    sha256_of,
+)
 from sglr_zoo.results import Results
 from sglr_zoo.rundir import ModelFolder, RunDir
 
@@ -221,12 +227,15 @@ def locate(name_or_id: str) -> str:
                     f"'hf-hub:ORG/NAME' or 'local-dir:PATH'{hint}")
 
 
+register_locator(locate)  # create_model(pretrained=...) and load_pretrained resolve names through the zoo
+
+
 def load(name_or_id: str, *, weights: str | Path | None = None, num_classes: int | None = None,
          device: str | torch.device | None = None) -> nn.Module:
     """Returns an eval-mode model taking [0, 1] images, from anything `locate` accepts, or from a timm
     architecture name plus a `.safetensors` state dict (`weights`, with `num_classes`)."""
     if weights is not None:
-        model = load_weights(name_or_id, weights, num_classes or 10)
+        model = create_model(name_or_id, num_classes or 10, pretrained=check_weights_file(weights)).eval()
     else:
         model = load_pretrained(locate(name_or_id))
     return model.to(device) if device is not None else model
@@ -272,20 +281,6 @@ def bundle_folder(entry: ZooEntry) -> Path:
                             f"the repository, or if you re-exported it on purpose, put the new {field} in "
                             "sglr_zoo/zoo.py")
     return folder.root
-
-
-def sha256_of(path: Path, limit: int = WEIGHTS_LIMIT) -> str:
-    """The hex sha256 of a file's bytes (what the zoo table pins), read in chunks; a UserError naming the file
-    unless it is a regular file of at most `limit` bytes."""
-    digest = hashlib.sha256()
-    try:
-        fd = open_regular(path, limit, "model file")
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, where a model file was expected") from None
-    with os.fdopen(fd, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_repo_id(repo_id: str, revision: str | None = None, given: str | None = None) -> None:

@@ -363,3 +363,23 @@ def test_recipe_without_backbone_is_refused_by_finetune(tmp_path):
         finetune_recipe(str(path))
     with pytest.raises(UserError, match="finetune.backbone: name the backbone"):
         from_dict({"finetune": {"mode": "linear_probe"}})
+
+
+def test_a_run_locates_its_backbone_once(backbone, tmp_path, monkeypatch):
+    """The trainer resolves the recipe, then builds the model (and a budget probe builds one more from a copy):
+    the backbone is located (for a Hub id, one request) and hashed once, while its files are unchanged."""
+    import sglr_zoo.finetune as finetune
+
+    folder = Path(shutil.copytree(backbone, tmp_path / "backbone"))
+    calls = []
+    monkeypatch.setattr(finetune, "locate", lambda name: calls.append(name) or f"local-dir:{folder}")
+    recipe = from_dict(finetune_cfg(folder))
+    resolve(recipe)
+    build_model(recipe, 3, ["cat", "dog", "fox"])
+    copy = from_dict(recipe.to_dict())
+    build_model(copy, 3, ["cat", "dog", "fox"])
+    assert len(calls) == 1 and copy.to_dict() == recipe.to_dict()
+    assert recipe.finetune.backbone_sha256 == sha256(folder / "model.safetensors")
+    save_file(load_file(str(folder / "model.safetensors")), str(folder / "model.safetensors"))  # rewritten
+    resolve(from_dict(finetune_cfg(folder)))
+    assert len(calls) == 2

@@ -336,3 +336,39 @@ def test_loading_is_strict_and_a_new_head_is_asked_for(tmp_path):
     assert tuned.get_classifier().out_features == 4 and tuned.num_classes == 4
     stem = "conv1.weight"
     assert torch.equal(tuned.state_dict()[stem], source.state_dict()[stem])
+
+
+def test_models_know_nothing_of_the_zoo_or_the_network():
+    """models/ builds architectures and loads local folders; names are resolved by sglr_zoo.zoo, which registers
+    its `locate` on import (no module of models/ imports the zoo, the hub modules or huggingface_hub)."""
+    import ast
+
+    import sglr_zoo.models
+    from sglr_zoo import zoo
+
+    for path in Path(sglr_zoo.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert not name.startswith(("sglr_zoo.zoo", "sglr_zoo.hub", "huggingface_hub")), (path, name)
+    assert sglr_zoo.models._locators == [zoo.locate]
+
+
+def test_create_model_from_a_state_dict_file_and_load_weights_deprecated(tmp_path):
+    """`create_model(arch, n, pretrained=FILE.safetensors)` is the architecture with those weights (train mode);
+    `load_weights`, its older name, still works and says what replaces it."""
+    from safetensors.torch import save_file
+
+    from sglr_zoo.models import load_weights
+
+    source = create_model("resnet_tiny_cifar", 5).eval()
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    tuned = create_model("resnet_tiny_cifar", 5, pretrained=str(tmp_path / "w.safetensors"))
+    assert tuned.training and torch.equal(tuned.eval()(x), source(x))
+    with pytest.warns(DeprecationWarning, match=r"sglr_zoo.load\(arch, weights=file, num_classes=n\)"):
+        loaded = load_weights("resnet_tiny_cifar", tmp_path / "w.safetensors", 5)
+    assert not loaded.training and torch.equal(loaded(x), source(x))
+    with pytest.raises(UserError, match="give an existing .safetensors file"), pytest.warns(DeprecationWarning):
+        load_weights("resnet_tiny_cifar", tmp_path / "w.pt", 5)

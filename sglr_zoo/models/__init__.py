@@ -1,4 +1,10 @@
-"""Our CIFAR architectures, registered in timm's registry on import, and model creation from a recipe."""
+"""Our CIFAR architectures, registered in timm's registry on import; model creation and local model folders.
+
+models/ builds architectures and loads model folders on this machine; it never touches the network. Names that
+are not a local folder (`hf-hub:` ids, zoo names, run directories) are resolved by `sglr_zoo.zoo`, which
+registers its `locate` here when it is imported (`register_locator`, as our model files register in timm's
+registry), so that models/ never imports the zoo.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +31,17 @@ from sglr_zoo.models.layers import InputNormalization, Normalized
 from sglr_zoo.rundir import ModelFolder
 
 __all__ = ["InputNormalization", "Normalized", "check_model_folder", "check_normalization", "check_regular",
-           "create_model", "is_sglr_arch", "load_pretrained", "load_weights", "read_config", "save_pretrained",
-           "unwrap_timm", "weights_fingerprint"]
+           "check_weights_file", "create_model", "input_normalization", "is_sglr_arch", "load_pretrained", "load_weights", "read_config",
+           "register_locator", "save_pretrained", "sha256_of", "unwrap_timm", "weights_fingerprint"]
 IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 WEIGHTS_LIMIT = 8 * GiB  # a weights or checkpoint file: a WRN-70-16 with its optimiser state is about 3 GiB
+_locators: list[Callable[[str], str]] = []  # sglr_zoo.zoo.locate, once the zoo is imported
+
+
+def register_locator(locate: Callable[[str], str]) -> None:
+    """Sets what turns a name that is not a local folder into `local-dir:FOLDER` (`sglr_zoo.zoo.locate`, which
+    registers itself on import: it owns every download and the zoo's names)."""
+    _locators[:] = [locate]
 
 
 def is_sglr_arch(arch: str) -> bool:
@@ -47,8 +61,12 @@ def create_model(
 ) -> nn.Module:
     """Builds any timm architecture that takes [0, 1] images: ours normalise inside, stock ones get a wrapper.
 
-    `pretrained` is a timm `local-dir:`/`hf-hub:` id to start from (see `load_pretrained`), for fine-tuning.
+    `pretrained` names weights to start from, for fine-tuning: a `.safetensors` state dict of `arch` (loaded
+    strictly, in train mode), or a model folder (`local-dir:PATH`, or anything `sglr_zoo.zoo.locate` accepts:
+    `hf-hub:ORG/NAME`, a zoo name) loaded by `load_pretrained`, its head replaced when `num_classes` differs.
     """
+    if pretrained and str(pretrained).endswith(".safetensors"):
+        return _with_state_dict(arch, Path(pretrained), num_classes, drop_rate=drop_rate, **kwargs)
     if pretrained:
         return load_pretrained(pretrained, num_classes=num_classes, drop_rate=drop_rate, eval_mode=False, **kwargs)
     _check_arch(arch, "model.arch")
@@ -69,6 +87,20 @@ def create_model(
 def unwrap_timm(model: nn.Module) -> nn.Module:
     """The timm model inside a `Normalized` wrapper (or the model itself)."""
     return model.model if isinstance(model, Normalized) else model
+
+
+def sha256_of(path: Path, limit: int = WEIGHTS_LIMIT) -> str:
+    """The hex sha256 of a file's bytes (what the zoo table and a recipe's backbone_sha256 pin), read in chunks; a
+    UserError naming the file unless it is a regular file of at most `limit` bytes."""
+    digest = hashlib.sha256()
+    try:
+        fd = open_regular(path, limit, "model file")
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, where a model file was expected") from None
+    with os.fdopen(fd, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -104,21 +136,23 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, label_names: list[s
 
 
 def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module:
-    """Loads a model strictly from safetensors, taking [0, 1] inputs: a `local-dir:PATH`, or anything
-    `sglr_zoo.zoo.locate` accepts (`hf-hub:ORG/NAME[@rev]`, a zoo name, a run directory or model folder).
+    """Loads a model folder strictly from safetensors, taking [0, 1] inputs: the one loader every other path
+    (`create_model(pretrained=...)`, `sglr_zoo.load`, fine-tuning) ends in.
 
-    Hub weights go through the zoo's checked download (safetensors only, sha256 against the Hub's record); a
-    folder is checked (`check_model_folder`) before the model is built, which is built as config.json describes
-    the weights and loaded with every key and shape checked (timm's own loading drops a classifier that does not
-    fit). kwargs go to `timm.create_model`; `num_classes` other than the weights' puts a new classifier on the
-    loaded model (timm's `reset_classifier`), for fine-tuning.
+    `name` is `local-dir:PATH`, or anything `sglr_zoo.zoo.locate` accepts (`hf-hub:ORG/NAME[@rev]`, a zoo name, a
+    run directory or model folder): the zoo turns it into a local folder first, Hub weights through its checked
+    download (safetensors only, sha256 against the Hub's record). The folder is checked (`check_model_folder`)
+    before the model is built, which is built as config.json describes the weights and loaded with every key and
+    shape checked (timm's own loading drops a classifier that does not fit). kwargs go to `timm.create_model`;
+    `num_classes` other than the weights' puts a new classifier on the loaded model (timm's `reset_classifier`),
+    for fine-tuning.
     """
     from safetensors.torch import load_file
 
     if not name.startswith("local-dir:"):
-        from sglr_zoo.zoo import locate  # the zoo owns every download: models/ never touches the network
-
-        name = locate(name)
+        if not _locators:
+            raise UserError(f"cannot load {name!r}: only 'local-dir:PATH' is loadable before sglr_zoo.zoo is imported")
+        name = _locators[0](name)
     folder = ModelFolder(name.removeprefix("local-dir:"))
     config = check_model_folder(folder.root)
     num_classes = kwargs.pop("num_classes", None)
@@ -136,11 +170,22 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
                         f"{_first_problem(error)}") from None
     if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
         model.reset_classifier(num_classes)
-    mean = tuple(float(v) for v in model.pretrained_cfg.get("mean", IDENTITY_MEAN))
-    std = tuple(float(v) for v in model.pretrained_cfg.get("std", IDENTITY_STD))
-    if not is_sglr_arch(model.pretrained_cfg.get("architecture", "")) and (mean, std) != (IDENTITY_MEAN, IDENTITY_STD):
-        model = Normalized(model, mean, std)
+    if not is_sglr_arch(config["architecture"]) and (normalization := input_normalization(config)):
+        model = Normalized(model, *normalization)  # ours normalise inside (model_args); a stock model is wrapped
     return model.eval() if eval_mode else model
+
+
+def input_normalization(config: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a model folder's model applies to [0, 1] images, from its checked config.json: our
+    architectures' model_args mean/std (inside the model), else pretrained_cfg's (a stock model, which `Normalized`
+    wraps); None when it applies none (mean 0, std 1)."""
+    args, pretrained_cfg = config.get("model_args", {}), config.get("pretrained_cfg", config)
+    mean, std = (args.get("mean"), args.get("std")) if args.get("mean") is not None else (
+        pretrained_cfg.get("mean"), pretrained_cfg.get("std"))
+    if mean is None:
+        return None
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return None if all(m == 0 for m in mean) and all(s == 1 for s in std) else (mean, std)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -255,23 +300,37 @@ def _check_config_normalization(config: dict[str, Any], where: Path) -> None:
 
 
 def load_weights(arch: str, weights: str | Path, num_classes: int) -> nn.Module:
-    """A timm architecture with a state dict from a `.safetensors` file, loaded strictly, in eval mode."""
-    from safetensors.torch import load_file
+    """Deprecated: `sglr_zoo.load(arch, weights=FILE, num_classes=N)`, or `create_model(arch, N, pretrained=FILE)`
+    for a model to train."""
+    warnings.warn("sglr_zoo.models.load_weights(arch, file, n) is deprecated: use sglr_zoo.load(arch, weights=file, "
+                  "num_classes=n)", DeprecationWarning, stacklevel=2)
+    return create_model(arch, num_classes, pretrained=check_weights_file(weights)).eval()
 
+
+def check_weights_file(weights: str | Path) -> Path:
+    """`weights` as a Path when it names an existing `.safetensors` file; a UserError otherwise."""
     path = Path(weights)
     if path.suffix != ".safetensors" or not path.exists():
         raise UserError(f"--weights {path}: give an existing .safetensors file (pickled checkpoints are not loaded)")
-    check_regular(path, WEIGHTS_LIMIT, "weights file")
+    return path
+
+
+def _with_state_dict(arch: str, path: Path, num_classes: int, **kwargs) -> nn.Module:
+    """A timm architecture (as `create_model` builds it) with a state dict from a `.safetensors` file, loaded
+    strictly; its classifier is checked against `num_classes` from the file's header before anything is built."""
+    from safetensors.torch import load_file
+
+    check_regular(check_weights_file(path), WEIGHTS_LIMIT, "weights file")
     _check_arch(arch, "model")
     classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None)
     _check_classifier(path, classifier, num_classes, "the data has")
-    model = create_model(arch, num_classes)
+    model = create_model(arch, num_classes, **kwargs)
     try:
         unwrap_timm(model).load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as error:
         raise UserError(f"--weights {path} does not fit {arch} with {num_classes} classes: "
                         f"{_first_problem(error)}") from None
-    return model.eval()
+    return model
 
 
 def _check_arch(arch: Any, where: str) -> None:

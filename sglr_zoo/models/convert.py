@@ -10,7 +10,6 @@ normalisation the user states, since foreign models differ on it and the weights
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -26,6 +25,7 @@ from torch import nn
 
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import WriteFailed, open_regular, write_atomic
+from sglr_zoo.models import WEIGHTS_LIMIT, check_normalization, is_sglr_arch, save_pretrained, sha256_of
 
 __all__ = ["NORMALIZATIONS", "ImportedModel", "check_state_dict", "import_checkpoint", "parse_normalization",
            "read_checkpoint", "save_imported", "unwrap_state_dict"]
@@ -58,8 +58,6 @@ class ImportedModel:
 def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """`none`, `cifar10`, `cifar100`, `MEAN,STD` (one value for every channel) or `M1,M2,M3,S1,S2,S3`; means in
     [0, 1] and standard deviations in (0, 1], as for images in [0, 1]."""
-    from sglr_zoo.models import check_normalization
-
     if text in NORMALIZATIONS:
         return NORMALIZATIONS[text]
     try:
@@ -82,8 +80,6 @@ def read_checkpoint(path: str | Path) -> object:
     tensor that asks for more memory than its stored data holds (a stride-0 or expanded view: a small file that
     asks for gigabytes), or storages larger than the file, are refused before the real read.
     """
-    from sglr_zoo.models import WEIGHTS_LIMIT
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found: give a checkpoint file (.safetensors, {', '.join(PICKLE_SUFFIXES)})")
@@ -219,8 +215,6 @@ def import_checkpoint(path: str | Path, arch: str, normalization: str) -> Import
     `normalization` is what the foreign model's own code applied to [0, 1] inputs (see `parse_normalization`);
     our model applies it inside. The number of classes is read from the classifier's weights.
     """
-    from sglr_zoo.models import is_sglr_arch
-
     path = Path(path)
     if not is_sglr_arch(arch):
         ours = ", ".join(n for n in timm.list_models("*_cifar"))
@@ -242,7 +236,7 @@ def import_checkpoint(path: str | Path, arch: str, normalization: str) -> Import
     model = timm.create_model(arch, num_classes=num_classes, mean=mean, std=std)
     check_state_dict(model, renamed, f"{path} does not fit {arch}")
     model.load_state_dict(renamed, strict=True)
-    digest = _sha256(path)
+    digest = sha256_of(path)
     return ImportedModel(model.eval(), arch, num_classes, normalization, digest, dropped, found_normalization)
 
 
@@ -255,14 +249,6 @@ def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
                             "damaged or its training diverged")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
@@ -272,8 +258,6 @@ def save_imported(imported: ImportedModel, out: str | Path, *, source_name: str)
 
     config.json records where the weights came from under `sglr_zoo_import`.
     """
-    from sglr_zoo.models import save_pretrained
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; choose a new folder")
