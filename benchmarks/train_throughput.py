@@ -1,8 +1,8 @@
 """Training throughput: the reference PGD-AT step and ours on the same model, batch and machine, in one run.
 
 The reference is shared/bench/ref_pgd_at.py's step (the official repositories' PGD-AT loop: plain PyTorch, fixed
-tensors) run on our timm model. Ours is the step of `sglr_zoo.training.train` (uint8 batch -> augmentation ->
-`sglr_zoo.attacks.pgd` -> objective -> Accelerate backward -> SGD -> the objective's state update) with the speed
+tensors) run on our timm model. Ours is the trainer's own step, `sglr_zoo.loop.train_step` (uint8 batch -> augmentation
+-> `sglr_zoo.attacks.pgd` -> objective -> Accelerate backward -> SGD -> the objective's state update) with the speed
 levers that `auto` resolves to on this machine (sglr_zoo.hardware), and any variants named with --ours.
 `--ours trainer` also runs the whole trainer (two short epochs on synthetic data) and reads its images/s.
 
@@ -104,24 +104,23 @@ def parse_ours(variant: str) -> dict:
 
 def make_our_step(arch: str, settings: dict, method: str, batch: int, pgd_steps: int,
                   device: torch.device = torch.device("cpu")):
-    """Our training step as sglr_zoo.training.train runs it; returns (step(images, labels, index, timings), the
-    resolved levers). `settings` override the `auto` levers; `freeze` is the attack's. Without crops and flips, as
-    the quickstart recipe trains and as the reference's step runs (5.7 ms of a quickstart step's 350 ms, one thread,
-    Zen 4)."""
+    """Our training step, `sglr_zoo.loop.train_step` as the trainer runs it, set up as sglr_zoo.training.train sets
+    it up; returns (step(images, labels, index, timings), the resolved levers). `settings` override the `auto`
+    levers; `freeze` is the attack's. Without crops and flips, as the quickstart recipe trains and as the
+    reference's step runs (5.7 ms of a quickstart step's 350 ms, one thread, Zen 4)."""
     from accelerate import Accelerator
 
     from sglr_zoo import hardware
-    from sglr_zoo.attacks import pgd
-    from sglr_zoo.data import to_float
+    from sglr_zoo.loop import StepParts, train_step
     from sglr_zoo.models import create_model
     from sglr_zoo.objectives import build_objective
     from sglr_zoo.recipe import from_dict
 
     run = {k: v for k, v in settings.items() if k in LEVERS}
-    recipe = from_dict({"model": {"arch": arch}, "attack": {"steps": pgd_steps},
+    recipe = from_dict({"data": {"augment": False}, "model": {"arch": arch}, "attack": {"steps": pgd_steps},
                         "method": {"name": method, "start_epoch": 1}, "run": {"batch_size": batch, **run}})
     speed = hardware.resolve(recipe.run, device)
-    hardware.apply(speed)
+    hardware.apply(speed)  # for good: this process measures one configuration
     accelerator = Accelerator(mixed_precision=speed.mixed_precision.value, cpu=device.type == "cpu")
     memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
     model = create_model(arch, 10).to(device, memory_format=memory_format)
@@ -132,23 +131,13 @@ def make_our_step(arch: str, settings: dict, method: str, batch: int, pgd_steps:
     raw_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if speed.compile.value:  # as the trainer does: after prepare (one process: model is raw_model)
         model = raw_model = torch.compile(raw_model)
-    attack, freeze = recipe.attack, settings.get("freeze", True)
+    parts = StepParts(model, raw_model, objective, optimizer, accelerator, recipe, memory_format)
+    freeze = settings.get("freeze", True)
 
     def step(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, timings: list) -> None:
         started = time.perf_counter()
-        x = to_float(images, 32).contiguous(memory_format=memory_format)
-        with accelerator.autocast():
-            x_adv = pgd(raw_model, x, labels, threat=attack.threat, eps=float(attack.eps),
-                        step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
-                        loss=objective.attack_loss, mode=attack.model_mode, freeze=freeze)
-            attacked = time.perf_counter()
-            out = objective(model, x, x_adv, labels, index, 1)
-        accelerator.backward(out["loss"])
-        accelerator.clip_grad_norm_(model.parameters(), float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.after_step(out, raw_model, accelerator.gather_for_metrics)
-        timings.append((attacked - started, time.perf_counter() - attacked))
+        result = train_step(parts, images, labels, index, epoch=1, lr=0.01, freeze=freeze)
+        timings.append((result.attack_s, time.perf_counter() - started - result.attack_s))
 
     levers = {name: value["value"] for name, value in speed.to_dict().items()}
     return step, {**levers, "freeze": freeze}

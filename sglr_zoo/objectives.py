@@ -9,6 +9,7 @@ soft-label bank, a weight teacher). SGLR follows shared/SGLR.md (the authors' co
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from sglr_zoo.recipe import MethodConfig
+
+if TYPE_CHECKING:
+    from sglr_zoo.schedule import Plan
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,7 @@ class Objective(nn.Module):
     """The interface the training loop sees; the baselines keep no state, so their hooks do nothing."""
 
     attack_loss = "ce"  # the loss the training attack maximises: "ce" or "kl" (TRADES)
+    start_epoch: int | None = None  # the epoch from which the objective changes (SGLR's refined labels); None: never
 
     def after_step(self, out: dict[str, torch.Tensor], model: nn.Module, gather: Gather) -> None:
         """Updates the objective's own state after the optimizer step.
@@ -47,6 +52,10 @@ class Objective(nn.Module):
             model: the model after the step (unwrapped: no data-parallel wrapper).
             gather: collects a tensor from every process, so that every process writes the same state.
         """
+
+    def follow(self, plan: Plan) -> None:
+        """Takes the run's plan in force before a step (a budgeted run plans again while it trains): an objective
+        that changes at an epoch (SGLR's refined labels) moves that epoch with it."""
 
     def local_modules(self) -> list[nn.Module]:
         """Sub-modules whose buffers each process updates on its own (a weight teacher's BatchNorm statistics):
@@ -128,6 +137,9 @@ class SGLR(Objective):
         if "bank_index" in out:
             self.write_bank(gather(out["bank_index"]), gather(out["bank_targets"]))
         self.update_teacher(model)
+
+    def follow(self, plan: Plan) -> None:
+        self.start_epoch = plan.start_epoch
 
     def local_modules(self) -> list[nn.Module]:
         return [self.teacher.module] if self.teacher is not None else []

@@ -197,14 +197,17 @@ class ScheduleConfig:
     peak_at: float = 0.25  # onecycle: fraction of the run spent rising to lr
     steps: int | None = None  # total optimiser steps, the schedule stretched over them; None = epochs x the data
     budget: str | float | None = None  # e.g. 8m or 480 (s): the trainer sizes epochs and steps to fit (see schedule.py)
-    # Written by a budgeted run: [from_step, end_step] per plan, the first from step 0, the last ending at `steps`
-    # (see schedule.schedule_fraction). Null: the schedule spans `steps` evenly.
-    plans: list[list[int]] | None = None
+    # The plans to repeat instead of planning: a run's plans.json (what a budgeted run records), or, as budgeted runs
+    # of sglr_zoo 0.x recorded them, [from_step, end_step] per plan, the first from step 0, the last ending at `steps`
+    # (see schedule.schedule_fraction). Null: the budget plans, else the schedule spans `steps` evenly.
+    plans: list[list[int]] | str | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
-        if self.plans is not None:
+        _check(not isinstance(self.plans, str) or self.plans.strip() != "", "plans",
+               "give a run's plans.json, or null")
+        if isinstance(self.plans, list):
             starts = [plan[0] for plan in self.plans if len(plan) == 2]
             _check(len(starts) == len(self.plans) > 0 and starts[0] == 0 and self.plans[-1][1] == self.steps
                    and all(start < end for start, end in self.plans)

@@ -1,7 +1,8 @@
 """The on-disk layout of a training run: the one place that spells its paths (no torch import).
 
     RUN/
-      recipe.yaml        the resolved recipe (fully expanded)
+      recipe.yaml        the resolved recipe (fully expanded), written when the run starts and never changed
+      plans.json         a budgeted run's plans (sglr_zoo.schedule.Plans): `schedule.plans: RUN/plans.json` repeats them
       run.json           provenance: versions, seed, processes, precision, checksums (local paths made
                          relative to the working directory, or their last component: results.public_paths)
       metrics.csv        one row per epoch
@@ -49,6 +50,10 @@ class RunDir:
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
+
+    @property
+    def plans(self) -> Path:
+        return self.root / "plans.json"
 
     @property
     def run_info(self) -> Path:

@@ -1,17 +1,28 @@
-"""A run sized to a time budget (`schedule.budget: 8m`), and where in the learning-rate schedule a step falls.
+"""A run's plans (epochs, steps, the method's start), a run sized to a time budget (`schedule.budget: 8m`), and
+where in the learning-rate schedule a step falls.
 
-Plain Python: the trainer measures the costs (seconds per training step, per monitoring pass, for the final
-evaluation) and `plan_budget` turns them into a number of optimiser steps, written back into the run's resolved
-recipe as `schedule.steps` and `schedule.epochs`, so that rerunning that recipe repeats the run exactly. The first
-plan rests on a few steps timed before training; every tenth of it the trainer plans the rest again from the run's
-own speed (the slower of its mean and its latest tenth), and the resolved recipe records every plan (`schedule.plans`).
+Plain Python. A `Plan` is a value: what a run decided at a step (0: before training). A run without a budget has
+one, read from its recipe. A budgeted run's first plan comes from a few timed steps (`plan_budget` turns the costs
+into optimiser steps); every tenth of it the trainer plans the rest again from the run's own speed
+(sglr_zoo.budget). The recipe is never changed: the plans are recorded in RUN/plans.json (`Plans.save`) and in
+every checkpoint, and a recipe with `schedule.plans: RUN/plans.json` repeats them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sglr_zoo.errors import UserError
+from sglr_zoo.files import read_regular, write_atomic
+
+if TYPE_CHECKING:  # recipe imports this module (parse_budget)
+    from sglr_zoo.recipe import ScheduleConfig
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -31,6 +42,22 @@ def parse_budget(value: str | float | int) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"expected a positive duration like 8m, got {value!r}")
     return seconds
+
+
+def lr_factor(cfg: ScheduleConfig, epoch_progress: float, epochs: int | None = None) -> float:
+    """Learning-rate multiplier at a fractional epoch (0 = start of training), per batch, for a run of `epochs`
+    (the plan's; `cfg.epochs` when None)."""
+    epochs = cfg.epochs if epochs is None else epochs
+    if cfg.warmup_epochs and epoch_progress < cfg.warmup_epochs:
+        return epoch_progress / cfg.warmup_epochs
+    t = (epoch_progress - cfg.warmup_epochs) / (epochs - cfg.warmup_epochs)
+    if cfg.name == "multistep":  # as in the authors' code: lr * gamma from (1-based) epoch m on
+        return cfg.gamma ** sum(int(epoch_progress) + 1 >= m for m in cfg.milestones)
+    if cfg.name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.name == "onecycle":
+        return t / cfg.peak_at if t < cfg.peak_at else max(0.0, (1 - t) / (1 - cfg.peak_at))
+    return 1.0
 
 
 def epoch_progress(epochs: int, steps: int | None, global_step: int, steps_per_epoch: int,
@@ -104,3 +131,102 @@ def plan_budget(budget_s: float, elapsed_s: float, *, step_s: float, steps_per_e
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     return BudgetPlan(steps=steps, epochs=epochs, train_s=(steps - done_steps) * step_s,
                       monitor_s=(passes(epochs) - monitored) * monitor_s, final_s=final_s)
+
+
+def resolve_start(start: float, epochs: int) -> int:
+    """The 1-based epoch from which the method changes (SGLR's refined labels): `start`, or a fraction f < 1 of a
+    run of `epochs`, epoch round(f * epochs) (as `Recipe.start_epoch`)."""
+    return max(1, round(start * epochs)) if start < 1 else int(start)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run decided after `made_at` optimiser steps (0: before training): `epochs`, `steps` in all (None:
+    epochs x the data) and the method's resolved `start_epoch`."""
+
+    made_at: int
+    epochs: int
+    steps: int | None
+    start_epoch: int
+
+    @classmethod
+    def from_dict(cls, data: object) -> Plan:
+        """Raises ValueError naming what is wrong."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or sorted(data) != sorted(names):
+            raise ValueError(f"a plan is a mapping of {', '.join(names)}, not {data!r:.80}")
+        counts = [data[name] for name in names if name != "steps"] + [data["steps"] or 1]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in counts):
+            raise ValueError(f"a plan holds counts, not {data!r:.80}")
+        return cls(**data)
+
+
+class Plans:
+    """A run's plans in the order made; the one in force at a step is the last made at or before it. The loop
+    reads the plan from here, never from the recipe; a budget's re-planning adds to it (`add`)."""
+
+    def __init__(self, plans: list[Plan], steps_per_epoch: int):
+        self.all, self.steps_per_epoch = list(plans), steps_per_epoch
+        problem = _plans_problem(self.all)
+        if problem:
+            raise ValueError(problem)
+
+    @classmethod
+    def of_recipe(cls, schedule: ScheduleConfig, start: float, steps_per_epoch: int) -> Plans:
+        """A run's plan as its recipe states it; a list of `schedule.plans` (`[from_step, end_step]` pairs, as
+        budgeted runs of sglr_zoo 0.x recorded them) is repeated plan by plan."""
+        pairs = schedule.plans if isinstance(schedule.plans, list) else [[0, schedule.steps]]
+        epochs = [*(math.ceil(end / steps_per_epoch) for _, end in pairs[:-1]), schedule.epochs]
+        return cls([Plan(made_at, count, end, resolve_start(start, epochs[-1]))
+                    for (made_at, end), count in zip(pairs, epochs, strict=True)], steps_per_epoch)
+
+    @property
+    def last(self) -> Plan:
+        return self.all[-1]
+
+    def in_force(self, global_step: int) -> Plan:
+        """The plan for the step after `global_step` steps."""
+        return [plan for plan in self.all if plan.made_at <= global_step][-1]
+
+    def add(self, plan: Plan) -> None:
+        problem = _plans_problem([*self.all, plan])
+        if problem:
+            raise ValueError(problem)
+        self.all.append(plan)
+
+    def progress(self, global_step: int) -> float:
+        """The fractional epoch at which the learning-rate schedule is read before `global_step` (`epoch_progress`
+        under the plan in force)."""
+        plan = self.in_force(global_step)
+        pairs = [[p.made_at, p.steps] for p in self.all] if len(self.all) > 1 else None
+        return epoch_progress(plan.epochs, plan.steps, global_step, self.steps_per_epoch, pairs)
+
+    def to_list(self) -> list[dict]:
+        return [dataclasses.asdict(plan) for plan in self.all]
+
+    def save(self, path: Path) -> None:
+        """Writes the plans file (atomically): what `schedule.plans: PATH` repeats."""
+        data = {"steps_per_epoch": self.steps_per_epoch, "plans": self.to_list()}
+        write_atomic(path, json.dumps(data, indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path, steps_per_epoch: int) -> Plans:
+        """Reads a plans file; raises UserError naming it when it is not one, or was made for other data."""
+        try:
+            data = json.loads(read_regular(path, 1 << 20, "plans file"))
+            if data["steps_per_epoch"] != steps_per_epoch:
+                raise UserError(f"{path}: these plans are for {data['steps_per_epoch']} steps per epoch, this run has "
+                                f"{steps_per_epoch}: they repeat a run on the same data and run.batch_size only")
+            return cls(list(map(Plan.from_dict, data["plans"])), steps_per_epoch)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path}: not a plans file written by a run ({error}); give schedule.plans the "
+                            "plans.json of a run directory") from None
+
+
+def _plans_problem(plans: list[Plan]) -> str | None:
+    if not plans or plans[0].made_at != 0:
+        return "the first plan is made at step 0"
+    for before, after in zip(plans, plans[1:]):
+        if not before.made_at < after.made_at < (before.steps or math.inf) or after.steps is None:
+            return f"plan {after} does not follow {before}: made later, before that plan's end, with steps"
+    return None

@@ -24,6 +24,7 @@ from sglr_zoo.attacks import pgd
 from sglr_zoo.hardware import Choice, choose_precision, choose_threads, cpu_bf16_hardware, probe_bf16_speedup
 from sglr_zoo.models import create_model
 from sglr_zoo.recipe import RunConfig, from_dict
+from sglr_zoo.threads import CLAIM_MAX_AGE_S, ThreadClaims, claims_folder
 from sglr_zoo.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,9 +117,9 @@ def _ended_pid() -> int:
     return ended.pid
 
 
-def checked(folder: Path, **kwargs) -> hardware.ThreadClaims:
+def checked(folder: Path, **kwargs) -> ThreadClaims:
     """Claims in `folder` once `deciding` has checked it, as a run's are."""
-    claims = hardware.ThreadClaims(folder, **kwargs)
+    claims = ThreadClaims(folder, **kwargs)
     with claims.deciding():
         pass
     return claims
@@ -143,7 +144,7 @@ def test_thread_claims_count_live_processes_only(tmp_path):
 
 def test_thread_claims_where_the_folder_cannot_be_made_warn_and_claim_nothing(tmp_path):
     (tmp_path / "file").write_text("")
-    claims = hardware.ThreadClaims(tmp_path / "file" / "claims")  # below a file: mkdir fails, even as root
+    claims = ThreadClaims(tmp_path / "file" / "claims")  # below a file: mkdir fails, even as root
     with pytest.warns(UserWarning, match="cannot claim threads"), claims.deciding():
         claims.claim(2, shared=True)
     assert claims.others() == 0 and claims.share(every_s=0) is None  # no claims, no sharing
@@ -179,7 +180,7 @@ def test_a_claims_folder_someone_else_may_have_prepared_is_refused_untouched(tmp
     else:
         real.chmod(int(prepared.split()[1], 8))
     before = _listing(real), real.lstat().st_mode
-    claims = hardware.ThreadClaims(folder)
+    claims = ThreadClaims(folder)
     warning = f"cannot claim threads in {re.escape(str(folder))} .*{why}"
     with pytest.warns(UserWarning, match=warning) as warned, claims.deciding():
         claims.claim(2, shared=True)
@@ -209,7 +210,7 @@ def test_the_claims_lock_is_never_opened_through_a_link_or_as_a_fifo(tmp_path, p
         (folder / "lock").symlink_to(victim)
     else:
         os.mkfifo(folder / "lock")
-    claims = hardware.ThreadClaims(folder)
+    claims = ThreadClaims(folder)
     with pytest.warns(UserWarning, match="cannot claim threads"), claims.deciding():  # neither hangs nor truncates
         claims.claim(2, shared=True)
     assert victim.read_text() == "precious" and not claims.path.exists()
@@ -223,7 +224,7 @@ def test_a_held_claims_lock_is_waited_for_a_while_only(tmp_path):
     holder = os.open(folder / "lock", os.O_RDONLY | os.O_CREAT)  # another run, hung while deciding
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        claims = hardware.ThreadClaims(folder, lock_wait_s=0.2)
+        claims = ThreadClaims(folder, lock_wait_s=0.2)
         started = time.monotonic()
         with pytest.warns(UserWarning, match="lock still held after 0.2 s; deciding without waiting"), claims.deciding():
             claims.claim(2, shared=False)  # the claims still work
@@ -242,7 +243,7 @@ def _plant(folder: Path, name: str, content: str) -> Path:
         path.write_text(content)
     if content == "stale":
         path.write_text("1")
-        old = time.time() - hardware.CLAIM_MAX_AGE_S - 1
+        old = time.time() - CLAIM_MAX_AGE_S - 1
         os.utime(path, (old, old))
     return path
 
@@ -278,18 +279,18 @@ def test_a_claim_is_rewritten_before_it_goes_stale(tmp_path, monkeypatch):
     for shared in (True, False):
         mine = checked(tmp_path)
         mine.claim(1, shared=shared)
-        old = time.time() - hardware.CLAIM_MAX_AGE_S / 2
+        old = time.time() - CLAIM_MAX_AGE_S / 2
         os.utime(mine.path, (old, old))
         mine.share(every_s=0)
         assert mine.path.stat().st_mtime == old  # written recently enough
-        mine.written -= hardware.CLAIM_MAX_AGE_S / 2
+        mine.written -= CLAIM_MAX_AGE_S / 2
         mine.share(every_s=0)
         assert time.time() - mine.path.stat().st_mtime < 60 and mine.path.read_text() == "1"
         mine.release()
 
 
 def test_a_claim_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
-    mine = hardware.ThreadClaims(tmp_path)
+    mine = ThreadClaims(tmp_path)
     (mine.path / "x").mkdir(parents=True)  # a folder at the claim's name: the rename fails
     with pytest.warns(UserWarning, match=f"threads: could not write {mine.path}"), mine.deciding():
         mine.claim(2, shared=True)
@@ -301,24 +302,25 @@ def test_the_claims_folder_is_under_xdg_runtime_dir_when_that_is_private(tmp_pat
     runtime.mkdir(mode=0o700)
     default = Path(tempfile.gettempdir()) / f"sglr_zoo-{os.getuid()}-threads"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    assert hardware.claims_folder() == runtime / "sglr_zoo-threads"
+    assert claims_folder() == runtime / "sglr_zoo-threads"
     runtime.chmod(0o777)
-    assert hardware.claims_folder() == default
+    assert claims_folder() == default
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
-    assert hardware.claims_folder() == default
+    assert claims_folder() == default
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert hardware.claims_folder() == default
+    assert claims_folder() == default
 
 
 CLAIMING_RUN = """
 import sys, time, torch
 from pathlib import Path
 from sglr_zoo import hardware
+from sglr_zoo.threads import ThreadClaims
 from sglr_zoo.recipe import RunConfig
 hardware.busy_cpus = lambda: time.sleep(0.5) or 0.0  # an idle machine, as two runs launched together each see it
 hardware.available_cpus = lambda: 2
 torch.set_num_threads(2)
-claims = hardware.ThreadClaims(Path(sys.argv[1]))
+claims = ThreadClaims(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()  # the test starts both at the same moment, once both have imported torch
 with claims.deciding():
@@ -459,7 +461,28 @@ def test_explicit_levers_win():
         "cudnn_benchmark": {"value": True, "reason": "set in the recipe"}}
 
 
-def test_apply_sets_cudnn_benchmark():
+def test_applied_levers_are_restored_after_the_run(monkeypatch):
+    """Threads and cuDNN's flag come back as they were, also after an error; malloc's options go back to their
+    start-up values (the environment's, else glibc's defaults) and the memory kept meanwhile is trimmed."""
+    calls = []
+    monkeypatch.setattr(hardware, "_mallopt", lambda values, trim=False: calls.append((values, trim)) or True)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")
+    threads = torch.get_num_threads()
+    run = RunConfig(mixed_precision="no", threads=threads + 1, keep_freed_memory=True, cudnn_benchmark=True)
+    with pytest.raises(KeyError), hardware.applied(hardware.resolve(run, torch.device("cpu"))):
+        assert torch.get_num_threads() == threads + 1 and torch.backends.cudnn.benchmark
+        raise KeyError
+    assert torch.get_num_threads() == threads and not torch.backends.cudnn.benchmark
+    assert calls == [(hardware.KEEP_FREED, False),
+                     ({"trim_threshold": 128 * 1024, "top_pad": 4096, "mmap_threshold": 128 * 1024}, True)]
+    calls.clear()
+    with hardware.applied(hardware.resolve(RunConfig(mixed_precision="no", keep_freed_memory=False),
+                                           torch.device("cpu"))):
+        pass
+    assert calls == []  # nothing set, nothing to restore
+
+
+def test_apply_sets_the_levers_for_good():
     run = RunConfig(mixed_precision="no", threads=torch.get_num_threads(), keep_freed_memory=False,
                     cudnn_benchmark=True)
     try:
@@ -467,6 +490,10 @@ def test_apply_sets_cudnn_benchmark():
         assert torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def test_glibc_malloc_options_can_be_set():
+    assert hardware._mallopt({"trim_threshold": 128 * 1024}, trim=True) == (sys.platform == "linux")
 
 
 def test_auto_levers_on_cpu(monkeypatch):

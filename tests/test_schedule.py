@@ -13,12 +13,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from sglr_zoo import training
+from sglr_zoo import budget, training
 from sglr_zoo.errors import UserError
-from sglr_zoo.objectives import PGDAT
-from sglr_zoo.recipe import from_dict, load_recipe
-from sglr_zoo.rundir import RunDir
-from sglr_zoo.schedule import BudgetPlan, epoch_progress, parse_budget, plan_budget
+from sglr_zoo.loop import epoch_steps
+from sglr_zoo.recipe import from_dict, load_recipe, save_recipe
+from sglr_zoo.schedule import BudgetPlan, Plan, Plans, epoch_progress, parse_budget, plan_budget
 from sglr_zoo.training import train
 
 DURATIONS = [(480, 480.0), (2.5, 2.5), ("480", None), ("480s", 480.0), ("8m", 480.0), ("1.5h", 5400.0),
@@ -49,6 +48,8 @@ def test_parse_budget(value, seconds):
     ({"steps": 10, "plans": [[0, 20], [3, 12], [12, 10]]}, "schedule.plans: is written by a budgeted run"),
     ({"steps": 10, "plans": [[0, 20], [6, 12], [3, 10]]}, "schedule.plans: is written by a budgeted run"),
     ({"steps": 10, "plans": [[0, 20, 1], [3, 10]]}, "schedule.plans: is written by a budgeted run"),
+    ({"budget": "8m", "name": "onecycle", "plans": "runs/x/plans.json"}, None),  # repeats those plans
+    ({"plans": " "}, "schedule.plans: give a run's plans.json"),
 ])
 def test_recipe_budget_fields(schedule, message):
     if message is None:
@@ -75,10 +76,29 @@ def test_epoch_progress_with_steps_spans_exactly_those_steps():
 
 def test_epoch_steps_are_cut_at_the_planned_end():
     """The progress bar's total: a budget's last epoch of 391 batches that ends at step 812 runs 30 of them."""
-    recipe = from_dict({"schedule": {"epochs": 3, "steps": 812, "milestones": []}, "method": {"start_epoch": 0.5}})
-    assert [training.epoch_steps(recipe, first, 391) for first in (0, 391, 782)] == [391, 391, 30]
-    recipe.run.max_steps = 800
-    assert training.epoch_steps(recipe, 782, 391) == 18
+    assert [epoch_steps(first, 391, None, 812) for first in (0, 391, 782)] == [391, 391, 30]
+    assert epoch_steps(782, 391, 800, 812) == 18  # run.max_steps first
+    assert epoch_steps(782, 391, None, None) == 391
+
+
+def test_plans_are_values_read_at_each_step():
+    """The plan in force at a step is the last one made at or before it; plans that do not follow each other, or
+    a plans file made for other data, are refused."""
+    plans = Plans([Plan(made_at=0, epochs=6, steps=24, start_epoch=3)], steps_per_epoch=4)
+    plans.add(Plan(made_at=5, epochs=8, steps=30, start_epoch=4))
+    assert [plans.in_force(step).made_at for step in (0, 4, 5, 29)] == [0, 0, 5, 5]
+    assert plans.progress(3) == epoch_progress(6, 24, 3, 4) and plans.progress(7) == epoch_progress(
+        8, 30, 7, 4, [[0, 24], [5, 30]])
+    for late in (Plan(made_at=5, epochs=8, steps=30, start_epoch=4), Plan(made_at=31, epochs=9, steps=33, start_epoch=4),
+                 Plan(made_at=9, epochs=3, steps=None, start_epoch=4)):
+        with pytest.raises(ValueError, match="does not follow"):
+            plans.add(late)
+    with pytest.raises(ValueError, match="a plan holds counts"):
+        Plan.from_dict({"made_at": -1, "epochs": 1, "steps": 2, "start_epoch": 1})
+    recipe = from_dict({"schedule": {"epochs": 4, "steps": 14, "plans": [[0, 24], [5, 30], [10, 14]], "name": "cosine"},
+                        "method": {"start_epoch": 0.5}})
+    assert Plans.of_recipe(recipe.schedule, 0.5, 4).all == [Plan(0, 6, 24, 2), Plan(5, 8, 30, 2), Plan(10, 4, 14, 2)]
+    assert Plans.of_recipe(from_dict({}).schedule, 90, 4).all == [Plan(0, 200, None, 90)]
 
 
 def test_epoch_progress_follows_each_plan_from_where_the_last_left_off():
@@ -156,11 +176,11 @@ def budget_recipe(dataset, output_dir, *overrides: str):
 def test_step_time_is_the_median_after_a_warm_up():
     """A slow first call (compilation) and one call slowed by another program do not count."""
     delays = iter([0.3, 0.02, 0.02, 0.3, 0.02, 0.02])
-    seconds = training.median_step_seconds(lambda: time.sleep(next(delays)), torch.device("cpu"))
+    seconds = budget.median_step_seconds(lambda: time.sleep(next(delays)), torch.device("cpu"))
     assert 0.02 <= seconds < 0.1 and next(delays, None) is None
 
 
-def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, capsys, monkeypatch):
+def test_budget_run_is_repeated_by_its_plans(tmp_path, tiny_dataset, fresh_accelerate, capsys, monkeypatch):
     """The calibration runs for real; the plan is fixed (6 steps: a full epoch of 4 and one cut at 2), so that the
     test does not depend on the machine's speed."""
     planned = []
@@ -169,18 +189,27 @@ def test_budget_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, f
         planned.append(plan_budget(*args, **kwargs))  # the real arithmetic on the measured times
         return BudgetPlan(steps=6, epochs=2, train_s=1.0, monitor_s=1.0, final_s=1.0)
 
-    monkeypatch.setattr(training, "plan_budget", plan)
-    run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a"))
+    monkeypatch.setattr(budget, "plan_budget", plan)
+    recipe = budget_recipe(tiny_dataset, tmp_path / "a")
+    run_dir = train(recipe)
     printed = capsys.readouterr()
-    assert "schedule.budget: budget 8 s:" in printed.out
+    assert "schedule.budget: budget 8 s:" in printed.out and f"schedule.plans={run_dir / 'plans.json'}" in printed.out
     assert "epoch 1/200" not in printed.err  # no progress bar for the calibration's throwaway steps
     assert "epoch 1/2" in printed.err
     assert planned and planned[0].final_s > 0 and planned[0].monitor_s > 0
-    resolved = load_recipe(run_dir / "recipe.yaml")
-    steps, epochs = resolved.schedule.steps, resolved.schedule.epochs
-    assert resolved.schedule.budget is None and (steps, epochs) == (6, 2)
-    assert_finished(run_dir, steps, epochs)
-    assert_same_weights(run_dir, rerun_in(tmp_path / "b", resolved))
+    assert load_recipe(run_dir / "recipe.yaml").to_dict() == recipe.to_dict()  # the budget, as given
+    assert plans_of(run_dir) == [Plan(made_at=0, epochs=2, steps=6, start_epoch=1)]
+    assert_finished(run_dir, 6, 2)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(UserError, match="already finished"):  # its plan is done, though the recipe says 200 epochs
+        train(recipe)
+    assert_same_weights(run_dir, rerun_in(tmp_path / "b", run_dir))
+    assert len(planned) == 1  # the rerun planned nothing
+
+
+def plans_of(run_dir) -> list[Plan]:
+    return [Plan(**plan) for plan in json.loads((run_dir / "plans.json").read_text())["plans"]]
 
 
 def assert_finished(run_dir, steps: int, epochs: int) -> None:
@@ -189,11 +218,13 @@ def assert_finished(run_dir, steps: int, epochs: int) -> None:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
 
 
-def rerun_in(output_dir, resolved):
-    """Trains a run's resolved recipe again, into `output_dir`, with a fresh Accelerate state."""
+def rerun_in(output_dir, run_dir):
+    """Trains a run's recipe again with its plans (`schedule.plans=RUN/plans.json`), into `output_dir`, with a
+    fresh Accelerate state."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return train(from_dict(resolved.to_dict(), [f"run.output_dir={output_dir}"]))
+    return train(load_recipe(run_dir / "recipe.yaml", [f"run.output_dir={output_dir}",
+                                                       f"schedule.plans={run_dir / 'plans.json'}"]))
 
 
 def assert_same_weights(run_a, run_b) -> None:
@@ -218,21 +249,37 @@ def fixed_plans(calls: list[BudgetPlan], replans: dict[int, int]):
     (0.5, {5: 26, 10: 26, 15: 26, 20: 26, 25: 26}, [[0, 24], [5, 26], [10, 26], [15, 26], [20, 26], [25, 26]], 4),
     (0.5, {5: 5}, [[0, 24], [5, 6]], 3),  # no time left: one more step ends the schedule; epoch 3 never comes
 ])
-def test_a_replanned_run_is_repeated_by_its_resolved_recipe(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch,
-                                                             capsys, start, replans, plans, start_epoch):
-    calls = []
-    monkeypatch.setattr(training, "plan_budget", fixed_plans(calls, replans))
-    monkeypatch.setattr(training, "REPLAN_EVERY", 0.2)
-    run_dir = train(budget_recipe(tiny_dataset, tmp_path / "a", f"method.start_epoch={start}", "schedule.budget=10m"))
+def test_a_replanned_run_is_repeated_by_its_plans(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch, capsys,
+                                                  start, replans, plans, start_epoch):
+    """Each plan is recorded in plans.json; the recipe given to train() and RUN/recipe.yaml never change while the
+    run plans again; rerunning the recipe with its plans repeats every plan and the weights."""
+    calls, recipe_files = [], []
+    monkeypatch.setattr(budget, "plan_budget", fixed_plans(calls, replans))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 0.2)
+    monitor = training.monitor
+
+    def reading_the_recipe_file(model, splits, recipe, accelerator):  # after each epoch, plans made meanwhile
+        recipe_files.append((tmp_path / "a" / "run" / "recipe.yaml").read_bytes())
+        return monitor(model, splits, recipe, accelerator)
+
+    monkeypatch.setattr(training, "monitor", reading_the_recipe_file)
+    recipe = budget_recipe(tiny_dataset, tmp_path / "a", f"method.start_epoch={start}", "schedule.budget=10m")
+    given = recipe.to_dict()
+    run_dir = train(recipe)
     assert "planned again after 5 steps" in capsys.readouterr().out
     assert len(calls) == len(plans) and all(plan.train_s > 0 and plan.steps > 5 for plan in calls[1:])
-    resolved = load_recipe(run_dir / "recipe.yaml")
+    assert recipe.to_dict() == given  # the recipe object is never changed
+    save_recipe(recipe, tmp_path / "given.yaml")
+    assert set(recipe_files) == {(run_dir / "recipe.yaml").read_bytes()} == {(tmp_path / "given.yaml").read_bytes()}
+    made = plans_of(run_dir)
+    assert [[plan.made_at, plan.steps] for plan in made] == plans and made[-1].start_epoch == start_epoch
     steps, epochs = plans[-1][1], math.ceil(plans[-1][1] / 4)
-    assert (resolved.schedule.steps, resolved.schedule.epochs, resolved.schedule.plans) == (steps, epochs, plans)
-    assert resolved.method.start_epoch == start_epoch and resolved.schedule.budget is None
+    assert made[-1].epochs == epochs
     assert_finished(run_dir, steps, epochs)
-    assert_same_weights(run_dir, rerun_in(tmp_path / "b", resolved))
+    monkeypatch.setattr(training, "monitor", monitor)
+    assert_same_weights(run_dir, rerun_in(tmp_path / "b", run_dir))
     assert len(calls) == len(plans)  # the rerun planned nothing
+    assert plans_of(tmp_path / "b" / "run") == made
 
 
 def test_planning_again_uses_the_latest_stretch_when_it_is_slower(tmp_path, tiny_dataset, fresh_accelerate,
@@ -241,23 +288,23 @@ def test_planning_again_uses_the_latest_stretch_when_it_is_slower(tmp_path, tiny
     again: the mean is the slower, and is used."""
     step_times = [1.0] * 10 + [3.0] * 10 + [0.5] * 10
     clock = iter(torch.tensor([0.0, *step_times]).cumsum(0).tolist())
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: next(clock))
     step_s = []
 
     def plan(*args, **kwargs) -> BudgetPlan:
         step_s.append(kwargs["step_s"])
         return BudgetPlan(steps=100, epochs=1, train_s=1.0, monitor_s=1.0, final_s=1.0)
 
-    monkeypatch.setattr(training, "plan_budget", plan)
-    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=null", "schedule.steps=100", "schedule.epochs=1")
-    replan = training.Replan(Accelerator(cpu=True), RunDir(tmp_path), budget_s=1000.0, started=0.0,
-                             every=10, calibrated_step_s=1.0, monitor_s=0.0, final_s=0.0, steps_per_epoch=100,
-                             start_fraction=None)
+    monkeypatch.setattr(budget, "plan_budget", plan)
+    plans = Plans([Plan(made_at=0, epochs=1, steps=100, start_epoch=1)], steps_per_epoch=100)
+    replan = budget.Replanner(Accelerator(cpu=True), plans, path=None, budget_s=1000.0, started=0.0, every=10,
+                              calibrated_step_s=1.0, monitor_s=0.0, final_s=0.0, monitor_every=1, start_fraction=None)
     replan.last_step_done = next(clock)
     for step in range(1, 31):
-        replan.after_step(step, recipe, PGDAT())
+        replan.after_step(step)
     # The first step of an epoch is not timed (it follows monitoring): steps 2-10, 11-20 and 21-30 are.
     assert step_s == pytest.approx([1.0, 3.0, (9 * 1.0 + 10 * 3.0 + 10 * 0.5) / 29])
+    assert [plan.made_at for plan in plans.all] == [0, 10, 20, 30]
 
 
 class Killed(Exception):
@@ -269,14 +316,14 @@ def test_a_run_killed_after_planning_again_resumes_with_every_plan(tmp_path, tin
     """Killed in epoch 3, after its plan at step 10 but before that epoch's checkpoint: the resumed run continues
     from epoch 2's checkpoint (which holds the plans up to step 5) with every plan, and ends with the weights of
     the run that was never killed."""
-    monkeypatch.setattr(training, "plan_budget", fixed_plans([], {5: 30, 10: 14}))
-    monkeypatch.setattr(training, "REPLAN_EVERY", 0.2)
+    monkeypatch.setattr(budget, "plan_budget", fixed_plans([], {5: 30, 10: 14}))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 0.2)
     recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=10m")
     whole = train(from_dict(recipe.to_dict(), ["run.name=whole"]))
     monitor = training.monitor
 
     def killed_in_epoch_3(model, splits, recipe, accelerator):
-        if (recipe.schedule.plans or [])[-1:] == [[10, 14]]:
+        if plans_of(tmp_path / "resumed")[-1].made_at == 10:
             raise Killed
         return monitor(model, splits, recipe, accelerator)
 
@@ -290,8 +337,27 @@ def test_a_run_killed_after_planning_again_resumes_with_every_plan(tmp_path, tin
         else:
             with pytest.raises(Killed):
                 train(from_dict(recipe.to_dict(), ["run.name=resumed"]))
-    assert load_recipe(resumed / "recipe.yaml").schedule.plans == [[0, 24], [5, 30], [10, 14]]
+    assert [[plan.made_at, plan.steps] for plan in plans_of(resumed)] == [[0, 24], [5, 30], [10, 14]]
     assert_same_weights(whole, resumed)
+
+
+def test_a_resumed_run_refuses_plans_other_than_its_checkpoints(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                monkeypatch):
+    monkeypatch.setattr(budget, "plan_budget", fixed_plans([], {}))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
+    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=10m")
+    run_dir = train(from_dict(recipe.to_dict(), ["run.max_steps=5"]))  # checkpointed in epoch 2
+    Plans([Plan(made_at=0, epochs=5, steps=20, start_epoch=3)], 4).save(run_dir / "plans.json")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(UserError, match="was trained under other plans"):
+        train(recipe)
+
+
+def test_plans_of_other_data_are_refused(tmp_path, tiny_dataset, fresh_accelerate):
+    Plans([Plan(made_at=0, epochs=2, steps=6, start_epoch=1)], 3).save(tmp_path / "plans.json")
+    with pytest.raises(UserError, match="plans are for 3 steps per epoch, this run has 4"):
+        train(budget_recipe(tiny_dataset, tmp_path, f"schedule.plans={tmp_path / 'plans.json'}"))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -29,15 +29,18 @@ from torch.nn.parallel import DistributedDataParallel
 import sglr_zoo
 import sglr_zoo.cli
 import sglr_zoo.training as training
-from sglr_zoo import hardware
+from sglr_zoo import loop
 from sglr_zoo.checkpoint import latest_checkpoint
 from sglr_zoo.data import load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, load_results
 from sglr_zoo.models import create_model
+from sglr_zoo.monitoring import metric_columns
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe
 from sglr_zoo.rundir import ModelFolder, RunDir
-from sglr_zoo.training import RunState, TrainingDiverged, _check_hardware, lr_factor, metric_columns, train
+from sglr_zoo.schedule import lr_factor
+from sglr_zoo.threads import ThreadClaims
+from sglr_zoo.training import RunState, TrainingDiverged, _check_hardware, train
 from tests.conftest import write_parquet_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,8 +205,8 @@ def test_tiny_run(tmp_path, tiny_dataset, monkeypatch):
         calls.append(all(g is None for g in grads_before) and claims.path.exists())
         return x_adv
 
-    claims = hardware.ThreadClaims()  # this process's entry: the run's threads are claimed while it trains
-    monkeypatch.setattr(training, "pgd", spy_pgd)
+    claims = ThreadClaims()  # this process's entry: the run's threads are claimed while it trains
+    monkeypatch.setattr(loop, "pgd", spy_pgd)
     recipe = make_recipe(TINY, tiny_dataset, tmp_path, "data.val_size=16")
     run_dir = run_train(recipe)
     assert run_dir == tmp_path / "run"
@@ -283,6 +286,17 @@ def train_until_killed(recipe_file: Path, point: str) -> None:
     process = subprocess.run([sys.executable, "-c", KILLER, point, str(recipe_file)], cwd=REPO, env=subprocess_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
     assert process.returncode == -signal.SIGKILL, f"not killed at {point}: " + process.stderr.decode()[-2000:]
+
+
+def test_a_run_leaves_the_process_as_it_found_it(tmp_path, tiny_dataset, one_thread):
+    """train() sets its threads and cuDNN's flag for the run only, and never changes the recipe it is given."""
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    recipe = make_recipe(TINY, tiny_dataset, tmp_path, "schedule.epochs=1", "method.start_epoch=1",
+                         f"run.threads={threads + 1}", f"run.cudnn_benchmark={str(not benchmark).lower()}")
+    given = recipe.to_dict()
+    run_train(recipe)
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == (threads, benchmark)
+    assert recipe.to_dict() == given
 
 
 def test_kill_and_resume(tmp_path, tiny_dataset):
@@ -518,7 +532,8 @@ def test_exports_are_never_written_through_a_link(tmp_path, tiny_dataset, monkey
 
 
 GOOD_STATE = {"epoch": 2, "epoch_step": 0, "epoch_sums": {}, "global_step": 8, "best_epoch": 1, "best_val_pgd": 25.0,
-              "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}], "data_sha256": None}
+              "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}], "data_sha256": None,
+              "plans": [{"made_at": 0, "epochs": 2, "steps": None, "start_epoch": 1}]}
 
 # (keys that replace GOOD_STATE's, fragment of the error)
 BAD_STATES = [
@@ -542,6 +557,8 @@ BAD_STATES = [
     ({"epoch_sums": {"loss": "1"}}, "epoch_sums is {'loss': '1'}"),
     ({"epoch_sums": {"rm": 1.0}}, "epoch_sums is {'rm': 1.0}"),
     ({"data_sha256": "abc"}, "data_sha256 is 'abc', not a sha256"),
+    ({"plans": [{"made_at": 0, "epochs": 2}]}, "plans is [{'made_at': 0, 'epochs': 2}], not a list of plans"),
+    ({"plans": [{"made_at": 0, "epochs": 2, "steps": 4, "start_epoch": -1}]}, "plans is"),
 ]
 
 
@@ -560,8 +577,8 @@ def test_a_run_state_loads_and_an_older_one_too():
     assert state.state_dict() == GOOD_STATE
     older = {key: GOOD_STATE[key] for key in ("epoch", "global_step", "best_epoch", "best_val_pgd", "history")}
     state = RunState()
-    state.load_state_dict(older)  # before epoch_step, epoch_sums and data_sha256
-    assert state.state_dict() == GOOD_STATE
+    state.load_state_dict(older)  # before epoch_step, epoch_sums, data_sha256 and plans
+    assert state.state_dict() == {**GOOD_STATE, "plans": []}
 
 
 def test_a_tampered_history_is_refused_and_writes_nothing(tmp_path, tiny_dataset):

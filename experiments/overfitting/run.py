@@ -230,7 +230,7 @@ def _time(step) -> Cost:
 
 
 def plan(driver: Driver) -> str:
-    """Times a few training steps of each method (the trainer's own `train_one_epoch`, at the recipe's resolved
+    """Times a few training steps of each method (the trainer's own `loop.train_step`, at the recipe's resolved
     precision) and the evaluator's PGD per image and step (fp32) on this machine, and predicts the experiment's
     wall time. AutoAttack is predicted from the quickstart model's committed results (the same architecture): its
     AutoAttack took `ratio` times its PGD-20 on the same 500 images."""
@@ -240,6 +240,7 @@ def plan(driver: Driver) -> str:
     from sglr_zoo import finetune, hardware
     from sglr_zoo.attacks import pgd
     from sglr_zoo.data import IndexedDataset, load_splits, to_float
+    from sglr_zoo.loop import StepParts, train_step
     from sglr_zoo.objectives import build_objective
 
     timed_steps = 3
@@ -260,12 +261,12 @@ def plan(driver: Driver) -> str:
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum)
         loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=recipe.run.batch_size,
                                              shuffle=True)
-        state = training.RunState()
-        for max_steps in (1, 1 + timed_steps):  # a warm-up step, then the timed ones
-            recipe.run.max_steps = max_steps
-            cost = _time(lambda: training.train_one_epoch(1, model, model, objective, optimizer, loader, recipe,
-                                                          accelerator, state, memory_format))
-        recipe.run.max_steps = None
+        parts = StepParts(model, model, objective, optimizer, accelerator, recipe, memory_format)
+        batches = iter(loader)
+        finetune.set_train_mode(model)
+        for steps in (1, timed_steps):  # a warm-up step, then the timed ones
+            cost = _time(lambda: [train_step(parts, *next(batches), epoch=1, lr=recipe.optim.lr)
+                                  for _ in range(steps)])
         images = timed_steps * recipe.run.batch_size
         per_image[method] = Cost(cost.wall / images, cost.cpu / images)
         lines.append(f"training, {method} ({speed.mixed_precision.value}, PGD-{recipe.attack.steps}): "
