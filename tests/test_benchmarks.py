@@ -38,3 +38,26 @@ def test_fixed_batch_is_the_same_every_call(train_throughput):
     first, second = train_throughput.fixed_batch(4), train_throughput.fixed_batch(4)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert first[0].dtype == torch.uint8 and first[0].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("method", ["sglr", "trades"])
+def test_our_step_is_the_trainers(train_throughput, fresh_accelerate, monkeypatch, method):
+    """The benchmark times `sglr_zoo.loop.train_step` itself, not a copy of it, and the attack's share of it."""
+    import sglr_zoo.loop
+
+    real, calls = sglr_zoo.loop.train_step, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sglr_zoo.loop, "train_step", counted)
+    levers = {"mixed_precision": "no", "channels_last": False, "compile": False, "keep_freed_memory": False,
+              "threads": 1, "freeze": False}
+    our_step, resolved = train_throughput.make_our_step("preactresnet_tiny_cifar", levers, method, 4, 1)
+    assert resolved["freeze"] is False and resolved["mixed_precision"] == "no"
+    timings = []
+    our_step(*train_throughput.fixed_batch(4), timings)
+    assert calls == [{"epoch": 1, "lr": 0.01, "freeze": False}]
+    ((attack_s, rest_s),) = timings
+    assert attack_s > 0 and rest_s > 0
