@@ -34,7 +34,7 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.models import unwrap_timm, weights_fingerprint
 from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import STANDARD_EPS, eps_problem, parse_fraction
-from sglr_zoo.results import Provenance, Results, percent
+from sglr_zoo.results import EpsSweep, Provenance, Results, percent
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
            "evaluate", "evaluate_model", "for_evaluation", "format_results", "load_results", "make_autoattack", "save_results"]
@@ -63,6 +63,8 @@ def evaluate(
     autoattack_attacks: Sequence[str] | None = None,
     state_path: str | Path | None = None,
     outcomes_path: str | Path | None = None,
+    eps_sweep: Sequence[Fraction | str] = (),
+    sweep_attack: str = "pgd20",
     device: str | torch.device | None = None,
     bf16_quick: bool = False,
     progress: bool = False,
@@ -77,6 +79,8 @@ def evaluate(
         eps: an exact fraction like "8/255"; defaults to 8/255 (linf) or 1/2 (l2).
         num_classes: the dataset's number of classes; the model's output must match it.
         state_path: AutoAttack's progress is saved here after every batch; a rerun with the same file resumes.
+        eps_sweep: radii at which `sweep_attack` (pgd<steps>, cw<steps> or autoattack) is also run, giving
+            accuracy against eps and the area under it (`EpsSweep`); 0 is clean accuracy, and is added.
         outcomes_path: the per-example outcomes (`sglr_zoo.outcomes.Outcomes`) are written here after each
             attack, so a stopped evaluation keeps the attacks it finished.
         device: defaults to the model's device. The model is moved there and put in eval mode for the
@@ -91,6 +95,7 @@ def evaluate(
     provenance = _provenance(provenance, legacy_provenance)
     labels = _check_inputs(model, images, labels, num_classes)
     eps, quick = _check_options(threat, eps, attacks, batch_size, seed, images[0].numel())
+    sweep_radii = _sweep_radii(threat, eps_sweep, sweep_attack, images[0].numel())
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images, labels = images.cpu(), labels.cpu()
     model.to(device)
@@ -158,13 +163,17 @@ def evaluate(
                                     batch_size=batch_size, device=device, progress=progress), threat, checked),
             "square_vs_white_box": sanity.square_vs_white_box(per_attack),
         }
+        sweep = _eps_sweep(model, images, labels, correct, radii=sweep_radii, attack=sweep_attack, threat=threat,
+                           seed=seed, batch_size=batch_size, device=device, progress=progress,
+                           num_classes=num_classes) if sweep_radii else None
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return Results(
         provenance=provenance, arch=arch, weights_sha256=weights_sha256, threat=threat, eps=_fraction_str(eps),
         n_examples=len(labels), clean_accuracy=_percent(correct), robust_accuracy=robust,
         worst_case_accuracy=_percent(torch.stack(list(flags.values())).all(0)) if flags else None,
         autoattack_per_attack=per_attack, attacks=settings, sanity=checks, seed=seed, device=str(device),
-        versions=_versions(), wall_time_s=time.time() - started, attack_seconds=seconds, created=created)
+        versions=_versions(), wall_time_s=time.time() - started, attack_seconds=seconds, created=created,
+        eps_sweep=sweep)
 
 
 def attack_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str,
@@ -278,6 +287,48 @@ def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Seq
         if spec.steps:
             quick[name] = ("ce" if spec.kind == "pgd" else "cw", spec.steps)
     return value, quick
+
+
+def _sweep_radii(threat: Threat, radii: Sequence[Fraction | str], attack: str, dims: int) -> list[Fraction]:
+    """The sweep's radii, ascending with 0 first; UserError naming --eps-sweep for a bad one."""
+    if not radii:
+        return []
+    try:
+        spec = AttackName.parse(attack)
+        values = sorted({Fraction(0), *(parse_fraction(r) for r in radii)})
+    except ValueError as error:
+        raise UserError(f"--eps-sweep: {error}") from None
+    if spec.kind == "clean":
+        raise UserError("--eps-sweep: clean accuracy does not depend on eps; sweep pgd<steps>, cw<steps> or autoattack")
+    for value in values:
+        if problem := eps_problem(threat, value, dims):
+            raise UserError(f"--eps-sweep: {_fraction_str(value)}: {problem}")
+    return values
+
+
+def _eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, *,
+               radii: list[Fraction], attack: str, threat: Threat, seed: int, batch_size: int, device: torch.device,
+               progress: bool, num_classes: int | None) -> EpsSweep:
+    """Accuracy under `attack` at each radius (the same seed at each), and the trapezoid area under the curve
+    divided by the largest radius."""
+    spec, accuracy = AttackName.parse(attack), []
+    for eps in radii:
+        if eps == 0:
+            flags = correct
+        elif spec.kind == "autoattack":
+            aa = make_autoattack(model, threat=threat, eps=float(eps), seed=seed, device=device,
+                                 num_classes=num_classes)
+            flags, _ = run_autoattack(aa, images, labels, correct, batch_size=batch_size, state_path=None, key={},
+                                      progress=progress)
+        else:
+            torch.manual_seed(seed)
+            flags = _quick_attack(model, images, labels, correct, loss="ce" if spec.kind == "pgd" else "cw",
+                                  steps=spec.steps, threat=threat, eps=eps, batch_size=batch_size, device=device,
+                                  bf16=False, progress=progress, desc=f"{attack} at {_fraction_str(eps)}")
+        accuracy.append(_percent(flags))
+    area = sum((float(b - a)) * (x + y) / 2 for a, b, x, y in zip(radii, radii[1:], accuracy, accuracy[1:]))
+    return EpsSweep(attack, [_fraction_str(eps) for eps in radii], accuracy,
+                    area / float(radii[-1]) if radii[-1] else accuracy[0])
 
 
 def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None

@@ -23,6 +23,8 @@ accuracies are percentages over all n_examples):
     versions            {"python", "torch", "timm", "sglr_zoo", "pyautoattack", "git"}
     wall_time_s         seconds for the whole evaluation; attack_seconds: {"clean" | attack: seconds}
     created             UTC time, ISO 8601
+    eps_sweep           optional (added within schema 3; older readers skip it): {"attack", "eps": [fractions],
+                        "accuracy": [percent], "expected_robustness": percent}, see `EpsSweep`
 
 Older schemas are read, never written: "sglr_zoo.results/2" had no weights_sha256 (read as null, which no check
 can refuse), "sglr_zoo.results/1" also kept the six provenance keys at the top level.
@@ -77,6 +79,18 @@ class AttackStep:
     seconds: float
 
 
+@dataclass(frozen=True)
+class EpsSweep:
+    """Accuracy under one attack at each radius (eps as exact fraction strings, ascending, "0" = clean), and the
+    area under that curve divided by the largest radius: the mean accuracy over [0, eps max] ("expected
+    robustness"), in percent."""
+
+    attack: str
+    eps: list[str]
+    accuracy: list[float]
+    expected_robustness: float
+
+
 @dataclass(kw_only=True)
 class Results:
     """Clean and robust accuracy of one model on one set of examples, with everything needed to trust them."""
@@ -99,6 +113,7 @@ class Results:
     wall_time_s: float
     attack_seconds: dict[str, float] = field(default_factory=dict)
     created: str
+    eps_sweep: EpsSweep | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the current schema."""
@@ -141,6 +156,7 @@ class Results:
             wall_time_s=read.number("wall_time_s"),
             attack_seconds=read.mapping("attack_seconds", _Reader.number),
             created=read.text("created"),
+            eps_sweep=_read_eps_sweep(read, where),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -190,6 +206,20 @@ class Results:
 
 
 _PROVENANCE_KEYS = tuple(f.name for f in fields(Provenance))
+
+
+def _read_eps_sweep(read: _Reader, where: str) -> EpsSweep | None:
+    """The optional eps sweep (a later addition to schema 3: older files have none, older readers skip it)."""
+    if read.data.get("eps_sweep") is None:
+        return None
+    sweep = read.nested("eps_sweep")
+    eps = sweep.value("eps", lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
+                      "a list of fractions", False)
+    accuracy = sweep.value("accuracy", lambda v: isinstance(v, list) and all(_is_number(a) and 0 <= a <= 100
+                                                                             for a in v), "a list of percentages", False)
+    if len(eps) != len(accuracy):
+        raise UserError(f"{where}: eps_sweep has {len(eps)} radii and {len(accuracy)} accuracies")
+    return EpsSweep(sweep.text("attack"), eps, [float(a) for a in accuracy], sweep.percent("expected_robustness"))
 
 
 def percent(count: int, total: int) -> float:

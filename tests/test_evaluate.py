@@ -647,3 +647,29 @@ def test_channels_last_model_gives_the_same_results():
                    autoattack_attacks=["apgd-ce", "apgd-t"])
     assert ev.evaluate(converted, x.detach(), y, **options).robust_accuracy == \
         ev.evaluate(model, x.detach(), y, **options).robust_accuracy
+
+
+def test_eps_sweep_falls_to_zero_and_its_area_is_the_mean_accuracy():
+    """Accuracy against eps under PGD on the affine model: clean at 0, never below the exact robust accuracy, 0 at
+    a large one; the expected robustness is the trapezoid area over the largest radius; it reads back from JSON."""
+    model = LinearNet()
+    x, y = _data(model)
+    results = ev.evaluate(model, x, y, attacks=["clean"], eps_sweep=["64/255", "1/510", "1/255"], sweep_attack="pgd20")
+    sweep, a = results.eps_sweep, results.eps_sweep.accuracy
+    assert sweep.eps == ["0", "1/510", "1/255", "64/255"] and sweep.attack == "pgd20"
+    exact = [100 * exact_robust(model, x, y, eps).float().mean().item() for eps in (1 / 510, 1 / 255)]
+    assert a[0] == results.clean_accuracy == 75.0 and a[3] == 0
+    assert a[1] >= exact[0] and a[2] == pytest.approx(exact[1])  # never below the exact value; at 1/255 PGD-20 finds it
+    assert a[0] > a[1] > a[2] >= a[3]
+    assert sweep.expected_robustness == pytest.approx((a[0] + 2 * a[1] + 127 * a[2] + 126 * a[3]) / 4 / 64)
+    assert Results.from_dict(json.loads(json.dumps(results.to_dict()))).eps_sweep == sweep
+
+
+@pytest.mark.parametrize("radii, attack, message", [
+    (["2/255", "x"], "pgd5", "--eps-sweep: "), (["2"], "pgd5", "--eps-sweep: 2: "), (["1/255"], "clean", "clean"),
+    (["1/255"], "fgsm", "unknown attack 'fgsm'")])
+def test_bad_eps_sweeps_are_one_line(radii, attack, message):
+    model = create_model("preactresnet_tiny_cifar", 10).eval()
+    with pytest.raises(UserError, match=message):
+        ev.evaluate(model, torch.rand(2, 3, 32, 32), torch.arange(2), attacks=["clean"], eps_sweep=radii,
+                    sweep_attack=attack)

@@ -84,3 +84,11 @@ def test_a_stopped_evaluation_keeps_the_attacks_it_finished(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, images, labels, attacks=["clean", "pgd1", "autoattack"], outcomes_path=path)
     assert list(Outcomes.load(path).correct) == ["clean", "pgd1"]
+
+
+def test_eps_sweep_png_is_a_picture():
+    from sglr_zoo.plots import eps_sweep_png
+    from sglr_zoo.results import EpsSweep
+
+    png = eps_sweep_png(EpsSweep("pgd20", ["0", "2/255", "8/255"], [80.0, 60.0, 40.0], 55.0), "model")
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
