@@ -1,10 +1,15 @@
 """Adversarial training on Accelerate, one linear loop: data -> model -> objective -> optimizer -> prepare -> epochs.
 
 Run it with `sglr-zoo train RECIPE` or `accelerate launch train.py RECIPE`. The run directory gets the resolved
-recipe, `run.json`, `metrics.csv`, `curves.png`, atomic per-epoch checkpoints (`checkpoints/epoch_NNNN`,
+recipe (written once, at the start: a run never changes its recipe), a budgeted run's plans (`plans.json`, see
+sglr_zoo.budget), `run.json`, `metrics.csv`, `curves.png`, atomic per-epoch checkpoints (`checkpoints/epoch_NNNN`,
 resumed with `run.resume: auto`), and `best/` (by validation PGD accuracy) and `last/` model exports. After the
 last epoch the exports and run.json are written, the process group ends, and the main process alone evaluates
 the exports (`results.json` beside each), so a long AutoAttack never runs into the process group's timeout.
+
+The step and the epoch are sglr_zoo.loop's (`train_step`, `train_one_epoch`); the time budget's re-planning and the
+sharing of CPU threads are loop callbacks. The run's process-wide settings (threads, cuDNN's flag, malloc) are
+restored when train() returns or raises.
 
 A run that `run.max_steps` stops inside an epoch is checkpointed there, with its position in the epoch; continuing
 it trains exactly the remaining steps, bit for bit as an uninterrupted run: an epoch's data order depends on the
