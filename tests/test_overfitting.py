@@ -117,6 +117,22 @@ def _summary(method: str, seed: int, best: float, last: float, gap: float, autoa
                                        "test_pgd10_acc": 30.0}])
 
 
+def test_the_plan_stage_times_the_trainers_step(tmp_path, monkeypatch, capsys, fresh_accelerate):
+    """`--stage plan` times `sglr_zoo.loop.train_step` (no run.max_steps trick), also where the data has fewer
+    batches than the steps it times."""
+    import sglr_zoo.loop
+
+    steps = []
+    real = sglr_zoo.loop.train_step
+    monkeypatch.setattr(sglr_zoo.loop, "train_step", lambda *args, **kwargs: steps.append(kwargs) or real(*args, **kwargs))
+    monkeypatch.setenv("SGLR_ZOO_DATA", str(tmp_path))
+    write_parquet_dataset(tmp_path / "cifar10")
+    driver.main(["--stage", "plan", "--scale", "toy", "--out", str(tmp_path / "runs"), "--methods", "pgd_at", "sglr",
+                 "--seeds", "0"])
+    assert len(steps) == 2 * 4 and all(step["epoch"] == 1 for step in steps)  # a warm-up and 3 timed, per method
+    assert "training, sglr" in capsys.readouterr().out and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(("sglr", "verdicts"), [
     ((41, 39, 15, 34), ["holds", "holds", "holds"]),  # drop 2 <= 10 / 2, gap 15 <= 40 / 2, AutoAttack 34 >= 33
     ((41, 35, 25, 32), ["does not hold"] * 3),  # drop 6 > 5, gap 25 > 20, AutoAttack 32 < 33

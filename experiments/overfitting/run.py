@@ -26,6 +26,7 @@ by default ../shared/datasets beside the repository.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -262,7 +263,7 @@ def plan(driver: Driver) -> str:
         loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=recipe.run.batch_size,
                                              shuffle=True)
         parts = StepParts(model, model, objective, optimizer, accelerator, recipe, memory_format)
-        batches = iter(loader)
+        batches = itertools.cycle(loader)  # a toy scale's data has fewer batches than the steps timed
         finetune.set_train_mode(model)
         for steps in (1, timed_steps):  # a warm-up step, then the timed ones
             cost = _time(lambda: [train_step(parts, *next(batches), epoch=1, lr=recipe.optim.lr)
