@@ -103,8 +103,8 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from sglr_zoo.hub import push, push_zoo
-    from sglr_zoo.zoo import ZOO
+    from sglr_zoo.bundle import published_entry, push_zoo
+    from sglr_zoo.push import push
 
     def announce(line: str) -> None:
         print(line, flush=True)  # before the upload starts
@@ -135,12 +135,13 @@ def _push(args: argparse.Namespace) -> None:
     if args.zoo and not args.dry_run:
         print("\nfor sglr_zoo.load(NAME) to prefer these Hub copies, set in sglr_zoo/zoo.py:")
         for name, repo_id, upload in uploads:
-            moved = f", repo_id={repo_id!r}" if repo_id != ZOO[name].repo_id else ""
-            print(f"  {name}: published=True, revision={upload.commit!r}{moved}")
+            print(f"  {published_entry(name, repo_id, upload)}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sglr_zoo.hub import bundle, export_folder, write_zoo_cards
+    from sglr_zoo.bundle import bundle
+    from sglr_zoo.cards import write_zoo_cards
+    from sglr_zoo.export import export_folder
 
     if args.zoo_entry:
         if args.zoo_cards or args.repo_id:
@@ -153,8 +154,7 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {made.folder}:")
         for path, size in made.files:
             print(f"  {size:>12,d}  {path}")
-        print(f"zoo table (sglr_zoo/zoo.py), entry {made.name}: bundle={made.folder.name!r}, sha256={made.sha256!r}, "
-              f"config_sha256={made.config_sha256!r}")
+        print(made.table_entry())
         return
     if args.check_results:
         raise UserError("--check-results goes with --zoo-entry NAME")
@@ -172,7 +172,7 @@ def _export(args: argparse.Namespace) -> None:
 def _export_robustbench(args: argparse.Namespace) -> None:
     import json
 
-    from sglr_zoo.hub import export_robustbench
+    from sglr_zoo.export import export_robustbench
 
     entry = export_robustbench(args.run_or_folder, args.out, which=args.which, results=args.results)
     print(f"wrote {args.out}" if args.out else json.dumps(entry, indent=2))

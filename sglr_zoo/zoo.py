@@ -335,7 +335,7 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
             raise UserError(f"{repo_id} has no revision {revision!r}") from None
         except HfHubHTTPError as error:
             raise UserError(f"Hub request for {where} failed: {error}") from None
-        except _network_errors():
+        except network_errors():
             remote = None  # unreachable: fall back to the local cache below
     if remote is not None:
         if WEIGHTS_NAME not in remote:
@@ -357,7 +357,7 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
         raise UserError(f"cannot download {where}: {error}") from None
     except HfHubHTTPError as error:
         raise UserError(f"cannot download {where}: {error}") from None
-    except _network_errors() as error:
+    except network_errors() as error:
         raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable "
                              f"({error})") from None
     weights = Path(files[1])
@@ -383,7 +383,7 @@ def _git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """Connection failures: OSError covers huggingface_hub's offline errors; plus the HTTP client's own."""
     errors: list[type[BaseException]] = [OSError]
     for client in ("httpx2", "httpx", "requests"):

@@ -23,12 +23,14 @@ from safetensors.torch import load_file
 
 import sglr_zoo
 from sglr_zoo import cli
+from sglr_zoo.cards import write_zoo_cards
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate
-from sglr_zoo.hub import collect, export_folder, export_robustbench, robustbench_entry, write_zoo_cards
+from sglr_zoo.export import export_folder, export_robustbench, robustbench_entry
 from sglr_zoo.models import Normalized, create_model, load_pretrained, save_pretrained, weights_fingerprint
 from sglr_zoo.recipe import Recipe, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, SanityCheck
+from sglr_zoo.source import collect
 from sglr_zoo.zoo import ZOO, list_models, lookup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +200,7 @@ def test_card_flags_failed_sanity_checks(run_dir, tmp_path):
 
 def test_card_template_ships_with_the_package():
     """The card's text is a Jinja file inside the package, declared as package data so an install has it."""
-    from sglr_zoo.hub import CARD_TEMPLATE
+    from sglr_zoo.cards import CARD_TEMPLATE
 
     assert CARD_TEMPLATE.is_file() and CARD_TEMPLATE.parent.parent == Path(sglr_zoo.__file__).parent
     section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
@@ -432,3 +434,27 @@ def test_push_then_load_back(hub, hub_client, run_dir):
     assert repo.commits[repo.refs["dev"]]["model.safetensors"] == (run_dir / "last" / "model.safetensors").read_bytes()
     assert "refs/pr/1" in repo.refs
     assert not any(str(run_dir.parent).encode() in content for content in main.values())
+
+
+def test_hub_names_keep_working_from_their_new_modules():
+    """sglr_zoo.hub was split (source, cards, export, push, bundle); every name it held still imports from it,
+    with a DeprecationWarning naming its new home."""
+    import importlib
+
+    from sglr_zoo import hub
+
+    with pytest.warns(DeprecationWarning, match="sglr_zoo.hub.export_folder is deprecated: import it from "
+                                                "sglr_zoo.export"):
+        from sglr_zoo.hub import export_folder as moved
+    assert moved is export_folder
+    homes = {"ModelSource": "source", "render_card": "cards", "robustbench_entry": "export", "Upload": "push",
+             "push_zoo": "bundle", "MAX_BUNDLE_MB": "bundle", "PAPER_EPOCHS": "cards"}
+    assert set(homes) <= set(hub.__all__)
+    for name in hub.__all__:
+        with pytest.warns(DeprecationWarning, match=f"sglr_zoo.hub.{name} is deprecated: import it from sglr_zoo"):
+            getattr(hub, name)
+    for name, home in homes.items():
+        with pytest.warns(DeprecationWarning, match=f"import it from sglr_zoo.{home}$"):
+            assert getattr(hub, name) is getattr(importlib.import_module(f"sglr_zoo.{home}"), name)
+    with pytest.raises(AttributeError):
+        hub.no_such_name  # noqa: B018

@@ -487,7 +487,7 @@ def test_full_disk_while_importing_is_one_line(tmp_path, monkeypatch):
 
 
 def test_card_of_an_import_names_its_source(tmp_path):
-    from sglr_zoo.hub import export_folder
+    from sglr_zoo.export import export_folder
 
     path = _write("plain", KLResNet(**TINY), tmp_path)
     folder = save_imported(import_checkpoint(path, "resnet_tiny_cifar", "cifar10"), tmp_path / "imported",

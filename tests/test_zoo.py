@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import sglr_zoo
-from sglr_zoo import cli, hub, zoo
+from sglr_zoo import bundle, cards, cli, source, zoo
 from sglr_zoo.data import load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate_model
@@ -97,9 +97,9 @@ def table(tmp_path, monkeypatch) -> dict[str, ZooEntry]:
 
 
 @pytest.fixture()
-def bundled(evaluated, table, monkeypatch) -> hub.Bundle:
+def bundled(evaluated, table, monkeypatch) -> bundle.Bundle:
     """ENTRY bundled from the evaluated run, its sha256s in the table."""
-    made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    made = bundle.bundle(evaluated.run, NAME, check_results=evaluated.check)
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256, config_sha256=made.config_sha256))
     return made
 
@@ -135,7 +135,7 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
     card = (folder / "README.md").read_text()
     assert f'sglr_zoo.load("{NAME}")' in card and f"hf-hub:{ENTRY.repo_id}" in card and "float16" not in card
     # The folder needs nothing else: its card renders the same from the folder alone, and names no local path.
-    assert str(hub.render_card(hub.collect(folder), repo_id=ENTRY.repo_id, name=NAME)) == card
+    assert str(cards.render_card(source.collect(folder), repo_id=ENTRY.repo_id, name=NAME)) == card
     for path in folder.iterdir():
         if path.suffix in (".md", ".json", ".yaml", ".csv"):
             assert str(evaluated.run.parent) not in path.read_text(), path.name
@@ -217,7 +217,7 @@ def test_bundle_and_push_give_both_sha256s_for_the_table(bundled):
     """What `export --zoo-entry` and `push` return carries the two sha256s a table entry pins."""
     config = hashlib.sha256((bundled.folder / "config.json").read_bytes()).hexdigest()
     assert bundled.config_sha256 == config
-    ((name, _, upload),) = hub.push_zoo("testorg", dry_run=True, announce=lambda line: None)
+    ((name, _, upload),) = bundle.push_zoo("testorg", dry_run=True, announce=lambda line: None)
     assert (name, upload.sha256, upload.config_sha256) == (NAME, bundled.sha256, config)
 
 
@@ -243,7 +243,7 @@ def test_malformed_hub_ids_are_one_line(name, tmp_path, monkeypatch, capsys):
 def test_fp16_bundle(evaluated, table, monkeypatch):
     from safetensors import safe_open
 
-    made = hub.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
+    made = bundle.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256, config_sha256=made.config_sha256))
     source = evaluated.run / "best" / "model.safetensors"
     with safe_open(str(made.folder / "model.safetensors"), framework="pt") as f:
@@ -293,7 +293,7 @@ def test_bundle_refuses(case, evaluated, table, tmp_path):
     arguments = {"run_or_folder": evaluated.run, "name": NAME, "check_results": evaluated.check,
                  **change(evaluated, tmp_path)}
     with pytest.raises(UserError, match=message):
-        hub.bundle(**arguments)
+        bundle.bundle(**arguments)
     assert not (zoo.BUNDLED / NAME).exists()
 
 
@@ -301,19 +301,19 @@ def test_bundle_refuses_what_the_table_does_not_say(evaluated, table, monkeypatc
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, arch="preactresnet18_cifar"))
     with pytest.raises(UserError, match="the zoo table says arch 'preactresnet18_cifar', but .* has "
                                         f"'{ARCH}'"):
-        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+        bundle.bundle(evaluated.run, NAME, check_results=evaluated.check)
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, method="pgd_at"))
     with pytest.raises(UserError, match="says method 'pgd_at', but .* has 'sglr'"):
-        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+        bundle.bundle(evaluated.run, NAME, check_results=evaluated.check)
     monkeypatch.setitem(ZOO, NAME, ENTRY)
-    monkeypatch.setattr(hub, "MAX_BUNDLE_MB", 0.01)
+    monkeypatch.setattr(bundle, "MAX_BUNDLE_MB", 0.01)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
     assert exit_info.value.code == 2 and "MiB a bundled entry may commit; pass --fp16" in capsys.readouterr().err
-    monkeypatch.setattr(hub, "MAX_BUNDLE_MB", 5)
-    hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+    monkeypatch.setattr(bundle, "MAX_BUNDLE_MB", 5)
+    bundle.bundle(evaluated.run, NAME, check_results=evaluated.check)
     with pytest.raises(UserError, match="not an empty folder"):  # re-bundling needs the old folder removed
-        hub.bundle(evaluated.run, NAME, check_results=evaluated.check)
+        bundle.bundle(evaluated.run, NAME, check_results=evaluated.check)
 
 
 def test_list_shows_the_bundled_numbers(bundled, capsys):
@@ -452,11 +452,11 @@ def test_real_bundle_is_intact(name, tmp_path, monkeypatch):
     results = entry.results
     assert results is not None and results.arch == entry.arch and "autoattack" in results.robust_accuracy
     assert _card_numbers(entry.folder / "README.md") == _results_numbers(results)
-    hub._check_results(entry.folder / CHECK_RESULTS, results)
+    bundle.load_check_results(entry.folder / CHECK_RESULTS, results)
     parts = name.split("-")
     assert METHOD_TAGS[entry.method] in parts and {"cifar10": "c10", "cifar100": "c100"}[entry.dataset] in parts
     recipe = load_recipe(entry.folder / "recipe.yaml")
-    if recipe.schedule.epochs < hub.PAPER_EPOCHS or recipe.data.n_train is not None:  # a reduced scale, named
+    if recipe.schedule.epochs < cards.PAPER_EPOCHS or recipe.data.n_train is not None:  # a reduced scale, named
         scale = entry.repo_id.split(".", 1)[1].split("_")[3:]  # the tag's parts after method, threat, dataset
         assert scale and set(scale) <= set(parts), f"{name} / {entry.repo_id}: name the scale, e.g. -cpu"
 
