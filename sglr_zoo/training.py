@@ -330,7 +330,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     checksums = replica_checksums(accelerator, plain, objective)
     if accelerator.is_main_process:
         export(plain, run, "last", splits.train.class_names)
-        _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict())
+        _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict(),
+                        plans=plans.to_list())
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
                            "last/ holds the main process's")

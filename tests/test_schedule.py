@@ -199,6 +199,7 @@ def test_budget_run_is_repeated_by_its_plans(tmp_path, tiny_dataset, fresh_accel
     assert planned and planned[0].final_s > 0 and planned[0].monitor_s > 0
     assert load_recipe(run_dir / "recipe.yaml").to_dict() == recipe.to_dict()  # the budget, as given
     assert plans_of(run_dir) == [Plan(made_at=0, epochs=2, steps=6, start_epoch=1)]
+    assert json.loads((run_dir / "run.json").read_text())["plans"] == Plans(plans_of(run_dir), 4).to_list()
     assert_finished(run_dir, 6, 2)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
