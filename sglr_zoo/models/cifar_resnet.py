@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,14 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
+from sglr_zoo.models.layers import (
+    LAYER_TO_STAGE,
+    LINEAR_TO_FC,
+    ClassifierHead,
+    InputNormalization,
+    cifar_cfg,
+    rename_keys,
+)
 
 
 class BasicBlock(nn.Module):
@@ -65,11 +71,7 @@ class CifarResNet(ClassifierHead, nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CifarResNet) -> dict[str, torch.Tensor]:
     """Renames the common PyTorch CIFAR ResNet layout (`layerN.M...`, `linear`: kuangliu's pytorch-cifar, the
     SGLR authors' code, RobustBench's ResNet18) to ours; our own layout passes unchanged."""
-    renamed = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
-        renamed[re.sub(r"^linear\.", "fc.", key)] = value
-    return renamed
+    return rename_keys(state_dict, [LAYER_TO_STAGE, LINEAR_TO_FC])
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +69,22 @@ def cifar_cfg(pool_size: tuple[int, int]) -> dict:
         "interpolation": "bilinear", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "first_conv": "conv1",
         "classifier": "fc",
     }
+
+
+Rule = tuple[str, str | Callable[[re.Match], str]]  # (pattern, replacement) for re.sub on a state-dict key
+LAYER_TO_STAGE: Rule = (r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.")  # layerN. (from 1) -> stages.N-1.
+LINEAR_TO_FC: Rule = (r"^linear\.", "fc.")
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], rules: Sequence[Rule], drop: tuple[str, ...] = ()
+                ) -> dict[str, torch.Tensor]:
+    """A family's `checkpoint_filter_fn` (timm's hook): every key rewritten by `rules` in order; keys starting with
+    a `drop` prefix (weights no forward pass uses) are left out."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith(drop):
+            continue
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed

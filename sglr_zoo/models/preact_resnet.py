@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,14 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
+from sglr_zoo.models.layers import (
+    LAYER_TO_STAGE,
+    LINEAR_TO_FC,
+    ClassifierHead,
+    InputNormalization,
+    cifar_cfg,
+    rename_keys,
+)
 
 
 class PreActBlock(nn.Module):
@@ -72,12 +78,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PreActResNe
     Only layouts with the final `bn` and a shortcut on the pre-activated input compute what ours computes;
     RobustBench's default PreActResNet (no final `bn`) fails the strict load on the missing `bn.weight`.
     """
-    renamed = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
-        key = re.sub(r"\.shortcut\.0\.", ".shortcut.", key)
-        renamed[re.sub(r"^linear\.", "fc.", key)] = value
-    return renamed
+    return rename_keys(state_dict, [LAYER_TO_STAGE, (r"\.shortcut\.0\.", ".shortcut."), LINEAR_TO_FC])
 
 
 def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs) -> PreActResNet:

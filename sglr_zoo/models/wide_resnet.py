@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg
+from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg, rename_keys
 
 
 class WideBasicBlock(nn.Module):
@@ -81,14 +80,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: WideResNet)
 
     `sub_block1` weights are dropped: TRADES-era checkpoints carry this block but no forward pass uses it.
     """
-    renamed = {}
-    for key, value in state_dict.items():
-        if key.startswith("sub_block1."):
-            continue
-        key = re.sub(r"^block(\d+)\.layer\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
-        key = re.sub(r"\.convShortcut\.", ".shortcut.", key)
-        renamed[re.sub(r"^bn1\.", "bn.", key)] = value
-    return renamed
+    rules = [(r"^block(\d+)\.layer\.", lambda m: f"stages.{int(m.group(1)) - 1}."), (r"\.convShortcut\.", ".shortcut."),
+             (r"^bn1\.", "bn.")]
+    return rename_keys(state_dict, rules, drop=("sub_block1.",))
 
 
 def _create_wide_resnet(variant: str, pretrained: bool = False, **kwargs) -> WideResNet:
