@@ -48,6 +48,19 @@ MEASURED_DEFAULTS = {
 }
 PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False, "cudnn_benchmark": False}
 
+MOVED = {"ThreadClaims", "ThreadSharing", "claims_folder", "CLAIM_MAX_AGE_S"}  # to sglr_zoo.threads
+
+
+def __getattr__(name: str) -> Any:
+    """`hardware.ThreadClaims` and its helpers moved to sglr_zoo.threads: still found here, with a warning."""
+    if name not in MOVED:
+        raise AttributeError(f"module 'sglr_zoo.hardware' has no attribute {name!r}")
+    from sglr_zoo import threads  # imports this module: only when asked
+
+    warnings.warn(f"sglr_zoo.hardware.{name} is deprecated: import it from sglr_zoo.threads", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(threads, name)
+
 
 @dataclass(frozen=True)
 class Choice:

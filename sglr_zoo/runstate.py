@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 
 from sglr_zoo.checkpoint import STATE
+from sglr_zoo.data import ImageSet
 from sglr_zoo.monitoring import MONITOR_COLUMN, TRAIN_COLUMNS
 from sglr_zoo.schedule import Plan
 
@@ -56,6 +59,14 @@ class RunState:
         self.best_epoch, self.best_val_pgd = state["best_epoch"], float(state["best_val_pgd"])
         self.epoch_sums, self.history, self.data_sha256 = dict(sums), list(history), sha256
         self.plans = list(state["plans"])
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """sha256 of a split's class names, images and labels: a resumed run checks that it trains on the same data."""
+    digest = hashlib.sha256(json.dumps([data.class_names, list(data.images.shape)]).encode())
+    for tensor in (data.images, data.labels):
+        digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def _is_count(value: object) -> bool:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
+import importlib
 import importlib.util
 import json
 import math
 import os
 import subprocess
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from sglr_zoo import finetune, hardware
 from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (FINAL_SANITY_PASSES: experiments/ read it here)
 from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.checkpoint import _refuse_if_finished as refuse_if_finished
-from sglr_zoo.data import ImageSet, IndexedDataset, Splits, load_splits, to_float
+from sglr_zoo.data import IndexedDataset, Splits, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, for_evaluation
 from sglr_zoo.files import WriteFailed, refuse_link, write_atomic
@@ -62,10 +63,20 @@ from sglr_zoo.objectives import build_objective
 from sglr_zoo.recipe import Recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.rundir import ModelFolder, RunDir
-from sglr_zoo.runstate import RunState
+from sglr_zoo.runstate import RunState, data_fingerprint
 from sglr_zoo.threads import ThreadClaims, ThreadSharing
 
 TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
+MOVED = {"lr_factor": "sglr_zoo.schedule", "median_step_seconds": "sglr_zoo.budget", "REPLAN_EVERY": "sglr_zoo.budget"}
+
+
+def __getattr__(name: str) -> object:
+    """Names that moved out of this module: still found here, with a warning naming their home."""
+    if name not in MOVED:
+        raise AttributeError(f"module 'sglr_zoo.training' has no attribute {name!r}")
+    warnings.warn(f"sglr_zoo.training.{name} is deprecated: import it from {MOVED[name]}", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(MOVED[name]), name)
 
 
 def _git_commit() -> str | None:
@@ -119,14 +130,6 @@ def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) ->
         raise WriteFailed(folder, error) from error
     except SafetensorError as error:  # safetensors' own I/O errors, e.g. "No space left on device (os error 28)"
         raise UserError(f"could not write {folder}: {error}") from error
-
-
-def data_fingerprint(data: ImageSet) -> str:
-    """sha256 of a split's class names, images and labels: a resumed run checks that it trains on the same data."""
-    digest = hashlib.sha256(json.dumps([data.class_names, list(data.images.shape)]).encode())
-    for tensor in (data.images, data.labels):
-        digest.update(tensor.contiguous().numpy())
-    return digest.hexdigest()
 
 
 def _process_group_options() -> dict[str, timedelta]:

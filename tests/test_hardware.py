@@ -628,3 +628,8 @@ def test_cpu_times_count_the_cpus_this_process_may_use(monkeypatch, affinity, ti
     monkeypatch.setattr(hardware, "open", lambda path: io.StringIO(PROC_STAT), raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
     assert hardware._cpu_times() == ticks
+
+
+def test_thread_claims_moved_to_threads_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="import it from sglr_zoo.threads"):
+        assert hardware.ThreadClaims is ThreadClaims

@@ -905,3 +905,10 @@ def test_quickstart_recipe_runs(tmp_path, tiny_dataset):
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # 64 images at batch 128: one step an epoch
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert (run_dir / "last" / "model.safetensors").is_file()
+
+
+def test_names_that_moved_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="import it from sglr_zoo.schedule"):
+        assert training.lr_factor is lr_factor
+    with pytest.raises(AttributeError):
+        training.no_such_name  # noqa: B018
