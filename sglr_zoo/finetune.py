@@ -71,7 +71,7 @@ class Backbone(NamedTuple):
     folder: Path
     config: dict[str, Any]
     sha256: str
-    stamp: tuple[tuple[int, int, int], ...]  # the files' (inode, size, mtime) when they were read
+    stamp: tuple[tuple[int, int, int], ...] | None  # the files' (inode, size, mtime) when they were read
 
 
 _located: dict[str, Backbone] = {}  # by `backbone_id`: a run locates (one Hub request) and hashes its backbone once
@@ -81,7 +81,7 @@ def locate_backbone(name: str) -> Backbone:
     """The backbone `name` (what `backbone_id` returns) located, checked (`check_model_folder`) and hashed; kept
     for the process while its files are unchanged, so that resolving a recipe again asks the Hub nothing."""
     known = _located.get(name)
-    if known is not None and known.stamp == _stamp(known.folder):
+    if known is not None and known.stamp is not None and known.stamp == _stamp(known.folder):
         return known
     folder = Path(locate(name).removeprefix("local-dir:"))
     stamp = _stamp(folder)
@@ -90,9 +90,13 @@ def locate_backbone(name: str) -> Backbone:
     return _located[name]
 
 
-def _stamp(folder: Path) -> tuple[tuple[int, int, int], ...]:
-    files = (ModelFolder(folder).config, ModelFolder(folder).weights)
-    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files))
+def _stamp(folder: Path) -> tuple[tuple[int, int, int], ...] | None:
+    """The config's and weights' (inode, size, mtime): what tells a changed file; None when one is gone."""
+    try:
+        stats = [os.stat(path) for path in (ModelFolder(folder).config, ModelFolder(folder).weights)]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 def resolve(recipe: Recipe) -> Path | None:

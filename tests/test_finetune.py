@@ -383,3 +383,7 @@ def test_a_run_locates_its_backbone_once(backbone, tmp_path, monkeypatch):
     save_file(load_file(str(folder / "model.safetensors")), str(folder / "model.safetensors"))  # rewritten
     resolve(from_dict(finetune_cfg(folder)))
     assert len(calls) == 2
+    shutil.rmtree(folder)  # gone: located again, and named
+    with pytest.raises(UserError, match="is not a model folder"):
+        resolve(from_dict(finetune_cfg(folder)))
+    assert len(calls) == 3
