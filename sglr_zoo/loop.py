@@ -89,7 +89,8 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
         attack = recipe.attack
         x_adv = pgd(parts.unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps),
                     step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
-                    loss=parts.objective.attack_loss, mode=attack.model_mode, freeze=freeze)
+                    loss=parts.objective.attack_loss, mode=attack.model_mode, freeze=freeze, noise=attack.noise,
+                    project=attack.project)
         attacked = time.perf_counter()
         out = parts.objective(parts.model, x, x_adv, labels, index, epoch)
     loss = out["loss"]

@@ -131,12 +131,15 @@ class AttackConfig:
     step_size: Fraction = Fraction(2, 255)
     steps: int = 10
     random_start: bool = True
+    noise: float = 1.0  # the random start's radius in multiples of eps (N-FGSM: 2)
+    project: bool = True  # keep each step inside the eps-ball (false: N-FGSM, whose step may leave it)
     model_mode: Literal["eval", "train"] = "eval"  # BatchNorm mode while attacking
 
     def __post_init__(self) -> None:
         _check(self.eps >= 0, "eps", "must be >= 0")
         _check(self.step_size > 0, "step_size", "must be > 0")
         _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(0 < self.noise <= 16, "noise", "must be in (0, 16]: multiples of eps (1 = the eps-ball; N-FGSM: 2)")
 
 
 @dataclass

@@ -912,3 +912,19 @@ def test_names_that_moved_still_work_with_a_warning():
         assert training.lr_factor is lr_factor
     with pytest.raises(AttributeError):
         training.no_such_name  # noqa: B018
+
+
+def test_nfgsm_recipe_reaches_the_training_attack(tmp_path, tiny_dataset, monkeypatch):
+    """attack.noise and attack.project (N-FGSM: 2 and false) are what the training attack runs with."""
+    from sglr_zoo import loop
+
+    seen, pgd = [], loop.pgd
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["noise"], kwargs["project"], kwargs["step_size"], kwargs["steps"]))
+        return pgd(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "pgd", recording)
+    run_train(make_recipe(TINY, tiny_dataset, tmp_path, "run.max_steps=1", "attack.noise=2", "attack.project=false",
+                          "attack.step_size=8/255"))
+    assert seen == [(2.0, False, 8 / 255, 1)]
