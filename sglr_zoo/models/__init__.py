@@ -32,7 +32,7 @@ from sglr_zoo.rundir import ModelFolder
 
 __all__ = ["InputNormalization", "Normalized", "check_model_folder", "check_normalization", "check_regular",
            "check_weights_file", "create_model", "input_normalization", "is_sglr_arch", "load_pretrained", "load_weights", "read_config",
-           "register_locator", "save_pretrained", "sha256_of", "unwrap_timm", "weights_fingerprint"]
+           "register_locator", "save_pretrained", "sha256_of", "taking_pixels", "unwrap_timm", "weights_fingerprint"]
 IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 WEIGHTS_LIMIT = 8 * GiB  # a weights or checkpoint file: a WRN-70-16 with its optimiser state is about 3 GiB
 _locators: list[Callable[[str], str]] = []  # sglr_zoo.zoo.locate, once the zoo is imported
@@ -79,9 +79,14 @@ def create_model(
                                   **(dict(kwargs, mean=mean, std=std) if ours else kwargs))
     except TypeError as error:
         raise UserError(f"model.kwargs {kwargs}: {arch} does not take them ({error})") from None
-    if not ours and mean is not None:
-        model = Normalized(model, mean, std)
-    return model
+    return taking_pixels(model, arch, None if mean is None else (mean, std))
+
+
+def taking_pixels(model: nn.Module, arch: str, normalization: tuple[Sequence[float], Sequence[float] | None] | None
+                  ) -> nn.Module:
+    """`model` as it takes [0, 1] images, given the input `normalization` (mean, std) it expects: our architectures
+    apply it inside (they are built with it), a stock timm model is wrapped in `Normalized`."""
+    return model if normalization is None or is_sglr_arch(arch) else Normalized(model, *normalization)
 
 
 def unwrap_timm(model: nn.Module) -> nn.Module:
@@ -170,8 +175,7 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
                         f"{_first_problem(error)}") from None
     if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
         model.reset_classifier(num_classes)
-    if not is_sglr_arch(config["architecture"]) and (normalization := input_normalization(config)):
-        model = Normalized(model, *normalization)  # ours normalise inside (model_args); a stock model is wrapped
+    model = taking_pixels(model, config["architecture"], input_normalization(config))
     return model.eval() if eval_mode else model
 
 
