@@ -369,6 +369,8 @@ def test_create_model_from_a_state_dict_file_and_load_weights_deprecated(tmp_pat
     x = torch.rand(2, 3, 32, 32)
     tuned = create_model("resnet_tiny_cifar", 5, pretrained=str(tmp_path / "w.safetensors"))
     assert tuned.training and torch.equal(tuned.eval()(x), source(x))
+    folder = save_pretrained(source, tmp_path / "model")
+    assert torch.equal(create_model("resnet_tiny_cifar", 5, pretrained=folder).eval()(x), source(x))  # a Path
     with pytest.warns(DeprecationWarning, match=r"sglr_zoo.load\(arch, weights=file, num_classes=n\)"):
         loaded = load_weights("resnet_tiny_cifar", tmp_path / "w.safetensors", 5)
     assert not loaded.training and torch.equal(loaded(x), source(x))

@@ -140,7 +140,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, label_names: list[s
     return folder.root
 
 
-def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module:
+def load_pretrained(name: str | Path, *, eval_mode: bool = True, **kwargs) -> nn.Module:
     """Loads a model folder strictly from safetensors, taking [0, 1] inputs: the one loader every other path
     (`create_model(pretrained=...)`, `sglr_zoo.load`, fine-tuning) ends in.
 
@@ -154,6 +154,7 @@ def load_pretrained(name: str, *, eval_mode: bool = True, **kwargs) -> nn.Module
     """
     from safetensors.torch import load_file
 
+    name = str(name)
     if not name.startswith("local-dir:"):
         if not _locators:
             raise UserError(f"cannot load {name!r}: only 'local-dir:PATH' is loadable before sglr_zoo.zoo is imported")
