@@ -21,6 +21,17 @@ import pytest
 
 from tests.hub_server import HubServer
 
+# Fixtures that make a test slow: real data, and the tiny dataset that training and CLI runs read.
+SLOW_FIXTURES = {"real_cifar10", "tiny_dataset"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `slow` every test that uses a SLOW_FIXTURES fixture, beside those marked by hand: `pytest -m 'not
+    slow'` is the quick loop of a developer (under a minute on 2 cores), the full suite is CI's."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -116,6 +116,7 @@ def test_autoattack_bad_options(version, attacks):
         ev.make_autoattack(LinearNet(), threat="linf", eps=8 / 255, version=version, attacks=attacks)
 
 
+@pytest.mark.slow
 def test_every_attack_reaches_the_exact_robust_accuracy_of_a_linear_model():
     model = LinearNet().train()
     x, y = _data(model)
@@ -182,6 +183,7 @@ def test_channels_last_images_are_accepted():
         ev.evaluate(model, x, y, **options).robust_accuracy
 
 
+@pytest.mark.slow
 def test_autoattack_resume(tmp_path, monkeypatch):
     model = LinearNet()
     x, y = _data(model)
@@ -604,6 +606,7 @@ def test_pgd20_matches_torchattacks_on_cifar10(real_cifar10):
     assert abs(ours.robust_accuracy["pgd20"] - theirs) <= 1.0
 
 
+@pytest.mark.slow
 def test_autoattack_driver_matches_one_library_call():
     """Driving the sub-attacks batch by batch gives what a single `run_standard_evaluation` gives."""
     model = LinearNet()
@@ -615,6 +618,7 @@ def test_autoattack_driver_matches_one_library_call():
     assert ours.robust_accuracy["autoattack"] == pytest.approx(library)
 
 
+@pytest.mark.slow
 def test_autoattack_on_fewer_than_ten_classes():
     """AutoAttack's targeted attacks default to 9 target classes; with 5 classes they must target the 4 others."""
     torch.manual_seed(0)
@@ -627,6 +631,7 @@ def test_autoattack_on_fewer_than_ten_classes():
     assert results.clean_accuracy > 0 and all(step.seconds > 0 for step in results.autoattack_per_attack.values())
 
 
+@pytest.mark.slow
 def test_channels_last_model_gives_the_same_results():
     """for_evaluation's channels_last (CPU) changes how oneDNN sums, not what the attacks see: the same logits and
     input gradients to float rounding, and AutoAttack's gradient attacks (whose checks call .view() on input

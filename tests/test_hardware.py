@@ -331,6 +331,7 @@ sys.stdin.read()  # runs (and keeps its claim) until the test closes stdin
 """
 
 
+@pytest.mark.slow
 def test_runs_launched_together_share_the_cpus(tmp_path, monkeypatch):
     """Two runs launched in the same second see an idle 2-CPU machine: one takes both threads, the other waits for
     its claim and takes one; the first gives one up while the second lives (`share`), and takes it back after."""
@@ -434,6 +435,7 @@ def test_busy_cpus_is_the_cpus_busy_now_not_the_load_average(monkeypatch):
     assert hardware.busy_cpus() == 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
 def test_busy_cpus_sees_a_job_that_just_started():
     """A busy loop started a moment ago is not in the 1-minute load average yet, but the CPU time counts it. The

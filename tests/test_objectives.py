@@ -307,6 +307,7 @@ def run_bank_updates(bank_dtype: str, epochs: int = 30) -> tuple[SGLR, AuthorsSG
     return objective, authors, losses
 
 
+@pytest.mark.slow
 def test_float32_bank_is_bit_exact_with_the_authors_code():
     objective, authors, losses = run_bank_updates("float32")
     assert objective.bank.dtype == torch.float32
@@ -315,6 +316,7 @@ def test_float32_bank_is_bit_exact_with_the_authors_code():
     assert (objective.bank.max(1).values < 0.99).all()  # the labels were refined, far from one-hot
 
 
+@pytest.mark.slow
 def test_float16_bank_stays_close_to_the_authors_code():
     objective, authors, losses = run_bank_updates("float16")
     assert objective.bank.dtype == torch.float16

@@ -56,6 +56,7 @@ def test_paired_test_counts_disagreements_and_refuses_other_images():
         paired_test(a, b, "autoattack")
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_outcomes_of_each_attack(tmp_path):
     """The file holds the same per-example decisions that the accuracies in the results count."""
     torch.manual_seed(0)
@@ -71,6 +72,7 @@ def test_evaluate_writes_the_outcomes_of_each_attack(tmp_path):
     assert all(c or not r for c, r in zip(outcomes.correct["clean"], outcomes.correct["pgd2"]))  # robust => correct
 
 
+@pytest.mark.slow
 def test_a_stopped_evaluation_keeps_the_attacks_it_finished(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_model("preactresnet_tiny_cifar", 10).eval()

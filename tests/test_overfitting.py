@@ -45,6 +45,7 @@ def _final_metrics(run) -> dict[str, str]:
         return list(csv.DictReader(file))[-1]
 
 
+@pytest.mark.slow
 def test_toy_experiment_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SGLR_ZOO_DATA", str(tmp_path))
     write_parquet_dataset(tmp_path / "cifar10")

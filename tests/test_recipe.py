@@ -525,6 +525,7 @@ def test_cli_refuses_bad_recipes(tmp_path, capsys, content, fragment):
     assert lines[0].startswith("sglr-zoo train: error: ") and str(path) in lines[0] and fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_refuses_billion_laughs(tmp_path):
     """The installed command: exit code 2, one line, no traceback, in seconds."""
     path = write(tmp_path, _billion_laughs(), "bad.yaml")

@@ -78,6 +78,7 @@ def mutate(lines: list[str], data: st.DataObject) -> list[str]:
     return lines[:i] + ["  " + lines[i]] + lines[i + 1:]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), source=st.sampled_from(SHIPPED), n_mutations=st.integers(1, 4))
 def test_mutated_shipped_recipes(folder, data, source, n_mutations):
@@ -108,6 +109,7 @@ def test_random_yaml_like_text(folder, parts):
     check(path)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(BAD_VALUES) | st.text(max_size=12)),
                           max_size=3),
@@ -127,6 +129,7 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_every_key_with_every_bad_value():
     """Exhaustive where the space is small: each section and field of a shipped recipe set to each bad value."""
     base = load_recipe(REPO / "recipes" / "wrn34_cifar10.yaml").to_dict()

@@ -607,6 +607,7 @@ def test_a_tampered_history_is_refused_and_writes_nothing(tmp_path, tiny_dataset
     assert victim.read_text() == "keep me" and run.metrics.read_bytes() == metrics
 
 
+@pytest.mark.slow
 def test_resuming_on_other_data_at_the_same_path_is_refused(tmp_path):
     """The data at data.dataset changed between the stop and the resume (same size, other images and labels)."""
     data = write_parquet_dataset(tmp_path / "data")
@@ -850,6 +851,7 @@ accelerator.end_training()
 """
 
 
+@pytest.mark.slow
 def test_sync_buffers(tmp_path):
     """run.buffer_sync: every process ends with rank 0's BatchNorm statistics (broadcast), or with their mean."""
     (script := tmp_path / "sync.py").write_text(BUFFER_SYNC)
