@@ -31,9 +31,9 @@ from sglr_zoo.attack_names import AttackName
 from sglr_zoo.attacks import Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
+from sglr_zoo.eval_checks import check_inputs, check_options, sweep_radii
 from sglr_zoo.models import unwrap_timm, weights_fingerprint
 from sglr_zoo.outcomes import Outcomes
-from sglr_zoo.recipe import STANDARD_EPS, eps_problem, parse_fraction
 from sglr_zoo.results import EpsSweep, Provenance, Results, percent
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
@@ -93,9 +93,9 @@ def evaluate(
     started = time.time()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance = _provenance(provenance, legacy_provenance)
-    labels = _check_inputs(model, images, labels, num_classes)
-    eps, quick = _check_options(threat, eps, attacks, batch_size, seed, images[0].numel())
-    sweep_radii = _sweep_radii(threat, eps_sweep, sweep_attack, images[0].numel())
+    labels = check_inputs(model, images, labels, num_classes)
+    eps, quick = check_options(threat, eps, attacks, batch_size, seed, images[0].numel())
+    radii = sweep_radii(threat, eps_sweep, sweep_attack, images[0].numel())
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images, labels = images.cpu(), labels.cpu()
     model.to(device)
@@ -133,7 +133,7 @@ def evaluate(
                 device=device, bf16=bf16_quick, progress=progress, desc=name)
             settings[name] = {
                 "implementation": "sglr_zoo.attacks.pgd", "loss": loss, "steps": steps,
-                "step_size": _fraction_str(eps / 4), "random_start": True, "restarts": 1,
+                "step_size": str(eps / 4), "random_start": True, "restarts": 1,
                 "precision": "bf16 autocast (verdict fp32)" if bf16_quick else "fp32"}
             seconds[name] = time.time() - clock
             finished(name, flags[name])
@@ -143,7 +143,7 @@ def evaluate(
             if eps == 0:
                 flags["autoattack"] = correct
             else:
-                key = {"threat": threat, "eps": _fraction_str(eps), **autoattack_settings(aa),
+                key = {"threat": threat, "eps": str(eps), **autoattack_settings(aa),
                        "data_sha256": data_sha256,
                        "model_sha256": weights_sha256}
                 flags["autoattack"], per_attack = run_autoattack(
@@ -163,12 +163,12 @@ def evaluate(
                                     batch_size=batch_size, device=device, progress=progress), threat, checked),
             "square_vs_white_box": sanity.square_vs_white_box(per_attack),
         }
-        sweep = _eps_sweep(model, images, labels, correct, radii=sweep_radii, attack=sweep_attack, threat=threat,
+        sweep = _eps_sweep(model, images, labels, correct, radii=radii, attack=sweep_attack, threat=threat,
                            seed=seed, batch_size=batch_size, device=device, progress=progress,
-                           num_classes=num_classes) if sweep_radii else None
+                           num_classes=num_classes) if radii else None
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return Results(
-        provenance=provenance, arch=arch, weights_sha256=weights_sha256, threat=threat, eps=_fraction_str(eps),
+        provenance=provenance, arch=arch, weights_sha256=weights_sha256, threat=threat, eps=str(eps),
         n_examples=len(labels), clean_accuracy=_percent(correct), robust_accuracy=robust,
         worst_case_accuracy=_percent(torch.stack(list(flags.values())).all(0)) if flags else None,
         autoattack_per_attack=per_attack, attacks=settings, sanity=checks, seed=seed, device=str(device),
@@ -185,7 +185,7 @@ def attack_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     "pgd<steps>" / "cw<steps>" (step eps/4, random start) run in fp32 with the model in eval mode on the
     clean-correct points only. `seed` seeds the random start (None keeps the global generator's state).
     """
-    eps, quick = _check_options(threat, eps, [attack], batch_size)
+    eps, quick = check_options(threat, eps, [attack], batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images, labels = images.cpu(), labels.cpu()
     with model_mode(model, "eval"), _fp32(device):
@@ -229,7 +229,7 @@ def evaluate_model(
 
     if n < 1:
         raise UserError(f"--n {n}: evaluate at least one example")
-    _check_options(options.get("threat", "linf"), options.get("eps"), options.get("attacks", DEFAULT_ATTACKS),
+    check_options(options.get("threat", "linf"), options.get("eps"), options.get("attacks", DEFAULT_ATTACKS),
                    options.get("batch_size", 256), options.get("seed", 0))  # before minutes of loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     located = model_id if weights else zoo.locate(model_id)  # a wrong name fails before the data loads
@@ -261,51 +261,6 @@ def _provenance(provenance: Provenance | None, legacy: dict[str, str | None]) ->
     return (provenance or Provenance()).public()
 
 
-def _check_options(threat: str, eps: Fraction | str | float | None, attacks: Sequence[str], batch_size: int,
-                   seed: int | None = 0, values: int | None = None) -> tuple[Fraction, dict[str, tuple[str, int]]]:
-    """Checks the options every evaluation takes (eps against images of `values` numbers, C x H x W, when known);
-    returns eps and our quick attacks as {name: (loss, steps)}."""
-    if threat not in STANDARD_EPS:
-        raise UserError(f"threat {threat!r}: choose linf or l2")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} (--batch-size): give a whole number of examples, at least 1")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
-        raise UserError(f"seed {seed!r} (--seed): give a whole number in [0, 2**32 - 1]")
-    try:
-        value = parse_fraction(eps if eps is not None else STANDARD_EPS[threat])
-    except ValueError as error:
-        raise UserError(f"eps (--eps): {error}") from None
-    problem = eps_problem(threat, value, values)
-    if problem:
-        raise UserError(f"eps (--eps): {problem}")
-    quick = {}
-    for name in attacks:
-        try:
-            spec = AttackName.parse(name)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if spec.steps:
-            quick[name] = ("ce" if spec.kind == "pgd" else "cw", spec.steps)
-    return value, quick
-
-
-def _sweep_radii(threat: Threat, radii: Sequence[Fraction | str], attack: str, dims: int) -> list[Fraction]:
-    """The sweep's radii, ascending with 0 first; UserError naming --eps-sweep for a bad one."""
-    if not radii:
-        return []
-    try:
-        spec = AttackName.parse(attack)
-        values = sorted({Fraction(0), *(parse_fraction(r) for r in radii)})
-    except ValueError as error:
-        raise UserError(f"--eps-sweep: {error}") from None
-    if spec.kind == "clean":
-        raise UserError("--eps-sweep: clean accuracy does not depend on eps; sweep pgd<steps>, cw<steps> or autoattack")
-    for value in values:
-        if problem := eps_problem(threat, value, dims):
-            raise UserError(f"--eps-sweep: {_fraction_str(value)}: {problem}")
-    return values
-
-
 def _eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, *,
                radii: list[Fraction], attack: str, threat: Threat, seed: int, batch_size: int, device: torch.device,
                progress: bool, num_classes: int | None) -> EpsSweep:
@@ -324,50 +279,11 @@ def _eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cor
             torch.manual_seed(seed)
             flags = _quick_attack(model, images, labels, correct, loss="ce" if spec.kind == "pgd" else "cw",
                                   steps=spec.steps, threat=threat, eps=eps, batch_size=batch_size, device=device,
-                                  bf16=False, progress=progress, desc=f"{attack} at {_fraction_str(eps)}")
+                                  bf16=False, progress=progress, desc=f"{attack} at {str(eps)}")
         accuracy.append(_percent(flags))
     area = sum((float(b - a)) * (x + y) / 2 for a, b, x, y in zip(radii, radii[1:], accuracy, accuracy[1:]))
-    return EpsSweep(attack, [_fraction_str(eps) for eps in radii], accuracy,
+    return EpsSweep(attack, [str(eps) for eps in radii], accuracy,
                     area / float(radii[-1]) if radii[-1] else accuracy[0])
-
-
-def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None
-                  ) -> torch.Tensor:
-    """Images are finite floats in [0, 1], labels integer classes that match them, and the model takes [0, 1]
-    images in fp32; returns the labels as int64 (what the losses index with)."""
-    from sglr_zoo.models import Normalized, is_sglr_arch
-
-    if not images.is_floating_point() or images.dim() != 4:
-        raise UserError(f"images must be float (N, C, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}; "
-                        "convert uint8 images with sglr_zoo.data.to_float")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype == torch.bool \
-            or labels.is_floating_point() or labels.is_complex():
-        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise UserError(f"labels must be integer class indices of shape (N,), got {got}")
-    if len(images) == 0 or len(images) != len(labels):
-        raise UserError(f"got {len(images)} images and {len(labels)} labels; need the same, non-zero number")
-    labels = labels.long()
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or (num_classes is not None and high >= num_classes):
-        bound = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
-        raise UserError(f"labels range over [{low}, {high}]; class indices are {bound}")
-    if not torch.isfinite(images).all():
-        raise UserError("images hold NaN or infinite values; pass finite images in [0, 1]")
-    low, high = images.min().item(), images.max().item()
-    if low < 0 or high > 1:
-        raise UserError(f"images range over [{low:.3g}, {high:.3g}]; models here take [0, 1] images and normalise "
-                        "inside, so pass unnormalised images")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = tuple(cfg.get("mean", (0.0,) * 3)), tuple(cfg.get("std", (1.0,) * 3))
-    if not isinstance(model, Normalized) and not is_sglr_arch(cfg.get("architecture", "")) \
-            and (any(mean) or any(s != 1 for s in std)):
-        raise UserError(f"the model expects normalised inputs (pretrained_cfg mean={mean}, std={std}); wrap it as "
-                        "sglr_zoo.models.Normalized(model, mean, std) so that it takes [0, 1] images")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes - {torch.float32}:
-        raise UserError(f"the model's weights are {sorted(map(str, dtypes))}; evaluation runs in fp32: "
-                        "call model.float()")
-    return labels
 
 
 @contextlib.contextmanager
@@ -415,10 +331,6 @@ def _large_eps_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 def _percent(flags: torch.Tensor) -> float:
     return percent(int(flags.sum()), len(flags))
-
-
-def _fraction_str(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
 def _fingerprint(tensors: Any) -> str:
