@@ -17,17 +17,18 @@ from typing import Any
 
 import yaml
 
+from sglr_zoo.attack_names import AttackName
 from sglr_zoo.files import TEXT_LIMIT, read_regular
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import RunDir
 from sglr_zoo.source import ModelSource, collect
 from sglr_zoo.zoo import MODEL_CARDS, ZOO
 
-__all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_version",
+__all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_label", "attack_version",
            "render_card", "run_name", "write_card", "write_zoo_cards"]
 
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-ATTACK_LABELS = {"pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
+ATTACK_LABELS = {name: AttackName.parse(name).label for name in ("pgd20", "cw20", "autoattack")}  # older callers
 THREAT_LABELS = {"linf": "Linf", "l2": "L2"}
 PAPER_EPOCHS = 200  # the schedule of the SGLR paper and the authors' code (shared/SGLR.md)
 LICENSE = "mit"
@@ -129,7 +130,7 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "method": METHODS.get(source.method or "", ("an unknown method (no recipe.yaml found)",))[0],
         "baseline": not (source.method or "").startswith("sglr"), "threat": _threat_text(source),
         "input_size": "x".join(map(str, size)) if size else "size unknown", "paper": SGLR_PAPER,
-        "attack_labels": ATTACK_LABELS, "check_status": {True: "passed", False: "FAILED", None: "not run"},
+        "attack_labels": {attack: attack_label(attack) for attack in results.robust_accuracy} if results else {}, "check_status": {True: "passed", False: "FAILED", None: "not run"},
         # The template reads the results' numbers itself; these are ways of showing them.
         "failed_checks": [f"{check} ({info.detail})" for check, info in results.sanity.items()
                           if info.passed is False] if results else [],
@@ -193,8 +194,13 @@ def _selection_attack(metrics: Path | None) -> str:
         header = next(csv.reader(text.splitlines()[:1]), [])
     for column in header:
         if match := re.fullmatch(r"val_(pgd|cw)(\d*)_acc", column):
-            return match[1].upper() + (f"-{match[2]}" if match[2] else "")
+            return attack_label(match[1] + match[2]) if match[2] else match[1].upper()
     return "PGD"
+
+
+def attack_label(name: str) -> str:
+    """How a card names an attack (`pgd20` -> "PGD-20": `AttackName.label`); a name outside the grammar as it is."""
+    return AttackName.parse(name).label if AttackName.is_valid(name) else name
 
 
 def _training_facts(run: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -220,7 +226,7 @@ def _eval_results(source: ModelSource, dataset_label: str, dataset_id: str | Non
     entries = [EvalResult(metric_type="accuracy", metric_name="Clean accuracy (%)",
                           metric_value=results.clean_accuracy, **common)]
     for attack, value in results.robust_accuracy.items():
-        label = ATTACK_LABELS.get(attack, attack)
+        label = attack_label(attack)
         entries.append(EvalResult(metric_type="robust_accuracy", metric_name=f"{label} robust accuracy (%), {threat}",
                                   metric_value=value, metric_config=attack,
                                   metric_args=results.attacks.get(attack), **common))

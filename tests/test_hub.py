@@ -458,3 +458,12 @@ def test_hub_names_keep_working_from_their_new_modules():
             assert getattr(hub, name) is getattr(importlib.import_module(f"sglr_zoo.{home}"), name)
     with pytest.raises(AttributeError):
         hub.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("name, label", [("pgd20", "PGD-20"), ("pgd10", "PGD-10"), ("cw20", "CW-20"),
+                                         ("autoattack", "AutoAttack"), ("clean", "clean"), ("square", "square")])
+def test_cards_name_attacks_through_the_one_grammar(name, label):
+    """A card's attack labels come from sglr_zoo.attack_names (every pgd<steps>, not only pgd20)."""
+    from sglr_zoo.cards import attack_label
+
+    assert attack_label(name) == label
