@@ -125,12 +125,16 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
     hub_id = f"hf-hub:{repo_id}" if repo_id else "local-dir:PATH/TO/THIS/FOLDER"
     size = source.config.get("pretrained_cfg", {}).get("input_size")
     n_train = run.get("num_examples_train", recipe.data.n_train if recipe else None)
+    # A budgeted run's recipe keeps its nominal schedule: the epochs and SGLR's start are those of its last plan.
+    plan = (run.get("plans") or [None])[-1]
+    epochs = plan["epochs"] if plan else recipe.schedule.epochs if recipe else None
     return {
         "model_name": model_name, "arch": source.arch, "dataset_label": dataset_label,
         "method": METHODS.get(source.method or "", ("an unknown method (no recipe.yaml found)",))[0],
         "baseline": not (source.method or "").startswith("sglr"), "threat": _threat_text(source),
         "input_size": "x".join(map(str, size)) if size else "size unknown", "paper": SGLR_PAPER,
-        "attack_labels": {attack: attack_label(attack) for attack in results.robust_accuracy} if results else {}, "check_status": {True: "passed", False: "FAILED", None: "not run"},
+        "attack_labels": {attack: attack_label(attack) for attack in results.robust_accuracy} if results else {},
+        "check_status": {True: "passed", False: "FAILED", None: "not run"},
         # The template reads the results' numbers itself; these are ways of showing them.
         "failed_checks": [f"{check} ({info.detail})" for check, info in results.sanity.items()
                           if info.passed is False] if results else [],
@@ -138,17 +142,18 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "attacks_yaml": yaml.safe_dump(results.attacks, sort_keys=False).rstrip() if results else None,
         "versions": ", ".join(f"{k} {v}" for k, v in results.versions.items()) if results else None,
         "standard_error": _standard_error(results) if results else None,
-        "which": source.which, "epoch": source.epoch, "epochs": recipe.schedule.epochs if recipe else None,
+        "which": source.which, "epoch": source.epoch, "epochs": epochs,
         "best_epoch": run.get("best_epoch"), "last_epoch": run.get("last_epoch"),
         "selection_attack": _selection_attack(source.record("metrics")), "curves": source.record("curves") is not None,
         "recipe_yaml": yaml.safe_dump(public_paths(recipe.to_dict()), sort_keys=False).rstrip() if recipe else None,
-        "refined_from": recipe.start_epoch if recipe and recipe.method.name.startswith("sglr") else None,
+        "refined_from": (plan["start_epoch"] if plan else recipe.start_epoch)
+        if recipe and recipe.method.name.startswith("sglr") else None,
         "finetune": recipe.finetune if recipe and recipe.finetune.backbone else None,
         "backbone": public_text(recipe.finetune.backbone) if recipe and recipe.finetune.backbone else None,
         "facts": _training_facts(run), "imported": source.config.get("sglr_zoo_import"),
         "hub_id": hub_id, "repo_id": repo_id, "zoo_name": name, "num_classes": source.config.get("num_classes", "N"),
         "label_names": source.config.get("label_names"),
-        "cpu_scale": bool(recipe) and (recipe.schedule.epochs < PAPER_EPOCHS or recipe.data.n_train is not None),
+        "cpu_scale": bool(recipe) and (epochs < PAPER_EPOCHS or recipe.data.n_train is not None),
         "n_train": n_train if recipe and recipe.data.n_train is not None else None, "paper_epochs": PAPER_EPOCHS,
         "citation": CITATION, "half": _stored_dtypes(source.folder.weights) == {"F16"},
     }

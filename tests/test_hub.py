@@ -467,3 +467,19 @@ def test_cards_name_attacks_through_the_one_grammar(name, label):
     from sglr_zoo.cards import attack_label
 
     assert attack_label(name) == label
+
+
+def test_card_of_a_budgeted_run_counts_the_planned_epochs(run_dir, tmp_path):
+    """A budgeted run's recipe keeps its nominal schedule (200 epochs); the card reads the epochs and SGLR's start
+    from the last plan in run.json."""
+    run = tmp_path / "budgeted"
+    shutil.copytree(run_dir, run)
+    save_recipe(load_recipe(run / "recipe.yaml", ["schedule.epochs=200", "schedule.name=onecycle",
+                                                  "schedule.budget=9m"]), run / "recipe.yaml")
+    info = json.loads((run / "run.json").read_text())
+    info["plans"] = [{"made_at": 0, "epochs": 9, "steps": 3500, "start_epoch": 5},
+                     {"made_at": 350, "epochs": 11, "steps": 4100, "start_epoch": 7}]
+    (run / "run.json").write_text(json.dumps(info))
+    text = (export_folder(run, tmp_path / "export") / "README.md").read_text()
+    assert "CPU-scale training: 11 epochs (the paper uses 200)" in text and "200 epochs" not in text
+    assert "refined labels from epoch 7 on" in text
