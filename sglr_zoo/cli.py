@@ -61,16 +61,38 @@ def _import(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from sglr_zoo.evaluate import evaluate_model
+    from sglr_zoo.files import write_atomic
+    from sglr_zoo.outcomes import Outcomes
+    from sglr_zoo.plots import eps_sweep_png
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = evaluate_model(
         args.model, dataset=args.dataset, split=args.split, n=args.n, device=args.device, threat=args.threat,
         eps=args.eps, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], batch_size=args.batch_size,
         seed=args.seed, autoattack_version=args.autoattack_version,
         autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
         state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command,
-        weights=args.weights)
+        weights=args.weights, outcomes_path=Outcomes.beside(out),
+        eps_sweep=[r.strip() for r in args.eps_sweep.split(",") if r.strip()] if args.eps_sweep else (),
+        sweep_attack=args.sweep_attack)
     print(results.summary())
-    print(f"wrote {results.save(args.out)}")
+    print(f"wrote {results.save(out)} and {Outcomes.beside(out)} (which images each attack broke)")
+    if results.eps_sweep is not None:
+        sweep = results.eps_sweep
+        print(f"{sweep.attack} against eps: " + ", ".join(f"{e} {a:.2f}%" for e, a in zip(sweep.eps, sweep.accuracy))
+              + f"; expected robustness {sweep.expected_robustness:.2f}%")
+        plot = out.with_name(f"{out.stem}.eps_sweep.png")
+        write_atomic(plot, eps_sweep_png(sweep, results.provenance.model or ""))
+        print(f"wrote {plot}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from sglr_zoo.outcomes import Outcomes, paired_test
+
+    a, b = Outcomes.load(args.a), Outcomes.load(args.b)
+    for attack in args.attacks.split(",") if args.attacks else [n for n in a.correct if n in b.correct]:
+        print(paired_test(a, b, attack.strip()).describe())
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -248,7 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="AutoAttack progress file; rerun with the same file to resume a killed run")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--bf16-quick", action="store_true", help="bf16 autocast for our PGD/CW only (never AutoAttack)")
+    ev.add_argument("--eps-sweep", default=None, metavar="2/255,4/255,...",
+                    help="also run --sweep-attack at each radius: accuracy against eps, its area, a plot beside --out")
+    ev.add_argument("--sweep-attack", default="pgd20", help="pgd<steps>, cw<steps> or autoattack (default %(default)s)")
     ev.set_defaults(func=_eval)
+
+    compare = commands.add_parser("compare", help="paired test of two evaluations on the same images (McNemar)",
+                                  description="Compares the per-example outcomes that `sglr-zoo eval --out X.json` "
+                                              "writes as X.outcomes.json.")
+    compare.add_argument("a", metavar="A.outcomes.json")
+    compare.add_argument("b", metavar="B.outcomes.json")
+    compare.add_argument("--attacks", default=None, help="e.g. pgd20,autoattack (default: every attack both ran)")
+    compare.set_defaults(func=_compare)
 
     listing = commands.add_parser("list", help="list the architectures and zoo models",
                                   description="The zoo's models with their clean and AutoAttack accuracy and where "

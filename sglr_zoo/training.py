@@ -60,6 +60,7 @@ from sglr_zoo.monitoring import (
     write_metrics,
 )
 from sglr_zoo.objectives import build_objective
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import Recipe, save_recipe
 from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.rundir import ModelFolder, RunDir
@@ -171,6 +172,7 @@ def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, de
                        threat=recipe.attack.threat, eps=recipe.eval_eps, attacks=recipe.eval.final_attacks,
                        batch_size=recipe.eval.batch_size, seed=recipe.run.seed, num_classes=splits.num_classes,
                        state_path=run.autoattack_state(which), device=device, progress=True,
+                       outcomes_path=Outcomes.beside(run.results(which)),
                        provenance=Provenance(model=f"{run.root.name}/{which}", dataset=recipe.data.dataset,
                                              split=recipe.data.test_split, source=splits.source,
                                              which=f"first {n} of the {recipe.data.test_split} split, in order",

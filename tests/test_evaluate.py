@@ -26,6 +26,7 @@ from sglr_zoo.attacks import pgd
 from sglr_zoo.cli import main
 from sglr_zoo.errors import UserError
 from sglr_zoo.models import create_model, save_pretrained
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.results import SCHEMA, AttackStep, Provenance, Results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -678,3 +679,22 @@ def test_bad_eps_sweeps_are_one_line(radii, attack, message):
     with pytest.raises(UserError, match=message):
         ev.evaluate(model, torch.rand(2, 3, 32, 32), torch.arange(2), attacks=["clean"], eps_sweep=radii,
                     sweep_attack=attack)
+
+
+def test_cli_eval_writes_outcomes_and_an_eps_sweep_and_compare_reads_them(tmp_path, tiny_dataset, capsys):
+    folder = save_pretrained(create_model("preactresnet_tiny_cifar", 10), tmp_path / "model")
+    runs = []
+    for name, extra in (("a", ["--eps-sweep", "2/255,8/255", "--sweep-attack", "pgd2"]), ("b", [])):
+        out = tmp_path / name / "results.json"
+        main(["eval", str(folder), "--dataset", str(tiny_dataset), "--n", "8", "--batch-size", "4",
+              "--attacks", "clean,pgd2", "--out", str(out), "--device", "cpu", *extra])
+        runs.append(out)
+    assert Outcomes.load(runs[0].parent / "results.outcomes.json").n_examples == 8
+    assert (runs[0].parent / "results.eps_sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert ev.load_results(runs[0]).eps_sweep.eps == ["0", "2/255", "8/255"]
+    assert ev.load_results(runs[1]).eps_sweep is None and not (runs[1].parent / "results.eps_sweep.png").exists()
+    capsys.readouterr()
+    main(["compare", str(runs[0].parent / "results.outcomes.json"), str(runs[1].parent / "results.outcomes.json")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" on ")[0] for line in lines] == ["clean", "pgd2"]
+    assert all("only A correct on 0, only B on 0; McNemar's exact p = 1" in line for line in lines)  # same model

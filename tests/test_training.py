@@ -214,7 +214,7 @@ def test_tiny_run(tmp_path, tiny_dataset, monkeypatch):
     assert not claims.path.exists()
 
     for name in ("recipe.yaml", "run.json", "metrics.csv", "curves.png", "last/model.safetensors", "last/config.json",
-                 "best/model.safetensors", "best/config.json"):
+                 "best/model.safetensors", "best/config.json", "last/results.json", "last/results.outcomes.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert load_recipe(run_dir / "recipe.yaml").to_dict() == recipe.to_dict()
