@@ -57,15 +57,16 @@ def open_regular(path: str | Path, limit: int, what: str = "file") -> int:
 def read_regular(path: str | Path, limit: int = TEXT_LIMIT, what: str = "file") -> bytes:
     """The bytes of `path` when it is a regular file of at most `limit` bytes (it may not grow past it while read);
     UserError naming the file otherwise, FileNotFoundError when it is absent, OSError when it cannot be read."""
-    try:
-        fd = open_regular(path, limit, what)
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, where a {what} was expected") from None
-    with os.fdopen(fd, "rb") as file:
+    with os.fdopen(open_regular(path, limit, what), "rb") as file:
         data = file.read(limit + 1)
     if len(data) > limit:
         raise UserError(f"{path}: grew past {limit:,} bytes while it was read; a {what} cannot be that large")
     return data
+
+
+def check_regular(path: str | Path, limit: int, what: str = "file") -> None:
+    """`open_regular`'s checks alone, for a file that another library opens by name."""
+    os.close(open_regular(path, limit, what))
 
 
 def _kind(mode: int) -> str:

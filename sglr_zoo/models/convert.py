@@ -86,10 +86,7 @@ def read_checkpoint(path: str | Path) -> object:
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; give a .safetensors file "
                         f"or a torch.save file ({', '.join(PICKLE_SUFFIXES)})")
-    try:
-        fd = open_regular(path, WEIGHTS_LIMIT, "checkpoint file")
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, where a checkpoint file was expected") from None
+    fd = open_regular(path, WEIGHTS_LIMIT, "checkpoint file")
     size = os.fstat(fd).st_size
     os.close(fd)
     if path.suffix == ".safetensors":  # no strides: every tensor's data is in the file, which the reader checks

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from sglr_zoo.errors import UserError
-from sglr_zoo.files import TEXT_LIMIT, GiB, open_regular, read_regular
+from sglr_zoo.files import TEXT_LIMIT, GiB, check_regular, open_regular, read_regular
 from sglr_zoo.rundir import ModelFolder
 
 __all__ = ["IDENTITY_MEAN", "IDENTITY_STD", "WEIGHTS_LIMIT", "check_arch", "check_classifier", "check_model_folder",
@@ -35,11 +35,7 @@ def sha256_of(path: Path, limit: int = WEIGHTS_LIMIT) -> str:
     """The hex sha256 of a file's bytes (what the zoo table and a recipe's backbone_sha256 pin), read in chunks; a
     UserError naming the file unless it is a regular file of at most `limit` bytes."""
     digest = hashlib.sha256()
-    try:
-        fd = open_regular(path, limit, "model file")
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, where a model file was expected") from None
-    with os.fdopen(fd, "rb") as file:
+    with os.fdopen(open_regular(path, limit, "model file"), "rb") as file:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -135,16 +131,6 @@ def check_normalization(mean: Any, std: Any, where: str, channels: int = 3) -> t
                             "values 0..255) would garble every input")
         values[label] = floats
     return values["mean"], values["std"]
-
-
-def check_regular(path: Path, limit: int, what: str) -> None:
-    """Raises UserError naming `path` unless it is a regular file of at most `limit` bytes (a FIFO would hang a
-    reader, a device or a sparse file fill memory); FileNotFoundError when it is absent."""
-    try:
-        fd = open_regular(path, limit, what)
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, where a {what} was expected") from None
-    os.close(fd)
 
 
 def check_weights_file(weights: str | Path) -> Path:
