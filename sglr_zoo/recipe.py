@@ -317,6 +317,41 @@ class FinetuneConfig:
 
 
 @dataclass
+class AverageConfig:
+    """An exponential moving average of the weights (sglr_zoo.averaging, timm's ModelEmaV3): when on, it is what
+    the per-epoch monitoring measures, what picks and fills `best/`, and what `last/` holds."""
+
+    decay: float = 0.0  # per optimiser step; 0 = off
+    start: float = 0.0  # fraction of the run's steps before which the average copies the weights (decay 0)
+    buffers: Literal["average", "copy"] = "average"  # BatchNorm running statistics: averaged like the weights, or copied
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.decay < 1, "decay", "must be in [0, 1) (0: off; 0.999 averages about the last 1,000 steps)")
+        _check(0 <= self.start < 1, "start", "must be in [0, 1): the fraction of the run before averaging starts")
+
+
+@dataclass
+class GuardConfig:
+    """The catastrophic-overfitting guard of single-step training (sglr_zoo.guard): every `every` steps it measures
+    PGD accuracy on the first `n` held-out images; below `drop` times its best so far, the run goes back to the
+    last check that passed and trains on with PGD-`fallback_steps` (step 2.5 eps / steps, random start)."""
+
+    enabled: Literal["auto"] | bool = "auto"  # auto: on when the training attack takes one step
+    every: int = 100  # optimiser steps between checks
+    n: int = 128  # images: the first of the validation split, else of the test split (as the monitoring)
+    steps: int = 10  # PGD steps of the check (the evaluator's PGD: step eps/4, random start)
+    drop: float = 0.5  # a collapse: PGD accuracy below drop x the best check so far
+    fallback_steps: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "every", "must be >= 1 (optimiser steps between checks)")
+        _check(self.n >= 1, "n", "must be >= 1 (held-out images checked)")
+        _check(self.steps >= 2, "steps", "must be >= 2: a multi-step PGD is what single-step training overfits against")
+        _check(0 < self.drop < 1, "drop", "must be in (0, 1)")
+        _check(self.fallback_steps >= 2, "fallback_steps", "must be >= 2 (a multi-step attack)")
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -329,6 +364,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    average: AverageConfig = field(default_factory=AverageConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         _check(self.model.pretrained is None or self.finetune.backbone is None, "model.pretrained",
