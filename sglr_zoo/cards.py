@@ -209,9 +209,10 @@ def attack_label(name: str) -> str:
 
 
 def _training_facts(run: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(label, value) lines from run.json: versions, seed, the real example counts and the command."""
+    """(label, value) lines from run.json: versions, seed, which weights (an average?), the real example counts and
+    the command."""
     facts = [("sglr_zoo version", run.get("sglr_zoo_version")), ("git commit", run.get("git_commit")),
-             ("seed", run.get("seed"))]
+             ("seed", run.get("seed")), ("weights", run.get("weights"))]  # the trained ones, or their average
     facts += [(f"{key.removeprefix('num_examples_')} examples".replace("train ", "training ", 1), value)
               for key, value in run.items() if key.startswith("num_examples_")]
     facts.append(("command", public_text(run.get("command"))))

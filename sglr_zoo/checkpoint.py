@@ -6,6 +6,7 @@ pickles and loads them with `weights_only=False`):
     checkpoints/epoch_NNNN/
       model.safetensors           the model's weights and buffers (the unwrapped, uncompiled model)
       objective.safetensors       the objective's state: SGLR's soft-label bank, a weight teacher
+      average.safetensors         the run's weight average, when `average.decay` is on
       optimizer.json/.safetensors the optimizer's state dict: its structure in JSON, its tensors in safetensors
       scaler.json                 fp16's gradient scaler, when there is one
       state.json                  epoch, global step, best epoch, metrics history
@@ -55,6 +56,7 @@ FORMAT = "sglr-zoo-checkpoint/1"
 MANIFEST = "manifest.json"
 SAFE_SUFFIXES = (".safetensors", ".json")
 MODEL, OBJECTIVE, STATE, RECIPE = "model.safetensors", "objective.safetensors", "state.json", "recipe.json"
+AVERAGE = "average.safetensors"
 NEEDED = (MODEL, OBJECTIVE, "optimizer.json", STATE, RECIPE)  # and each process's rng_R.json
 # What the JSON files hold: an object, with at least these keys ("rng": every rng_R.json)
 JSON_KEYS = {"optimizer.json": ("state", "param_groups"), STATE: ("epoch", "global_step"),
@@ -321,12 +323,13 @@ class Checkpointer:
         optimizer: the optimizer.
         state: the run state (epoch, global step, ...), saved as JSON.
         recipe: the resolved recipe.
+        average: the run's weight average (sglr_zoo.averaging), when it keeps one.
     """
 
     def __init__(self, accelerator: Accelerator, run: RunDir, *, model: nn.Module, objective: nn.Module,
-                 optimizer: torch.optim.Optimizer, state: Stateful, recipe: Recipe):
+                 optimizer: torch.optim.Optimizer, state: Stateful, recipe: Recipe, average: nn.Module | None = None):
         self.accelerator, self.run, self.model, self.objective = accelerator, run, model, objective
-        self.optimizer, self.state, self.recipe = optimizer, state, recipe
+        self.optimizer, self.state, self.recipe, self.average = optimizer, state, recipe, average
 
     def save(self, epoch: int) -> Path:
         """Writes `checkpoints/epoch_NNNN` atomically, then keeps the newest `run.keep_checkpoints` up to it.
@@ -382,6 +385,8 @@ class Checkpointer:
 
         write(MODEL, _tensor_bytes(self.model.state_dict()))
         write(OBJECTIVE, _tensor_bytes(self.objective.state_dict()))
+        if self.average is not None:
+            write(AVERAGE, _tensor_bytes(self.average.state_dict()))
         trees = {"optimizer": self.optimizer.state_dict()}
         if self.accelerator.scaler is not None:
             trees["scaler"] = self.accelerator.scaler.state_dict()
@@ -411,6 +416,8 @@ class Checkpointer:
                           stacklevel=2)
         _load_into(self.model, reader, MODEL)
         _load_into(self.objective, reader, OBJECTIVE)
+        if self.average is not None:
+            _load_into(self.average, reader, AVERAGE)
         try:
             self.optimizer.load_state_dict(reader.tree("optimizer"))
             if self.accelerator.scaler is not None and "scaler.json" in reader.files:

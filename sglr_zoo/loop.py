@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -22,10 +23,12 @@ from sglr_zoo import finetune
 from sglr_zoo.attacks import pgd
 from sglr_zoo.data import augment, to_float
 from sglr_zoo.errors import UserError
-from sglr_zoo.objectives import Objective
 from sglr_zoo.recipe import Recipe
 from sglr_zoo.runstate import SUMS, RunState
 from sglr_zoo.schedule import Plans, lr_factor
+
+if TYPE_CHECKING:  # objectives import this module's Callback (through sglr_zoo.averaging)
+    from sglr_zoo.objectives import Objective
 
 
 class TrainingDiverged(UserError):

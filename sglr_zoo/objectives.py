@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch import nn
 
+from sglr_zoo.averaging import WeightAverage
 from sglr_zoo.recipe import MethodConfig
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class SGLR(Objective):
         bank = torch.zeros(len(labels), num_classes, dtype=bank_dtype(cfg.bank_dtype, len(labels), num_classes))
         bank[torch.arange(len(labels)), labels] = 1
         self.register_buffer("bank", bank)
-        self.teacher = ModelEmaV3(model, decay=cfg.teacher_decay) if cfg.teacher == "weights" else None
+        self.teacher = WeightAverage(model, cfg.teacher_decay) if cfg.teacher == "weights" else None
 
     @torch.no_grad()
     def write_bank(self, index: torch.Tensor, targets: torch.Tensor) -> None:
@@ -131,7 +131,7 @@ class SGLR(Objective):
     @torch.no_grad()
     def update_teacher(self, model: nn.Module) -> None:
         if self.teacher is not None:
-            self.teacher.update(model)
+            self.teacher.update_to(model)
 
     def after_step(self, out: dict[str, torch.Tensor], model: nn.Module, gather: Gather) -> None:
         if "bank_index" in out:

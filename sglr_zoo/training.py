@@ -41,6 +41,7 @@ from torch import nn
 
 import sglr_zoo
 from sglr_zoo import finetune, hardware
+from sglr_zoo.averaging import Averaging, WeightAverage
 from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (FINAL_SANITY_PASSES: experiments/ read it here)
 from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
 from sglr_zoo.checkpoint import _refuse_if_finished as refuse_if_finished
@@ -260,10 +261,16 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         compiled = torch.compile(unwrapped)
         model, unwrapped = compiled if model is unwrapped else torch.compile(model), compiled
     parts = StepParts(model, unwrapped, objective, optimizer, accelerator, recipe, memory_format)
+    # With weight averaging on, the average is what is monitored, picks best/ and is exported.
+    average = WeightAverage(plain, recipe.average.decay, recipe.average.buffers) if recipe.average.decay else None
+    if average is not None:
+        callbacks.append(Averaging(average, plain, plans, recipe.average.start))
+        accelerator.print(f"average: {average.describe(recipe.average.start)}")
+    measured = plain if average is None else average.module
     state = RunState()
     state.data_sha256 = data_fingerprint(splits.train)
     checkpointer = Checkpointer(accelerator, run, model=plain, objective=objective, optimizer=optimizer, state=state,
-                                recipe=recipe)
+                                recipe=recipe, average=average)
 
     planned = copy.copy(recipe)  # what the finished-run marker and its check read: the plan's epochs
     planned.schedule = copy.copy(recipe.schedule)
@@ -303,11 +310,12 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         row = {"epoch": epoch, **train_one_epoch(epoch, parts, train_loader, state, plans, callbacks)}
         # Each process updated BatchNorm statistics from its own batches: align them before they are measured,
         # exported or checkpointed.
-        sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules())
+        sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules(),
+                     *([] if average is None else [average.module]))
         last_epoch = epoch == plans.in_force(state.global_step).epochs or max_steps_reached(state.global_step, *limits())
         if epoch % recipe.eval.every == 0 or last_epoch:
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                row.update(monitor(unwrapped, splits, recipe, accelerator))
+                row.update(monitor(unwrapped if average is None else average.module, splits, recipe, accelerator))
         state.history = [r for r in state.history if r["epoch"] != epoch] + [row]  # one row an epoch
         accelerator.print(format_row(row, attack))
         if state.epoch_step:  # a part: neither logged nor a candidate for best/, as an uninterrupted run
@@ -318,7 +326,7 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         if not state.epoch_step and row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
             state.best_val_pgd, state.best_epoch = row[f"val_{attack}_acc"], epoch
             if accelerator.is_main_process:
-                export(plain, run, "best", splits.train.class_names)
+                export(measured, run, "best", splits.train.class_names)
         if accelerator.is_main_process:
             write_metrics(run.metrics, state.history, columns)
             plot_curves(state.history, run.curves, attack)
@@ -332,11 +340,12 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
 
     # The end: exports and run.json first (no check below can lose them), then the process group ends, and the
     # main process alone evaluates the exports: the other processes wait in no collective however long it takes.
-    checksums = replica_checksums(accelerator, plain, objective)
+    checksums = replica_checksums(accelerator, plain, objective, *([] if average is None else [average]))
     if accelerator.is_main_process:
-        export(plain, run, "last", splits.train.class_names)
+        export(measured, run, "last", splits.train.class_names)
+        weights = "the trained weights" if average is None else average.describe(recipe.average.start)
         _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict(),
-                        plans=plans.to_list())
+                        plans=plans.to_list(), weights=weights)
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
                            "last/ holds the main process's")
