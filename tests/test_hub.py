@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import sglr_zoo
@@ -97,6 +98,22 @@ def test_export_folder_loads_like_the_source(run_dir, tmp_path):
     assert Results.load(out / "results.json") == TEST_RESULTS
     with pytest.raises(UserError, match="not an empty folder"):
         export_folder(run_dir, out)
+
+
+def test_export_writes_the_hubs_eval_results(run_dir, tmp_path):
+    """`.eval_results/cifar10.yaml`, read back with huggingface_hub's own parser: one entry per accuracy measured,
+    the results' numbers, with the split, the images and the evaluator's version in the notes."""
+    from huggingface_hub import parse_eval_result_entries
+
+    out = export_folder(run_dir, tmp_path / "export")
+    entries = parse_eval_result_entries(yaml.safe_load((out / ".eval_results" / "cifar10.yaml").read_text()))
+    measured = {"clean": TEST_RESULTS.clean_accuracy, **{f"{attack}-linf-8-255": accuracy
+                                                         for attack, accuracy in TEST_RESULTS.robust_accuracy.items()}}
+    assert {entry.task_id: entry.value for entry in entries} == measured
+    assert {entry.dataset_id for entry in entries} == {"uoft-cs/cifar10"}
+    for entry in entries:
+        assert f"{TEST_RESULTS.n_examples} images of the {TEST_RESULTS.provenance.split} split" in entry.notes
+        assert f"sglr_zoo {TEST_RESULTS.versions['sglr_zoo']}" in entry.notes and entry.date == TEST_RESULTS.created
 
 
 @pytest.mark.parametrize("record, size, what", [("metrics.csv", 17 << 20, "metrics.csv"),
@@ -429,6 +446,7 @@ def test_push_then_load_back(hub, hub_client, run_dir):
     repo = hub.repos["testorg/pushed"]
     main = repo.commits[repo.refs["main"]]
     assert {"README.md", "model.safetensors", "config.json", "recipe.yaml", "results.json", "curves.png"} <= set(main)
+    assert yaml.safe_load(main[".eval_results/cifar10.yaml"])[0]["dataset"] == {"id": "uoft-cs/cifar10", "task_id": "clean"}
     assert b"model-index" in main["README.md"] and main["model.safetensors"] == (
         run_dir / "best" / "model.safetensors").read_bytes()
     assert repo.commits[repo.refs["dev"]]["model.safetensors"] == (run_dir / "last" / "model.safetensors").read_bytes()

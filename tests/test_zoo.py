@@ -127,7 +127,7 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
     assert f"entry {NAME}: bundle={NAME!r}, sha256={sha256!r}" in out
     assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "recipe.yaml",
                                                   "results.json", CHECK_RESULTS, "metrics.csv", "curves.png",
-                                                  "run.json"}
+                                                  "run.json", ".eval_results"}
     results = Results.load(evaluated.run / "best" / "results.json")
     assert Results.load(folder / "results.json") == results
     assert Results.load(folder / CHECK_RESULTS) == Results.load(evaluated.check)
@@ -374,7 +374,7 @@ def test_push_zoo_then_load_prefers_the_hub_copy(bundled, evaluated, hub, hub_cl
         """, hub.url, HF_TOKEN="hf_test_token", OMP_NUM_THREADS="1")
     assert out.rstrip().endswith("OK")
     dry_run, rest = out.split("dry run: nothing uploaded", 1)
-    assert f"would upload {NAME} 9 files to {repo}" in dry_run and CHECK_RESULTS in dry_run
+    assert f"would upload {NAME} 10 files to {repo}" in dry_run and CHECK_RESULTS in dry_run and ".eval_results/cifar10.yaml" in dry_run
     assert f"model.safetensors sha256: {bundled.sha256}" in dry_run
     assert f"{NAME}: published=True, revision='" in rest and f"repo_id={repo!r}" in rest
     lines = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith(("HUB", "CHANGED", "WARN",
@@ -385,9 +385,10 @@ def test_push_zoo_then_load_prefers_the_hub_copy(bundled, evaluated, hub, hub_cl
     # What went up is the bundle: the same bytes, except the card, rendered again to name the repo it is in
     # (`other` went up later, in a commit without check_results.json).
     first = next(files for files in hub.repos[repo].commits.values() if CHECK_RESULTS in files)
-    for path in bundled.folder.iterdir():
-        if path.name != "README.md":
-            assert first[path.name] == path.read_bytes(), path.name
+    for path in bundled.folder.rglob("*"):
+        name = path.relative_to(bundled.folder).as_posix()
+        if path.is_file() and name != "README.md":
+            assert first[name] == path.read_bytes(), name
     card = first["README.md"].decode()
     assert f'sglr_zoo.load("hf-hub:{repo}")' in card and b"model-index" in first["README.md"]
     assert re.sub(re.escape(repo), ENTRY.repo_id, card) == (bundled.folder / "README.md").read_text()
