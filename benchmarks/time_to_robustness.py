@@ -1,0 +1,400 @@
+"""Time to robustness: our presets trained for the same wall-clock budget, then AutoAttack (issue 28, item 4).
+
+The FastAT Benchmark's reporting format (arXiv 2604.22853: CIFAR-10, L-inf 8/255, AutoAttack, hours, seeds) for the
+presets below on this machine. Every preset is a list of overrides on recipes/quickstart_cifar10.yaml (SGLR, FGSM-RS,
+onecycle, the trainer sizes the run to `schedule.budget`). For each (preset, seed, budget) the grid runs
+
+    sglr-zoo train recipes/quickstart_cifar10.yaml run.output_dir=OUT run.name=NAME run.seed=SEED \\
+        schedule.budget=BUDGET OVERRIDES...
+
+alone (nothing else of ours runs beside a training), measuring its wall time and peak resident memory, then
+
+    sglr-zoo eval OUT/NAME/last --attacks clean,pgd20,autoattack --n 500 --out OUT/NAME/ttr_eval_n500.json \\
+        --state-path OUT/NAME/ttr_eval_n500.autoattack_state.json --dataset DATASET
+
+(AutoAttack standard on the first 500 test images; --eval-jobs of them at a time, once every training is done).
+NAME is PRESET-sSEED, with -BUDGET added for a budget other than the recipe's. The grid runs in priority order,
+seed 0 of every preset before seed 1, so a partial grid is informative. It resumes: a finished training
+(RUN/finished.json) is not rerun (an unfinished one is moved to OUT/.killed/ and trained afresh, as its wall time
+would be wrong), a finished evaluation is not redone, a killed one resumes from its AutoAttack state file. The
+record (--record) is rebuilt from the run directories after every step; --report reads only the record.
+
+The grid at 9 minutes, two seeds: 12 trainings one at a time (about 1 h 50 min), then 12 evaluations two at a time
+on one thread each (AutoAttack on 500 images took 22 min on one thread for a 1.2M-parameter model, benchmarks/
+RESULTS.md: about 2 h more); then the table for benchmarks/RESULTS.md and the plot. From the repository root:
+
+    SGLR_ZOO_DATA=../shared/datasets python benchmarks/time_to_robustness.py --seeds 0 1 --budget 9m
+    python benchmarks/time_to_robustness.py --report
+    python benchmarks/time_to_robustness.py --dry-run --presets sglr-fgsmrs sglr-nfgsm   # the commands only
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "quickstart_cifar10.yaml"
+SCHEMA = "sglr_zoo.time_to_robustness/1"
+ATTACKS = "clean,pgd20,autoattack"
+TRAIN_FILE = "ttr_train.json"  # this script's measurement of a training, in its run directory
+
+NFGSM = ["attack.step_size=8/255", "attack.noise=2", "attack.project=false"]  # de Jorge et al. 2022
+AVERAGE = ["average.decay=0.999", "average.start=0.5"]
+LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
+# Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
+PRESETS: dict[str, list[str]] = {
+    "sglr-fgsmrs": [],
+    "pgdat-nfgsm-ema-ls": ["method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm-ema-ls": [*LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm": NFGSM,
+    "sglr-nfgsm-ema": [*NFGSM, *AVERAGE],
+    "sglr-fgsmrs-ema": AVERAGE,
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of the grid: a preset trained with one seed for one budget."""
+
+    preset: str
+    seed: int
+    budget: str
+    name: str
+    overrides: list[str]
+    run: Path
+    train: list[str]  # sglr-zoo arguments
+    eval: list[str]
+    results: Path
+    state: Path
+
+
+def cpu_info() -> dict:
+    """The CPU model, its count and whether it computes bf16 natively (AVX512-BF16, AMX)."""
+    flags, model = set(), "unknown CPU"
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    return {"model": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags}
+
+
+def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir: Path, recipe: Path,
+              aa_n: int, extra: list[str]) -> list[Job]:
+    """The jobs in the order they run: seed by seed, budget by budget, presets in priority order. `extra`
+    overrides follow every preset's (toy runs)."""
+    from sglr_zoo.recipe import load_recipe
+    from sglr_zoo.schedule import parse_budget
+
+    nominal = load_recipe(recipe).schedule.budget
+    jobs = []
+    for seed in seeds:
+        for budget in budgets:
+            for preset in presets:
+                overrides = [*PRESETS[preset], *extra]
+                dataset = load_recipe(recipe, overrides).data.dataset
+                same = nominal is not None and parse_budget(budget) == parse_budget(nominal)
+                name = f"{preset}-s{seed}" + ("" if same else f"-{budget}")
+                run = out_dir / name
+                results = run / f"ttr_eval_n{aa_n}.json"
+                state = run / f"ttr_eval_n{aa_n}.autoattack_state.json"
+                train = ["train", str(recipe), f"run.output_dir={out_dir}", f"run.name={name}", f"run.seed={seed}",
+                         f"schedule.budget={budget}", *overrides]
+                evaluate = ["eval", str(run / "last"), "--attacks", ATTACKS, "--n", str(aa_n), "--out", str(results),
+                            "--state-path", str(state), "--dataset", dataset]
+                jobs.append(Job(preset, seed, budget, name, overrides, run, train, evaluate, results, state))
+    return jobs
+
+
+def shown(args: list[str]) -> str:
+    return shlex.join(["sglr-zoo", *args])
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """This repository's sglr_zoo first on the path (a worktree beats an installed copy)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_logged(args: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, float]:
+    """Runs `sglr-zoo ARGS` with its output in `log`; returns (exit status, wall seconds, peak RSS MiB of the child)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n$ {shown(args)}\n".encode())
+        out.flush()
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "sglr_zoo.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                 env=env)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage; ru_maxrss is KiB on Linux
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def failed(what: str, log: Path) -> SystemExit:
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    return SystemExit(f"{what} failed; the end of {log}:\n" + "\n".join(tail))
+
+
+def train(job: Job, logs: Path) -> None:
+    """Trains one job unless its run finished; an unfinished run directory is set aside and trained afresh."""
+    from sglr_zoo.files import write_atomic
+    from sglr_zoo.rundir import RunDir, RunLock
+
+    run = RunDir(job.run)
+    if run.finished.is_file() and (job.run / TRAIN_FILE).is_file():
+        return
+    if run.finished.is_file():
+        raise SystemExit(f"{job.run} finished without this script's measurement ({TRAIN_FILE}): move it away")
+    if job.run.exists():
+        RunLock.acquire(run).release()  # raises, naming the holder, when a training runs there now
+        aside = job.run.parent / ".killed" / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(job.run, aside)
+        print(f"  an unfinished {job.run} moved to {aside}")
+    print(f"train {job.name}: {shown(job.train)}", flush=True)
+    code, wall, rss = run_logged(job.train, logs / f"{job.name}.train.log", child_env())
+    if code or not run.finished.is_file():
+        raise failed(f"training {job.name} (exit status {code})", logs / f"{job.name}.train.log")
+    measured = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss, 1), "command": shown(job.train),
+                "cpu": cpu_info(), "torch": version("torch"), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_atomic(job.run / TRAIN_FILE, (json.dumps(measured, indent=1) + "\n").encode())
+    print(f"  {wall / 60:.1f} min, peak {rss:.0f} MiB", flush=True)
+
+
+def evaluated(job: Job) -> bool:
+    from sglr_zoo.errors import UserError
+    from sglr_zoo.results import Results
+
+    try:
+        return "autoattack" in Results.load(job.results).robust_accuracy
+    except UserError:
+        return False
+
+
+def evaluate(job: Job, logs: Path, threads: int | None) -> None:
+    """Evaluates one trained job (resuming its AutoAttack state) unless it was evaluated."""
+    if evaluated(job) or not (job.run / TRAIN_FILE).is_file():
+        return
+    print(f"eval {job.name}: {shown(job.eval)}", flush=True)
+    code, wall, _ = run_logged(job.eval, logs / f"{job.name}.eval.log", child_env(threads))
+    if code or not evaluated(job):
+        raise failed(f"evaluating {job.name} (exit status {code})", logs / f"{job.name}.eval.log")
+    print(f"  {job.name} evaluated in {wall / 60:.1f} min", flush=True)
+
+
+def accuracies(path: Path) -> dict | None:
+    """n, clean and robust accuracies, sanity of a results file, or None when there is none."""
+    from sglr_zoo.results import Results
+
+    if not path.is_file():
+        return None
+    results = Results.load(path)
+    failures = [name for name, check in results.sanity.items() if check.passed is False]
+    return {"n": results.n_examples, "clean": results.clean_accuracy, **results.robust_accuracy,
+            "sanity_passed": not failures, "sanity_failed": failures, "device": results.device,
+            "eval_wall_s": round(results.wall_time_s, 1)}
+
+
+def collect(job: Job) -> dict | None:
+    """The record of one trained job, from its run directory; None until it has trained."""
+    from sglr_zoo.results import public_paths
+    from sglr_zoo.rundir import RunDir
+
+    run = RunDir(job.run)
+    if not (job.run / TRAIN_FILE).is_file():
+        return None
+    measured = json.loads((job.run / TRAIN_FILE).read_text())
+    info = json.loads(run.run_info.read_text())
+    plans = json.loads(run.plans.read_text()) if run.plans.is_file() else {"plans": info.get("plans", [])}
+    last_plan = plans["plans"][-1] if plans["plans"] else {}
+    trainer = accuracies(run.results("last"))
+    ours = accuracies(job.results)
+    return public_paths({  # no local path in a record that gets committed
+        "name": job.name, "preset": job.preset, "overrides": job.overrides, "seed": job.seed,
+        "budget": job.budget, "run_dir": str(job.run), **measured,
+        "sglr_zoo_commit": info.get("git_commit"),
+        "plan": {"epochs": last_plan.get("epochs"), "steps": last_plan.get("steps"),
+                 "steps_per_epoch": plans.get("steps_per_epoch"), "replans": len(plans["plans"]) - 1},
+        "precision": info.get("speed", {}).get("mixed_precision", {}).get("value"),
+        "threads": info.get("speed", {}).get("threads", {}).get("value"),
+        "trainer_eval": trainer, "eval": ours,
+        "sanity_passed": all(r is None or r["sanity_passed"] for r in (trainer, ours)),
+        "guard": info.get("guard"), "average": info.get("average"),
+    })
+
+
+def write_record(jobs: list[Job], path: Path) -> None:
+    """Adds or refreshes the record's entries of `jobs` (other entries stay), atomically."""
+    from sglr_zoo.files import write_atomic
+
+    runs = load_record(path)
+    runs.update({entry["name"]: entry for entry in map(collect, jobs) if entry})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps({"schema": SCHEMA, "runs": runs}, indent=1) + "\n").encode())
+
+
+def load_record(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise SystemExit(f"{path}: not a record of this script (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+    return data["runs"]
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+def aggregate(runs: dict[str, dict]) -> list[dict]:
+    """One row per (preset, budget) with evaluated runs, presets in priority order: seeds, per-seed and mean
+    accuracies, mean wall minutes, the largest peak memory and the CPUs."""
+    order = {name: i for i, name in enumerate(PRESETS)}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in sorted(runs.values(), key=lambda e: (order.get(e["preset"], len(order)), e["budget"], e["seed"])):
+        if entry.get("eval") and "autoattack" in entry["eval"]:
+            groups.setdefault((entry["preset"], entry["budget"]), []).append(entry)
+    rows = []
+    for (preset, budget), entries in groups.items():
+        per_seed = {key: [e["eval"][key] for e in entries] for key in ("autoattack", "clean", "pgd20")}
+        rows.append({"preset": preset, "budget": budget, "seeds": [e["seed"] for e in entries],
+                     **{key: statistics.mean(values) for key, values in per_seed.items()},
+                     **{f"{key}_per_seed": values for key, values in per_seed.items()},
+                     "n": sorted({e["eval"]["n"] for e in entries}),
+                     "wall_min": statistics.mean(e["wall_s"] for e in entries) / 60,
+                     "wall_min_per_seed": [e["wall_s"] / 60 for e in entries],
+                     "peak_rss_mib": max(e["peak_rss_mib"] for e in entries),
+                     "sanity_passed": all(e["sanity_passed"] for e in entries),
+                     "cpus": sorted({cpu_name(e["cpu"]) for e in entries})})
+    return rows
+
+
+def cpu_name(cpu: dict) -> str:
+    native = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if cpu.get(flag)]
+    return f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table for benchmarks/RESULTS.md: mean (per seed) of each accuracy."""
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.1f} ({' / '.join(f'{v:.1f}' for v in row[f'{key}_per_seed'])})"
+
+    n = sorted({k for row in rows for k in row["n"]})
+    lines = [f"AutoAttack (standard), clean and PGD-20 on the first {'/'.join(map(str, n))} CIFAR-10 test images, "
+             "L-inf 8/255: mean (per seed).", "",
+             "| preset | budget | seeds | AutoAttack % | clean % | PGD-20 % | wall min | peak MiB | sanity | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['preset']} | {row['budget']} | {len(row['seeds'])} | {cell(row, 'autoattack')} | "
+                     f"{cell(row, 'clean')} | {cell(row, 'pgd20')} | {row['wall_min']:.1f} | "
+                     f"{row['peak_rss_mib']:.0f} | {'pass' if row['sanity_passed'] else 'FAIL'} | "
+                     f"{'; '.join(row['cpus'])} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """AutoAttack accuracy against wall-clock minutes: a dot per run, a labelled diamond per preset's mean."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    axes = fig.subplots()
+    for i, row in enumerate(rows):
+        color = f"C{i % 10}"
+        axes.scatter(row["wall_min_per_seed"], row["autoattack_per_seed"], color=color, alpha=0.5, s=20)
+        seeds = len(row["seeds"])
+        axes.scatter([row["wall_min"]], [row["autoattack"]], color=color, marker="D", s=50,
+                     label=f"{row['preset']} ({row['budget']}, {seeds} seed{'s' * (seeds > 1)})")
+        axes.annotate(row["preset"], (row["wall_min"], row["autoattack"]), xytext=(6, 4),
+                      textcoords="offset points", fontsize=8, color=color)
+    cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
+    n = "/".join(str(k) for k in sorted({k for row in rows for k in row["n"]}))
+    axes.set(xlabel="wall clock of the training (min)", ylabel=f"AutoAttack accuracy (%, first {n} test images)",
+             title=f"Time to robustness on {'; '.join(cpus)}")
+    axes.title.set_fontsize(9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
+                        help="run in priority order whatever the order given")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--budget", nargs="+", default=["9m"], help="one or more schedule.budget values")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/ttr"))
+    parser.add_argument("--recipe", type=Path, default=RECIPE.relative_to(REPO) if Path.cwd() == REPO else RECIPE)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides after every preset's (toy runs: data.n_train=512 data.n_test=100 ...)")
+    parser.add_argument("--stage", choices=["train", "eval", "all"], default="all",
+                        help="all: every training of the grid, then the evaluations")
+    parser.add_argument("--eval-jobs", type=int, default=2, help="evaluations at a time (never beside a training)")
+    parser.add_argument("--aa-n", type=int, default=500, help="first test images of the evaluation")
+    parser.add_argument("--record", type=Path, default=Path("benchmarks/time_to_robustness.json"))
+    parser.add_argument("--report", action="store_true", help="print the markdown table and write --plot; no runs")
+    parser.add_argument("--plot", type=Path, default=Path("docs/time_to_robustness.png"))
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the stage; run nothing")
+    args = parser.parse_args(argv)
+
+    if args.report:
+        rows = aggregate(load_record(args.record))
+        if not rows:
+            raise SystemExit(f"{args.record}: no evaluated run yet")
+        print(markdown(rows))
+        plot(rows, args.plot)
+        print(f"\nplot: {args.plot}")
+        return
+    presets = [name for name in PRESETS if name in args.presets]
+    jobs = plan_grid(presets, args.seeds, args.budget, args.out_dir, args.recipe, args.aa_n, args.set)
+    if args.dry_run:
+        for stage in ("train", "eval"):
+            if args.stage in (stage, "all"):
+                print("\n".join(shown(getattr(job, stage)) for job in jobs))
+        return
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    lock = (args.out_dir / ".grid.lock").open("w")
+    try:  # one grid per folder at a time: a second would run a training or evaluations beside this one's
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another time_to_robustness.py runs a grid in {args.out_dir}; wait for it to end") from None
+    logs = args.out_dir / "logs"
+    if args.stage in ("train", "all"):
+        for job in jobs:
+            train(job, logs)
+            write_record([job], args.record)
+    if args.stage in ("eval", "all"):
+        threads = max(1, (os.cpu_count() or 1) // args.eval_jobs)
+        with ThreadPoolExecutor(args.eval_jobs) as pool:
+            done = [pool.submit(evaluate, job, logs, threads) for job in jobs]
+            for job, future in zip(jobs, done, strict=True):
+                future.result()
+                write_record([job], args.record)
+    write_record(jobs, args.record)
+    trained = sum((job.run / TRAIN_FILE).is_file() for job in jobs)
+    print(f"record: {args.record} ({trained} of {len(jobs)} runs trained, {sum(map(evaluated, jobs))} evaluated)")
+
+
+if __name__ == "__main__":
+    main()

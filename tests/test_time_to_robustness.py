@@ -1,0 +1,111 @@
+"""benchmarks/time_to_robustness.py: its presets, its commands, its report, and one toy grid end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglr_zoo.recipe import load_recipe
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_robustness.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("time_to_robustness", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ttr():
+    return TTR
+
+
+TTR = load_script()
+
+
+@pytest.mark.parametrize("preset", list(TTR.PRESETS))
+def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, preset):
+    recipe = load_recipe(ttr.RECIPE, ttr.PRESETS[preset])
+    parts = preset.split("-")
+    assert recipe.method.name == ("pgd_at" if parts[0] == "pgdat" else "sglr")
+    assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if "nfgsm" in parts else (1.0, True))
+    assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
+    assert recipe.average.decay == (0.999 if "ema" in parts else 0.0)
+    assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
+
+
+def test_dry_run_prints_one_train_command_per_preset_and_seed_in_priority_order(ttr, tmp_path, capsys):
+    presets = list(ttr.PRESETS)
+    ttr.main(["--dry-run", "--stage", "train", "--seeds", "0", "1", "--presets", *reversed(presets),
+              "--out-dir", str(tmp_path / "runs")])
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("sglr-zoo train ") and "schedule.budget=9m" in line for line in lines)
+    names = [word.removeprefix("run.name=") for line in lines for word in line.split() if word.startswith("run.name=")]
+    assert names == [f"{preset}-s{seed}" for seed in (0, 1) for preset in presets]
+    for line, preset in zip(lines, presets * 2):
+        assert line.endswith(" ".join(["schedule.budget=9m", *ttr.PRESETS[preset]]))
+
+
+def fabricated_run(preset: str, seed: int, autoattack: float | None, wall_s: float = 540.0) -> dict:
+    evaluation = None if autoattack is None else {"n": 500, "clean": 60.0 + seed, "pgd20": 35.0 + seed,
+                                                  "autoattack": autoattack, "sanity_passed": True}
+    return {"name": f"{preset}-s{seed}", "preset": preset, "seed": seed, "budget": "9m", "wall_s": wall_s,
+            "peak_rss_mib": 1500.0 + seed, "cpu": {"model": "Test CPU", "cpus": 2, "avx512_bf16": True,
+                                                   "amx_bf16": False},
+            "eval": evaluation, "sanity_passed": True}
+
+
+def test_report_counts_seeds_and_averages_per_preset(ttr, tmp_path, capsys):
+    runs = [fabricated_run("sglr-nfgsm", 0, 30.0, 530.0), fabricated_run("sglr-nfgsm", 1, 32.0, 550.0),
+            fabricated_run("sglr-fgsmrs", 0, 31.0), fabricated_run("sglr-fgsmrs", 1, None)]  # seed 1: not evaluated
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"schema": ttr.SCHEMA, "runs": {run["name"]: run for run in runs}}))
+
+    rows = ttr.aggregate(ttr.load_record(record))
+    assert [row["preset"] for row in rows] == ["sglr-fgsmrs", "sglr-nfgsm"]  # priority order
+    baseline, nfgsm = rows
+    assert baseline["seeds"] == [0] and baseline["autoattack"] == 31.0
+    assert nfgsm["seeds"] == [0, 1] and nfgsm["autoattack_per_seed"] == [30.0, 32.0]
+    assert (nfgsm["autoattack"], nfgsm["clean"], nfgsm["pgd20"]) == (31.0, 60.5, 35.5)
+    assert nfgsm["wall_min"] == pytest.approx(9.0) and nfgsm["peak_rss_mib"] == 1501.0
+
+    plot = tmp_path / "ttr.png"
+    ttr.main(["--report", "--record", str(record), "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "| sglr-nfgsm | 9m | 2 | 31.0 (30.0 / 32.0) | 60.5 (60.0 / 61.0) | 35.5 (35.0 / 36.0) | 9.0 | 1501 |" in out
+    assert "Test CPU, 2 CPUs, AVX512-BF16" in out and "first 500" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_toy_grid_trains_evaluates_records_and_resumes(ttr, tiny_dataset, tmp_path, capsys):
+    record = tmp_path / "record.json"
+    args = ["--presets", "sglr-nfgsm", "--seeds", "0", "--budget", "10s", "--out-dir", str(tmp_path / "runs"),
+            "--record", str(record), "--aa-n", "2", "--eval-jobs", "2",  # one thread per evaluation
+            "--set", f"data.dataset={tiny_dataset}", "model.arch=preactresnet_tiny_cifar", "eval.n=8",
+            "eval.final_n=16", "run.batch_size=16", "run.threads=1"]
+    unfinished = tmp_path / "runs" / "sglr-nfgsm-s0-10s" / "checkpoints"
+    unfinished.mkdir(parents=True)  # a killed training: set aside, trained afresh
+    ttr.main(args)
+    assert [p.name.startswith("sglr-nfgsm-s0-10s-") for p in (tmp_path / "runs" / ".killed").iterdir()] == [True]
+    entry = json.loads(record.read_text())["runs"]["sglr-nfgsm-s0-10s"]
+    assert entry["preset"] == "sglr-nfgsm" and entry["seed"] == 0 and entry["budget"] == "10s"
+    assert entry["overrides"][:3] == ttr.PRESETS["sglr-nfgsm"]
+    assert 0 < entry["wall_s"] < 120 and entry["peak_rss_mib"] > 100
+    assert entry["cpu"]["model"] and entry["torch"] and entry["sglr_zoo_commit"]
+    assert entry["plan"]["epochs"] >= 1 and entry["threads"] == 1 and entry["precision"] in ("bf16", "no")
+    assert entry["trainer_eval"]["n"] == 16 and "pgd20" in entry["trainer_eval"]
+    assert entry["eval"]["n"] == 2 and {"clean", "pgd20", "autoattack"} <= set(entry["eval"])
+    assert isinstance(entry["sanity_passed"], bool) and "guard" in entry
+
+    capsys.readouterr()
+    ttr.main(args)  # finished: neither trained nor evaluated again
+    assert "train " not in capsys.readouterr().out
+    assert json.loads(record.read_text())["runs"]["sglr-nfgsm-s0-10s"]["wall_s"] == entry["wall_s"]
