@@ -108,13 +108,16 @@ def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir:
             for preset in presets:
                 overrides = [*PRESETS[preset], *extra]
                 dataset = load_recipe(recipe, overrides).data.dataset
-                same = nominal is not None and parse_budget(budget) == parse_budget(nominal)
+                fixed = budget.endswith("ep")  # a fixed compute: the epochs a budget buys on an idle machine
+                same = not fixed and nominal is not None and parse_budget(budget) == parse_budget(nominal)
                 name = f"{preset}-s{seed}" + ("" if same else f"-{budget}")
+                schedule = ["schedule.budget=null", f"schedule.epochs={budget[:-2]}"] if fixed else [
+                    f"schedule.budget={budget}"]
                 run = out_dir / name
                 results = run / f"ttr_eval_n{aa_n}.json"
                 state = run / f"ttr_eval_n{aa_n}.autoattack_state.json"
                 train = ["train", str(recipe), f"run.output_dir={out_dir}", f"run.name={name}", f"run.seed={seed}",
-                         f"schedule.budget={budget}", *overrides]
+                         *schedule, *overrides]
                 evaluate = ["eval", str(run / "last"), "--attacks", ATTACKS, "--n", str(aa_n), "--out", str(results),
                             "--state-path", str(state), "--dataset", dataset]
                 jobs.append(Job(preset, seed, budget, name, overrides, run, train, evaluate, results, state))
@@ -241,7 +244,7 @@ def collect(job: Job) -> dict | None:
         "threads": info.get("speed", {}).get("threads", {}).get("value"),
         "trainer_eval": trainer, "eval": ours,
         "sanity_passed": all(r is None or r["sanity_passed"] for r in (trainer, ours)),
-        "guard": info.get("guard"), "average": info.get("average"),
+        "guard": info.get("guard"), "weights": info.get("weights"),
     })
 
 
@@ -343,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
                         help="run in priority order whatever the order given")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--budget", nargs="+", default=["9m"], help="one or more schedule.budget values")
+    parser.add_argument("--budget", nargs="+", default=["9m"],
+                        help="one or more schedule.budget values, or NNep: NN whole epochs without a budget (the "
+                             "same compute for every preset, whatever else runs on the machine)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ttr"))
     parser.add_argument("--recipe", type=Path, default=RECIPE.relative_to(REPO) if Path.cwd() == REPO else RECIPE)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
