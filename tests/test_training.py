@@ -788,9 +788,10 @@ main(["train", recipe])
 def test_two_processes_batchnorm_run_finishes(tmp_path, tiny_dataset):
     """torchrun, 2 CPU processes, a BatchNorm model: BatchNorm statistics are aligned (equal checksums), the run
     exports best/ and last/ and writes run.json and results.json, and the final evaluation, longer than the process
-    group's timeout, runs on the main process alone while the other has already exited."""
+    group's timeout, runs on the main process alone while the other has already exited. With weight averaging on,
+    the average (with its BatchNorm statistics) is the same on both processes too."""
     timeout = 15  # seconds; sized for a loaded 2-core machine, where a main-process-only write may take several
-    recipe_file = write_recipe(tmp_path / "recipe.yaml", PAPER_END, tiny_dataset)
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", PAPER_END, tiny_dataset, "average.decay=0.9")
     (driver := tmp_path / "driver.py").write_text(DRIVER)
     log = tmp_path / "events.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -803,6 +804,7 @@ def test_two_processes_batchnorm_run_finishes(tmp_path, tiny_dataset):
     info = json.loads((run_dir / "run.json").read_text())
     checksums = info["replica_checksums"]
     assert info["num_processes"] == 2 and len(checksums) == 2 and checksums[0] == checksums[1]
+    assert len(checksums[0]) == 3 and info["weights"].startswith("exponential moving average")  # model, objective, average
     assert info["best_epoch"] in (1, 2) and info["last_epoch"] == 2
     for which in ("best", "last"):
         results = load_results(run_dir / which / "results.json")
