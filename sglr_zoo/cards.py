@@ -133,7 +133,8 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "method": METHODS.get(source.method or "", ("an unknown method (no recipe.yaml found)",))[0],
         "baseline": not (source.method or "").startswith("sglr"), "threat": _threat_text(source),
         "input_size": "x".join(map(str, size)) if size else "size unknown", "paper": SGLR_PAPER,
-        "attack_labels": {attack: attack_label(attack) for attack in results.robust_accuracy} if results else {},
+        "attack_labels": {attack: attack_label(attack) for attack in [*results.robust_accuracy, *(
+            [results.eps_sweep.attack] if results.eps_sweep else [])]} if results else {},
         "check_status": {True: "passed", False: "FAILED", None: "not run"},
         # The template reads the results' numbers itself; these are ways of showing them.
         "failed_checks": [f"{check} ({info.detail})" for check, info in results.sanity.items()
@@ -150,7 +151,7 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         if recipe and recipe.method.name.startswith("sglr") else None,
         "finetune": recipe.finetune if recipe and recipe.finetune.backbone else None,
         "backbone": public_text(recipe.finetune.backbone) if recipe and recipe.finetune.backbone else None,
-        "facts": _training_facts(run), "imported": source.config.get("sglr_zoo_import"),
+        "eps_sweep_plot": source.folder.eps_sweep_plot.is_file(), "facts": _training_facts(run), "imported": source.config.get("sglr_zoo_import"),
         "hub_id": hub_id, "repo_id": repo_id, "zoo_name": name, "num_classes": source.config.get("num_classes", "N"),
         "label_names": source.config.get("label_names"),
         "cpu_scale": bool(recipe) and (epochs < PAPER_EPOCHS or recipe.data.n_train is not None),

@@ -22,6 +22,7 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, MiB, WriteFailed, read_regular
 from sglr_zoo.hub_results import write_eval_results
 from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, WEIGHTS_LIMIT, is_sglr_arch
+from sglr_zoo.plots import eps_sweep_png
 from sglr_zoo.recipe import from_dict, save_recipe
 from sglr_zoo.results import Results, public_paths
 from sglr_zoo.rundir import ModelFolder, RunDir
@@ -36,7 +37,7 @@ def export_folder(run_or_folder: str | Path, out_dir: str | Path, *, which: str 
                   results: str | Path | dict[str, Any] | Results | None = None, repo_id: str | None = None,
                   name: str | None = None, half: bool = False) -> Path:
     """Writes a Hub-ready folder: weights + timm config.json, README.md model card, recipe, results (also as
-    `.eval_results/<dataset>.yaml` for a Hub dataset), curves.
+    `.eval_results/<dataset>.yaml` for a Hub dataset; with a plot when they hold an eps sweep), curves.
 
     The folder loads with `timm.create_model("local-dir:OUT", pretrained=True)` and `sglr_zoo.load(OUT)`.
     `repo_id` and `name` (a zoo name) only change what the card says; `half` stores the floating-point weights as
@@ -68,6 +69,8 @@ def write_folder(source: ModelSource, out_dir: str | Path, weights: bytes, *, re
             source.results.save(target.results)
             if dataset_id := DATASETS.get(source.dataset, (None, None))[1]:  # a Hub dataset: the Hub's own format
                 write_eval_results(out, source.results, dataset_id)
+            if source.results.eps_sweep is not None:
+                target.eps_sweep_plot.write_bytes(eps_sweep_png(source.results.eps_sweep))
         # The card describes the weights as written (their dtype), so it is rendered from the new folder.
         render_card(replace(source, folder=target), repo_id=repo_id, name=name).save(out / "README.md")
     except OSError as error:  # a full disk: one line naming the file

@@ -224,5 +224,10 @@ class ModelFolder:
     def results(self) -> Path:
         return self.root / "results.json"
 
+    @property
+    def eps_sweep_plot(self) -> Path:
+        """Accuracy against eps, drawn from the results' sweep when they hold one (the card shows it)."""
+        return self.root / "eps_sweep.png"
+
     def is_model(self) -> bool:
         return self.config.is_file() and self.weights.is_file()

@@ -30,7 +30,7 @@ from sglr_zoo.evaluate import evaluate
 from sglr_zoo.export import export_folder, export_robustbench, robustbench_entry
 from sglr_zoo.models import Normalized, create_model, load_pretrained, save_pretrained, weights_fingerprint
 from sglr_zoo.recipe import Recipe, load_recipe, save_recipe
-from sglr_zoo.results import Provenance, Results, SanityCheck
+from sglr_zoo.results import EpsSweep, Provenance, Results, SanityCheck
 from sglr_zoo.source import collect
 from sglr_zoo.zoo import ZOO, list_models, lookup
 
@@ -114,6 +114,17 @@ def test_export_writes_the_hubs_eval_results(run_dir, tmp_path):
     for entry in entries:
         assert f"{TEST_RESULTS.n_examples} images of the {TEST_RESULTS.provenance.split} split" in entry.notes
         assert f"sglr_zoo {TEST_RESULTS.versions['sglr_zoo']}" in entry.notes and entry.date == TEST_RESULTS.created
+
+
+def test_a_card_shows_the_eps_sweep(run_dir, tmp_path):
+    """Results with an eps sweep: the export draws it (eps_sweep.png) and the card shows its table and the plot."""
+    sweep = EpsSweep("pgd20", ["0", "4/255", "8/255", "16/255"], [81.25, 60.0, 47.5, 12.5], 52.5)  # made-up values
+    out = export_folder(run_dir, tmp_path / "export", results=dataclasses.replace(TEST_RESULTS, eps_sweep=sweep))
+    card = (out / "README.md").read_text()
+    assert (out / "eps_sweep.png").read_bytes().startswith(b"\x89PNG") and "![accuracy against eps](eps_sweep.png)" in card
+    assert "| eps | 0 | 4/255 | 8/255 | 16/255 |" in card and "| accuracy (%) | 81.25 | 60.00 | 47.50 | 12.50 |" in card
+    assert "PGD-20, Linf" in card and "expected robustness\") is 52.50%" in card
+    assert "eps_sweep.png" not in (export_folder(run_dir, tmp_path / "plain") / "README.md").read_text()
 
 
 @pytest.mark.parametrize("record, size, what", [("metrics.csv", 17 << 20, "metrics.csv"),
