@@ -6,7 +6,7 @@ Each step the average moves towards the weights, average <- decay * average + (1
 (the weights are fp32 under autocast), parameters and BatchNorm running statistics alike (`buffers: average`,
 timm's default) or with the statistics copied (`buffers: copy`); integer buffers (BatchNorm's batch count) are
 copied. Every process holds the same weights after a step, so it holds the same average; its BatchNorm statistics
-are aligned with the model's at each epoch's end (training.sync_buffers).
+are aligned with the model's at each epoch's end (replicas.sync_buffers).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 from torch import nn
 
@@ -63,6 +63,7 @@ from sglr_zoo.monitoring import (
 from sglr_zoo.objectives import build_objective
 from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import Recipe, save_recipe
+from sglr_zoo.replicas import check_processes, replica_checksums, sync_buffers
 from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.runstate import RunState, data_fingerprint
@@ -87,35 +88,6 @@ def _git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def _check_hardware(recipe: Recipe, accelerator: Accelerator) -> None:
-    if accelerator.device.type == "cpu":
-        if accelerator.mixed_precision == "fp16":
-            raise UserError("run.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no")
-        if recipe.run.sync_batchnorm and accelerator.num_processes > 1:
-            raise UserError("run.sync_batchnorm: SyncBatchNorm needs GPUs; set it to false on CPU")
-    if recipe.run.batch_size % accelerator.num_processes:
-        raise UserError(f"run.batch_size: {recipe.run.batch_size} is not divisible by the "
-                        f"{accelerator.num_processes} processes")
-
-
-@torch.no_grad()
-def sync_buffers(accelerator: Accelerator, how: str, *modules: nn.Module) -> None:
-    """Gives every process the same floating buffers (BatchNorm running statistics, which each process updates
-    from its own batches): rank 0's (`broadcast`, as DDP does before each forward) or their mean (`average`)."""
-    for module in modules:
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(broadcast(buffer) if how == "broadcast" else accelerator.reduce(buffer, reduction="mean"))
-
-
-def replica_checksums(accelerator: Accelerator, *modules: nn.Module) -> list[float]:
-    """A checksum of each module's parameters and buffers (the SGLR bank included) from every process."""
-    local = torch.stack([sum((t.double().sum() for t in m.state_dict().values() if t.is_floating_point()),
-                             torch.zeros((), dtype=torch.float64)).to(accelerator.device) for m in modules])
-    return accelerator.gather(local[None]).view(-1, len(modules)).tolist()
-
 
 
 def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) -> None:
@@ -221,7 +193,7 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     accelerator = Accelerator(mixed_precision=speed.mixed_precision.value, cpu=multi_cpu,
                               log_with="tensorboard" if tensorboard else None, project_dir=str(run.root),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    _check_hardware(recipe, accelerator)
+    check_processes(recipe.run, accelerator)
     accelerator.print(f"run directory: {run.root}")
     accelerator.print(speed.describe())
     set_seed(recipe.run.seed)

@@ -37,10 +37,11 @@ from sglr_zoo.evaluate import evaluate, load_results
 from sglr_zoo.models import create_model
 from sglr_zoo.monitoring import metric_columns
 from sglr_zoo.recipe import Recipe, ScheduleConfig, from_dict, load_recipe
+from sglr_zoo.replicas import check_processes
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.schedule import lr_factor
 from sglr_zoo.threads import ThreadClaims
-from sglr_zoo.training import RunState, TrainingDiverged, _check_hardware, train
+from sglr_zoo.training import RunState, TrainingDiverged, train
 from tests.conftest import write_parquet_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,10 +178,10 @@ def test_check_hardware(mixed_precision, sync_bn, processes, batch_size, error):
     recipe = from_dict({"run": {"sync_batchnorm": sync_bn, "batch_size": batch_size}})
     accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision=mixed_precision, num_processes=processes)
     if error is None:
-        _check_hardware(recipe, accelerator)
+        check_processes(recipe.run, accelerator)
     else:
         with pytest.raises(UserError, match=error):
-            _check_hardware(recipe, accelerator)
+            check_processes(recipe.run, accelerator)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed on a GPU")
@@ -838,7 +839,6 @@ import os, sys
 import torch
 from accelerate import Accelerator
 
-from sglr_zoo.training import sync_buffers
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
