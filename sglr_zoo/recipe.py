@@ -377,12 +377,22 @@ class Recipe:
         if self.method.start_epoch >= 1:
             _check(self.method.start_epoch <= self.schedule.epochs + 1, "method.start_epoch",
                    f"must be <= epochs + 1 = {self.schedule.epochs + 1} (or a fraction < 1)")
+        _check(self.guard.enabled is not True or self.attack.eps > 0, "guard.enabled",
+               "needs adversarial training (attack.eps > 0): clean training has no attack to fall back from")
 
     @property
     def start_epoch(self) -> int:
         """The 1-based epoch from which SGLR uses refined labels; a fraction f < 1 means epoch round(f * epochs)."""
         start = self.method.start_epoch
         return max(1, round(start * self.schedule.epochs)) if start < 1 else int(start)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the catastrophic-overfitting guard runs: guard.enabled, where auto means single-step adversarial
+        training (attack.steps 1, attack.eps > 0: FGSM with a random start, N-FGSM)."""
+        if self.guard.enabled == "auto":
+            return self.attack.steps == 1 and self.attack.eps > 0
+        return self.guard.enabled
 
     @property
     def eval_eps(self) -> Fraction:
