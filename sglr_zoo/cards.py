@@ -216,8 +216,25 @@ def _training_facts(run: dict[str, Any]) -> list[tuple[str, Any]]:
              ("seed", run.get("seed")), ("weights", run.get("weights"))]  # the trained ones, or their average
     facts += [(f"{key.removeprefix('num_examples_')} examples".replace("train ", "training ", 1), value)
               for key, value in run.items() if key.startswith("num_examples_")]
+    facts.append(("catastrophic-overfitting guard", _guard_text(run.get("guard"))))
     facts.append(("command", public_text(run.get("command"))))
     return [(label, value) for label, value in facts if value is not None]
+
+
+def _guard_text(guard: dict[str, Any] | None) -> str | None:
+    """What the catastrophic-overfitting guard did (run.json's `guard`), or None for a run without it."""
+    if not guard or not guard.get("enabled"):
+        return None
+    check = f"PGD-{guard['steps']}"
+    text = f"on ({check} on {guard['n']} held-out images every {guard['every']} steps); "
+    events = guard["events"]
+    if not events:
+        return text + "never acted"
+    acted = "; ".join(f"at step {e['step']} ({check} accuracy {e['accuracy']:.1f}% < {guard['drop']:g} x the best "
+                      f"{e['best']:.1f}%) " + (f"rolled back to step {e['restored_step']}" if e["restored_step"]
+                                               is not None else "fell back (no check had passed since the resume)")
+                      for e in events)
+    return f"{text}{acted}; trained on with PGD-{events[-1]['fallback_steps']}"
 
 
 def _eval_results(source: ModelSource, dataset_label: str, dataset_id: str | None) -> list:

@@ -23,7 +23,7 @@ from sglr_zoo import finetune
 from sglr_zoo.attacks import pgd
 from sglr_zoo.data import augment, to_float
 from sglr_zoo.errors import UserError
-from sglr_zoo.recipe import Recipe
+from sglr_zoo.recipe import AttackConfig, Recipe
 from sglr_zoo.runstate import SUMS, RunState
 from sglr_zoo.schedule import Plans, lr_factor
 
@@ -39,7 +39,8 @@ class TrainingDiverged(UserError):
 class StepParts:
     """What an optimiser step works with. `model` trains (prepared: DDP when several processes, compiled if asked);
     `unwrapped` holds the same weights without DDP or autocast wrapper: the attack runs through it and all-reduces
-    nothing. `recipe` gives the attack, the data's image size and augmentation, and the gradient clipping."""
+    nothing. `recipe` gives the data's image size and augmentation and the gradient clipping; `attack` is the
+    training attack in force: the recipe's unless a callback changed it (the guard's fallback, sglr_zoo.guard)."""
 
     model: nn.Module
     unwrapped: nn.Module
@@ -48,6 +49,10 @@ class StepParts:
     accelerator: Accelerator
     recipe: Recipe
     memory_format: torch.memory_format = torch.contiguous_format
+    attack: AttackConfig | None = None  # None: the recipe's
+
+    def __post_init__(self) -> None:
+        self.attack = self.attack or self.recipe.attack
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class Callback:
     def on_step_end(self, state: RunState, result: StepResult) -> None:
         """After each optimiser step; `state.global_step` counts it."""
 
+    def epoch_metrics(self, state: RunState, first_step: int) -> dict[str, float]:
+        """Columns of its own for the metrics.csv row of the epoch that began after global step `first_step`."""
+        return {}
+
     def on_epoch_end(self, state: RunState, row: dict[str, float]) -> None:
         """After an epoch's training, monitoring and records (`row`: its metrics.csv row), before its checkpoint."""
 
@@ -89,7 +98,7 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
     x = augment(x) if recipe.data.augment else x
     x = x.contiguous(memory_format=parts.memory_format)
     with accelerator.autocast():
-        attack = recipe.attack
+        attack = parts.attack
         x_adv = pgd(parts.unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps),
                     step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
                     loss=parts.objective.attack_loss, mode=attack.model_mode, freeze=freeze, noise=attack.noise,
@@ -123,7 +132,7 @@ def epoch_steps(first_step: int, batches: int, *limits: int | None) -> int:
 def train_one_epoch(epoch: int, parts: StepParts, loader: torch.utils.data.DataLoader, state: RunState,
                     plans: Plans, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """One pass over the training data, or up to run.max_steps or the plan's steps. Returns the epoch's training
-    metrics, over all processes, and records in `state` where it stopped; an epoch that run.max_steps stopped
+    metrics, over all processes, with the callbacks' own columns (`Callback.epoch_metrics`), and records in `state` where it stopped; an epoch that run.max_steps stopped
     inside (`state.epoch_step`) goes on after the steps done, with their sums."""
     accelerator, recipe = parts.accelerator, parts.recipe
     finetune.set_train_mode(parts.model)  # model.train(), but a frozen backbone stays in eval mode
@@ -170,4 +179,5 @@ def train_one_epoch(epoch: int, parts: StepParts, loader: torch.utils.data.DataL
     return {"steps": position, "lr": group["lr"] / group.get("lr_scale", 1.0), "loss": total["loss"] / total["examples"],
             "train_adv_acc": 100 * total["adv_correct"] / total["examples"],
             "grad_norm": total["grad_norm"] / total["steps"], "img_per_s": total["examples"] / seconds,
-            "epoch_s": seconds}
+            "epoch_s": seconds, **{key: value for callback in callbacks
+                                   for key, value in callback.epoch_metrics(state, first_step).items()}}

@@ -22,6 +22,7 @@ SPLITS = ("train", "val", "test")  # the splits monitored each epoch (val only w
 # row is replaced when the run continues) or where a budget's plan ends.
 TRAIN_COLUMNS = ["epoch", "steps", "lr", "loss", "train_adv_acc", "grad_norm", "img_per_s", "epoch_s"]
 MONITOR_COLUMN = re.compile(rf"({'|'.join(SPLITS)})_(clean|pgd\d+)_acc")
+GUARD_COLUMN = re.compile(r"guard_(pgd\d+_acc|rollbacks)")  # the catastrophic-overfitting guard's (sglr_zoo.guard)
 
 
 def monitor_attack(recipe: Recipe) -> str:
@@ -29,9 +30,17 @@ def monitor_attack(recipe: Recipe) -> str:
     return f"pgd{recipe.eval.steps}"
 
 
+def guard_columns(recipe: Recipe) -> list[str]:
+    """The guard's metrics.csv columns when it runs: its latest check's PGD accuracy in the epoch (empty in an epoch
+    without a check) and the rollbacks so far."""
+    return [f"guard_pgd{recipe.guard.steps}_acc", "guard_rollbacks"] if recipe.guarded else []
+
+
 def metric_columns(recipe: Recipe) -> list[str]:
-    """metrics.csv's columns: training means, then clean and PGD accuracy per split (e.g. `test_pgd10_acc`)."""
-    return TRAIN_COLUMNS + [f"{split}_{attack}_acc" for split in SPLITS for attack in ("clean", monitor_attack(recipe))]
+    """metrics.csv's columns: training means, the guard's when it runs, then clean and PGD accuracy per split (e.g.
+    `test_pgd10_acc`)."""
+    return TRAIN_COLUMNS + guard_columns(recipe) + [f"{split}_{attack}_acc" for split in SPLITS
+                                                    for attack in ("clean", monitor_attack(recipe))]
 
 
 def monitor(model: nn.Module, splits: Splits, recipe: Recipe, accelerator: Accelerator) -> dict[str, float]:

@@ -333,14 +333,16 @@ class AverageConfig:
 @dataclass
 class GuardConfig:
     """The catastrophic-overfitting guard of single-step training (sglr_zoo.guard): every `every` steps it measures
-    PGD accuracy on the first `n` held-out images; below `drop` times its best so far, the run goes back to the
-    last check that passed and trains on with PGD-`fallback_steps` (step 2.5 eps / steps, random start)."""
+    PGD accuracy on the first `n` held-out images; after `patience` checks in a row below `drop` times its best so
+    far, the run goes back to the last check that passed and trains on with PGD-`fallback_steps` (step 2.5 eps /
+    steps, random start)."""
 
     enabled: Literal["auto"] | bool = "auto"  # auto: on when the training attack takes one step
     every: int = 100  # optimiser steps between checks
     n: int = 128  # images: the first of the validation split, else of the test split (as the monitoring)
     steps: int = 10  # PGD steps of the check (the evaluator's PGD: step eps/4, random start)
-    drop: float = 0.5  # a collapse: PGD accuracy below drop x the best check so far
+    drop: float = 0.5  # a collapse: PGD accuracy below drop x the best check so far ...
+    patience: int = 2  # ... in this many checks in a row
     fallback_steps: int = 2
 
     def __post_init__(self) -> None:
@@ -348,6 +350,7 @@ class GuardConfig:
         _check(self.n >= 1, "n", "must be >= 1 (held-out images checked)")
         _check(self.steps >= 2, "steps", "must be >= 2: a multi-step PGD is what single-step training overfits against")
         _check(0 < self.drop < 1, "drop", "must be in (0, 1)")
+        _check(self.patience >= 1, "patience", "must be >= 1 (checks in a row below the threshold)")
         _check(self.fallback_steps >= 2, "fallback_steps", "must be >= 2 (a multi-step attack)")
 
 
@@ -377,12 +380,22 @@ class Recipe:
         if self.method.start_epoch >= 1:
             _check(self.method.start_epoch <= self.schedule.epochs + 1, "method.start_epoch",
                    f"must be <= epochs + 1 = {self.schedule.epochs + 1} (or a fraction < 1)")
+        _check(self.guard.enabled is not True or self.attack.eps > 0, "guard.enabled",
+               "needs adversarial training (attack.eps > 0): clean training has no attack to fall back from")
 
     @property
     def start_epoch(self) -> int:
         """The 1-based epoch from which SGLR uses refined labels; a fraction f < 1 means epoch round(f * epochs)."""
         start = self.method.start_epoch
         return max(1, round(start * self.schedule.epochs)) if start < 1 else int(start)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the catastrophic-overfitting guard runs: guard.enabled, where auto means single-step adversarial
+        training (attack.steps 1, attack.eps > 0: FGSM with a random start, N-FGSM)."""
+        if self.guard.enabled == "auto":
+            return self.attack.steps == 1 and self.attack.eps > 0
+        return self.guard.enabled
 
     @property
     def eval_eps(self) -> Fraction:

@@ -49,6 +49,7 @@ from sglr_zoo.data import IndexedDataset, Splits, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, for_evaluation
 from sglr_zoo.files import WriteFailed, refuse_link, write_atomic
+from sglr_zoo.guard import OverfittingGuard
 from sglr_zoo.loop import StepParts, TrainingDiverged, max_steps_reached, train_one_epoch  # noqa: F401  (TrainingDiverged)
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.monitoring import (
@@ -267,6 +268,10 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         if recipe.schedule.budget is not None or recipe.schedule.plans is not None:
             plans.save(run.plans)
     callbacks.append(ThreadSharing(claims))  # shares the CPU threads with other runs that start meanwhile
+    held_out = splits.val if splits.val is not None else splits.test
+    protected = [plain, optimizer, objective, *([average] if average else [])]  # what a rollback restores
+    guard = OverfittingGuard(parts, held_out, protected, state) if recipe.guarded else None
+    callbacks += [guard] if guard else []
 
     accelerator.init_trackers("tensorboard", config=flat_scalars(recipe.to_dict()))
     attack, columns = monitor_attack(recipe), metric_columns(recipe)
@@ -317,7 +322,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         export(measured, run, "last", splits.train.class_names)
         weights = "the trained weights" if average is None else average.describe(recipe.average.start)
         _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict(),
-                        plans=plans.to_list(), weights=weights)
+                        plans=plans.to_list(), weights=weights,
+                        guard=guard.record(state) if guard else {"enabled": False})
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
                            "last/ holds the main process's")

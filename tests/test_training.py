@@ -226,8 +226,9 @@ def test_tiny_run(tmp_path, tiny_dataset, monkeypatch):
     assert columns[-6:] == ["train_clean_acc", "train_pgd1_acc", "val_clean_acc", "val_pgd1_acc", "test_clean_acc",
                             "test_pgd1_acc"]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for row in rows:
-        assert all(row[c] != "" for c in columns), row  # evaluated every epoch, val included
+    for row in rows:  # evaluated every epoch, val included; the guard (on: PGD-1 training) checks every 100 steps
+        assert all(row[c] != "" for c in columns if c != "guard_pgd10_acc"), row
+        assert row["guard_pgd10_acc"] == "" and row["guard_rollbacks"] == "0"
         assert math.isfinite(float(row["loss"])) and 0 <= float(row["val_pgd1_acc"]) <= float(row["val_clean_acc"])
 
     info = json.loads((run_dir / "run.json").read_text())
@@ -534,7 +535,8 @@ def test_exports_are_never_written_through_a_link(tmp_path, tiny_dataset, monkey
 
 GOOD_STATE = {"epoch": 2, "epoch_step": 0, "epoch_sums": {}, "global_step": 8, "best_epoch": 1, "best_val_pgd": 25.0,
               "history": [{"epoch": 1, "steps": 4, "loss": 2.3, "test_pgd10_acc": 25.0}], "data_sha256": None,
-              "plans": [{"made_at": 0, "epochs": 2, "steps": None, "start_epoch": 1}]}
+              "plans": [{"made_at": 0, "epochs": 2, "steps": None, "start_epoch": 1}], "guard_best": -1.0,
+              "guard_check": {}, "guard_events": []}
 
 # (keys that replace GOOD_STATE's, fragment of the error)
 BAD_STATES = [
@@ -578,7 +580,7 @@ def test_a_run_state_loads_and_an_older_one_too():
     assert state.state_dict() == GOOD_STATE
     older = {key: GOOD_STATE[key] for key in ("epoch", "global_step", "best_epoch", "best_val_pgd", "history")}
     state = RunState()
-    state.load_state_dict(older)  # before epoch_step, epoch_sums, data_sha256 and plans
+    state.load_state_dict(older)  # before epoch_step, epoch_sums, data_sha256, plans and the guard's record
     assert state.state_dict() == {**GOOD_STATE, "plans": []}
 
 
