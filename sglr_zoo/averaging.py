@@ -53,6 +53,5 @@ class Averaging(Callback):
         self.average, self.model, self.plans, self.start = average, model, plans, start
 
     def on_step_end(self, state: RunState, result: StepResult) -> None:
-        plan = self.plans.in_force(state.global_step)
-        started = self.plans.progress(state.global_step) >= self.start * plan.epochs
+        started = self.plans.fraction(state.global_step) >= self.start
         self.average.update_to(self.model, None if started else 0.0)

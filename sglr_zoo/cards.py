@@ -22,6 +22,7 @@ from sglr_zoo.files import TEXT_LIMIT, read_regular
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import RunDir
 from sglr_zoo.source import ModelSource, collect
+from sglr_zoo.warmup import describe_warmup
 from sglr_zoo.zoo import MODEL_CARDS, ZOO
 
 __all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_label", "attack_version",
@@ -151,7 +152,9 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         if recipe and recipe.method.name.startswith("sglr") else None,
         "finetune": recipe.finetune if recipe and recipe.finetune.backbone else None,
         "backbone": public_text(recipe.finetune.backbone) if recipe and recipe.finetune.backbone else None,
-        "eps_sweep_plot": source.folder.eps_sweep_plot.is_file(), "facts": _training_facts(run), "imported": source.config.get("sglr_zoo_import"),
+        "eps_sweep_plot": source.folder.eps_sweep_plot.is_file(),
+        "facts": _training_facts(run) + ([("eps warm-up", describe_warmup(recipe.attack).removeprefix("eps warm-up: "))]
+                                         if recipe and recipe.attack.warmup else []), "imported": source.config.get("sglr_zoo_import"),
         "hub_id": hub_id, "repo_id": repo_id, "zoo_name": name, "num_classes": source.config.get("num_classes", "N"),
         "label_names": source.config.get("label_names"),
         "cpu_scale": bool(recipe) and (epochs < PAPER_EPOCHS or recipe.data.n_train is not None),

@@ -40,7 +40,8 @@ class StepParts:
     """What an optimiser step works with. `model` trains (prepared: DDP when several processes, compiled if asked);
     `unwrapped` holds the same weights without DDP or autocast wrapper: the attack runs through it and all-reduces
     nothing. `recipe` gives the data's image size and augmentation and the gradient clipping; `attack` is the
-    training attack in force: the recipe's unless a callback changed it (the guard's fallback, sglr_zoo.guard)."""
+    training attack in force: the recipe's unless a callback changed it (the guard's fallback, sglr_zoo.guard), at
+    `eps_scale` times its eps and step size (an eps warm-up, sglr_zoo.warmup)."""
 
     model: nn.Module
     unwrapped: nn.Module
@@ -50,6 +51,7 @@ class StepParts:
     recipe: Recipe
     memory_format: torch.memory_format = torch.contiguous_format
     attack: AttackConfig | None = None  # None: the recipe's
+    eps_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.attack = self.attack or self.recipe.attack
@@ -99,8 +101,8 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
     x = x.contiguous(memory_format=parts.memory_format)
     with accelerator.autocast():
         attack = parts.attack
-        x_adv = pgd(parts.unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps),
-                    step_size=float(attack.step_size), steps=attack.steps, random_start=attack.random_start,
+        x_adv = pgd(parts.unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps) * parts.eps_scale,
+                    step_size=float(attack.step_size) * parts.eps_scale, steps=attack.steps, random_start=attack.random_start,
                     loss=parts.objective.attack_loss, mode=attack.model_mode, freeze=freeze, noise=attack.noise,
                     project=attack.project)
         attacked = time.perf_counter()

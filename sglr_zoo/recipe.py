@@ -134,8 +134,15 @@ class AttackConfig:
     noise: float = 1.0  # the random start's radius in multiples of eps (N-FGSM: 2)
     project: bool = True  # keep each step inside the eps-ball (false: N-FGSM, whose step may leave it)
     model_mode: Literal["eval", "train"] = "eval"  # BatchNorm mode while attacking
+    # eps warm-up: eps and step_size ramp from warmup_from x their values up to them over the first `warmup` of the
+    # run's steps (0: none); monitoring and evaluation always attack at the full eps
+    warmup: float = 0.0
+    warmup_from: float = 0.0
+    warmup_shape: Literal["linear", "cosine"] = "linear"
 
     def __post_init__(self) -> None:
+        _check(0 <= self.warmup <= 1, "warmup", "must be in [0, 1]: the fraction of the run over which eps ramps up")
+        _check(0 <= self.warmup_from < 1, "warmup_from", "must be in [0, 1): the fraction of eps the ramp starts at")
         _check(self.eps >= 0, "eps", "must be >= 0")
         _check(self.step_size > 0, "step_size", "must be > 0")
         _check(self.steps >= 1, "steps", "must be >= 1")

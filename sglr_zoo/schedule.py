@@ -60,6 +60,15 @@ def lr_factor(cfg: ScheduleConfig, epoch_progress: float, epochs: int | None = N
     return 1.0
 
 
+def warmup_factor(fraction: float, warmup: float, start: float = 0.0, shape: str = "linear") -> float:
+    """The multiplier of eps (and the step size) a fraction `fraction` into a run whose attack ramps from `start` x
+    eps to eps over its first `warmup` (linearly or along half a cosine); 1 after the ramp or without one."""
+    if fraction >= warmup:
+        return 1.0
+    t = fraction / warmup
+    return start + (1 - start) * (t if shape == "linear" else (1 - math.cos(math.pi * t)) / 2)
+
+
 def epoch_progress(epochs: int, steps: int | None, global_step: int, steps_per_epoch: int,
                    plans: list[list[int]] | None = None) -> float:
     """The fractional epoch (0 = start) at which the learning-rate schedule is read before `global_step`.
@@ -201,6 +210,10 @@ class Plans:
         plan = self.in_force(global_step)
         pairs = [[p.made_at, p.steps] for p in self.all] if len(self.all) > 1 else None
         return epoch_progress(plan.epochs, plan.steps, global_step, self.steps_per_epoch, pairs)
+
+    def fraction(self, global_step: int) -> float:
+        """The fraction of the run done before `global_step`, as its learning-rate schedule counts it."""
+        return self.progress(global_step) / self.in_force(global_step).epochs
 
     def to_list(self) -> list[dict]:
         return [dataclasses.asdict(plan) for plan in self.all]

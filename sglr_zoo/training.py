@@ -69,6 +69,7 @@ from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.runstate import RunState, data_fingerprint
 from sglr_zoo.threads import ThreadClaims, ThreadSharing
+from sglr_zoo.warmup import EpsWarmup, describe_warmup
 
 TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # seconds a process waits in a collective (torch's default if unset)
 MOVED = {"lr_factor": "sglr_zoo.schedule", "median_step_seconds": "sglr_zoo.budget", "REPLAN_EVERY": "sglr_zoo.budget"}
@@ -272,6 +273,9 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     protected = [plain, optimizer, objective, *([average] if average else [])]  # what a rollback restores
     guard = OverfittingGuard(parts, held_out, protected, state) if recipe.guarded else None
     callbacks += [guard] if guard else []
+    if recipe.attack.warmup:
+        callbacks.append(EpsWarmup(parts, plans, state))
+        accelerator.print(describe_warmup(recipe.attack))
 
     accelerator.init_trackers("tensorboard", config=flat_scalars(recipe.to_dict()))
     attack, columns = monitor_attack(recipe), metric_columns(recipe)
