@@ -111,4 +111,5 @@ def preactresnet10_quarter_cifar(pretrained: bool = False, **kwargs) -> PreActRe
 @register_model
 def preactresnet_tiny_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
     """A tiny PreAct ResNet for tests."""
-    return _create_preact_resnet("preactresnet_tiny_cifar", pretrained, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), **kwargs)
+    return _create_preact_resnet(
+        "preactresnet_tiny_cifar", pretrained, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), **kwargs)
