@@ -40,7 +40,8 @@ class LinfThreat:
 
 
 class L2Threat:
-    """L2 ball: random start on the sphere, normalised-gradient step, radial projection (as in MadryLab's robustness)."""
+    """L2 ball: random start on the sphere, normalised-gradient step, radial projection (as in MadryLab's
+    robustness)."""
 
     def __init__(self, eps: float):
         self.eps = eps

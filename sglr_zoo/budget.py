@@ -36,7 +36,8 @@ from sglr_zoo.schedule import Plan, Plans, parse_budget, plan_budget, resolve_st
 # The evaluator's sanity checks on an export, in fp32 forward-backward passes of one image: PGD-20 at a large
 # eps and the input gradients, on up to 100 examples (sglr_zoo.evaluate); a budget reserves time for them.
 FINAL_SANITY_PASSES = 100 * 23
-REPLAN_EVERY = 0.1  # a budgeted run plans the rest again, from its own speed, after each such fraction of its first plan
+# A budgeted run plans the rest again, from its own speed, after each such fraction of its first plan.
+REPLAN_EVERY = 0.1
 
 
 def plan_run(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: SpeedSettings, run: RunDir,
@@ -184,12 +185,14 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     step_s, pass_s, elapsed = accelerator.gather(torch.tensor(
         [[step_s, pass_s, time.perf_counter() - started]], device=device, dtype=torch.float64)).amax(0).tolist()
     # A monitoring pass per epoch: eval.n images of each split, a clean forward and eval.steps attack steps (+1).
-    monitored = sum(min(len(data), recipe.eval.n) for data in (splits.train, splits.val, splits.test) if data is not None)
+    monitored = sum(min(len(data), recipe.eval.n) for data in (splits.train, splits.val, splits.test)
+                    if data is not None)
     final_passes = sum(1 if attack == "clean" else int(attack.removeprefix("pgd").removeprefix("cw")) + 1
                        for attack in recipe.eval.final_attacks)
     final_n = min(recipe.eval.final_n, len(splits.test))
     exports = 2 if splits.val is not None else 1
-    budget_s, steps_per_epoch = parse_budget(recipe.schedule.budget), math.ceil(len(splits.train) / recipe.run.batch_size)
+    budget_s = parse_budget(recipe.schedule.budget)
+    steps_per_epoch = math.ceil(len(splits.train) / recipe.run.batch_size)
     monitor_s = pass_s * monitored * (recipe.eval.steps + 2)
     final_s = exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES)
     plan = plan_budget(budget_s, elapsed, step_s=step_s, steps_per_epoch=steps_per_epoch, monitor_s=monitor_s,
@@ -200,8 +203,8 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
         raise UserError(f"schedule.budget: {recipe.schedule.budget} leaves no time to train ({summary}); raise it, "
                         "or lower eval.n, eval.final_n or data.n_test")
     start = recipe.method.start_epoch
-    plans = Plans([Plan(made_at=0, epochs=plan.epochs, steps=plan.steps, start_epoch=resolve_start(start, plan.epochs))],
-                  steps_per_epoch)
+    first = Plan(made_at=0, epochs=plan.epochs, steps=plan.steps, start_epoch=resolve_start(start, plan.epochs))
+    plans = Plans([first], steps_per_epoch)
     every = math.ceil(REPLAN_EVERY * plan.steps)
     replanner = Replanner(accelerator, plans, run.plans if accelerator.is_main_process else None, budget_s, started,
                           every, step_s, monitor_s, final_s, recipe.eval.every,

@@ -1,4 +1,4 @@
-"""Training checkpoints that load no pickle, and the rules for (re)starting a run in a directory.
+"""Training checkpoints that load no pickle: writing, reading, verifying and rotating them.
 
 A checkpoint is a folder of safetensors and JSON files, written and read by us (accelerate's `save_state` writes
 pickles and loads them with `weights_only=False`):
@@ -22,9 +22,8 @@ against its size and sha256 before it is parsed; anything else in the folder (a 
 is never opened. A checkpoint verifies when every listed file does and parses, the files a resume needs are listed
 and its manifest's epoch is its folder's: `run.resume: auto` takes the newest that verifies.
 
-`open_run` applies the directory rules before training: one run per directory (RunLock), checkpoints/, best/ and
-last/ are not links, a finished run is not rerun, `resume: never` does not start over a directory holding
-checkpoints, and a resumed run keeps its recipe and its number of processes.
+Which checkpoint a run resumes from is sglr_zoo.resume's; how state dicts and random states become these files'
+bytes, sglr_zoo.serialization's.
 """
 
 from __future__ import annotations
@@ -33,24 +32,21 @@ import copy
 import hashlib
 import itertools
 import json
-import random
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from torch import nn
 
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, WriteFailed, fsync_dir, read_regular, write_atomic
-from sglr_zoo.recipe import Recipe, from_dict
-from sglr_zoo.rundir import CHECKPOINT_PATTERN, RunDir, RunLock, checkpoint_dirs, checkpoint_epoch
+from sglr_zoo.recipe import Recipe
+from sglr_zoo.rundir import CHECKPOINT_PATTERN, RunDir, checkpoint_dirs, checkpoint_epoch
+from sglr_zoo.serialization import join_tensors, json_bytes, rng_state, set_rng_state, split_tensors, tensor_bytes
 
 FORMAT = "sglr-zoo-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -61,14 +57,6 @@ NEEDED = (MODEL, OBJECTIVE, "optimizer.json", STATE, RECIPE)  # and each process
 # What the JSON files hold: an object, with at least these keys ("rng": every rng_R.json)
 JSON_KEYS = {"optimizer.json": ("state", "param_groups"), STATE: ("epoch", "global_step"),
              "rng": ("python", "numpy", "torch")}
-TENSOR, INT_KEYS = "__tensor__", "__int_keys__"  # markers in the JSON half of a tensor tree
-
-# Recipe keys a resumed run may change: where the run lives, how often it saves, how it is evaluated, and speed
-# levers that leave the math alone. Any other difference would silently mix two recipes in one run.
-RESUMABLE_CHANGES = ("run.resume", "run.max_steps", "run.num_workers", "run.compile", "run.channels_last",
-                     "run.threads", "run.keep_freed_memory", "run.cudnn_benchmark", "run.output_dir", "run.name",
-                     "run.checkpoint_every", "run.keep_checkpoints", "eval.", "optim.lr", "optim.grad_clip")  # the last two: after divergence
-_MESSAGE_BYTES = 4096  # the longest error the main process shares with the others
 
 
 class Stateful(Protocol):
@@ -81,80 +69,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-# ---- tensors and JSON ----------------------------------------------------------------------------------------
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, indent=1).encode()
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    # Contiguous CPU copies: safetensors refuses shared or strided (channels_last) storage.
-    return safetensors.torch.save({k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-                                   for k, t in tensors.items()})
-
-
-def split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """A nested state dict as JSON, each tensor moved into `tensors` and replaced by `{"__tensor__": key}`.
-
-    Integer keys (an optimizer's per-parameter state) are kept as `{"__int_keys__": {...}}`: JSON would turn them
-    into strings, and torch's `load_state_dict` would then silently match no parameter.
-    """
-    if isinstance(value, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = value
-        return {TENSOR: key}
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and k not in (TENSOR, INT_KEYS) for k in value):
-            return {k: split_tensors(v, tensors) for k, v in value.items()}
-        if all(isinstance(k, int) and not isinstance(k, bool) for k in value):
-            return {INT_KEYS: {str(k): split_tensors(v, tensors) for k, v in value.items()}}
-        raise TypeError(f"a checkpoint can only hold dicts with all-string or all-integer keys, not {list(value)}")
-    if isinstance(value, (list, tuple)):
-        return [split_tensors(v, tensors) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")
-
-
-def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of `split_tensors`; raises KeyError for a tensor that `tensors` lacks."""
-    if isinstance(value, dict):
-        if set(value) == {TENSOR}:
-            return tensors[value[TENSOR]]
-        if set(value) == {INT_KEYS}:
-            return {int(k): join_tensors(v, tensors) for k, v in value[INT_KEYS].items()}
-        return {k: join_tensors(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [join_tensors(v, tensors) for v in value]
-    return value
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random states, as JSON."""
-    version, internal, gauss_next = random.getstate()
-    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": [version, list(internal), gauss_next],
-             "numpy": {"key": key.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores `rng_state()`'s output; raises KeyError, TypeError, ValueError or RuntimeError when it is malformed."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((int(version), tuple(int(i) for i in internal), gauss_next))
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", np.array(numpy["key"], dtype=np.uint32), int(numpy["pos"]),
-                         int(numpy["has_gauss"]), float(numpy["cached_gaussian"])))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if torch.cuda.is_available() and "cuda" in state:
-        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
 
 
 # ---- reading a checkpoint ------------------------------------------------------------------------------------
@@ -343,7 +257,7 @@ class Checkpointer:
                 _remove(partial)  # left by a killed run
                 partial.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            write_atomic(partial / f"rng_{accelerator.process_index}.json", _json_bytes(rng_state()))
+            write_atomic(partial / f"rng_{accelerator.process_index}.json", json_bytes(rng_state()))
             if accelerator.is_main_process:
                 files = self._write_shared(partial)
             accelerator.wait_for_everyone()
@@ -353,7 +267,7 @@ class Checkpointer:
                     files[name] = _entry(read_regular(partial / name, TEXT_LIMIT, "random state"))
                 manifest = {"format": FORMAT, "epoch": epoch, "global_step": self.state.global_step,
                             "num_processes": accelerator.num_processes, "files": dict(sorted(files.items()))}
-                write_atomic(partial / MANIFEST, _json_bytes(manifest))
+                write_atomic(partial / MANIFEST, json_bytes(manifest))
                 fsync_dir(partial)
                 # One of this epoch already there (a run.max_steps stop inside it, or one that did not verify) is
                 # set aside, never deleted before its successor has its name: see finish_interrupted_save.
@@ -383,10 +297,10 @@ class Checkpointer:
             write_atomic(partial / name, data)
             files[name] = _entry(data)
 
-        write(MODEL, _tensor_bytes(self.model.state_dict()))
-        write(OBJECTIVE, _tensor_bytes(self.objective.state_dict()))
+        write(MODEL, tensor_bytes(self.model.state_dict()))
+        write(OBJECTIVE, tensor_bytes(self.objective.state_dict()))
         if self.average is not None:
-            write(AVERAGE, _tensor_bytes(self.average.state_dict()))
+            write(AVERAGE, tensor_bytes(self.average.state_dict()))
         trees = {"optimizer": self.optimizer.state_dict()}
         if self.accelerator.scaler is not None:
             trees["scaler"] = self.accelerator.scaler.state_dict()
@@ -394,10 +308,10 @@ class Checkpointer:
             tensors: dict[str, torch.Tensor] = {}
             tree = split_tensors(value, tensors)
             if tensors:
-                write(f"{stem}.safetensors", _tensor_bytes(tensors))
-            write(f"{stem}.json", _json_bytes(tree))
-        write(STATE, _json_bytes(self.state.state_dict()))
-        write(RECIPE, _json_bytes(self.recipe.to_dict()))
+                write(f"{stem}.safetensors", tensor_bytes(tensors))
+            write(f"{stem}.json", json_bytes(tree))
+        write(STATE, json_bytes(self.state.state_dict()))
+        write(RECIPE, json_bytes(self.recipe.to_dict()))
         return files
 
     def _fail(self, partial: Path, error: WriteFailed) -> NoReturn:
@@ -478,156 +392,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-# ---- (re)starting a run in its directory -----------------------------------------------------------------------
-
-def open_run(accelerator: Accelerator, run: RunDir, recipe: Recipe,
-             state: Stateful | None = None) -> tuple[RunLock | None, Path | None]:
-    """Takes the run directory for this run and says which checkpoint to resume from (None: start afresh).
-
-    The main process locks RUN/.lock for the whole run (one run per directory) and applies the directory's rules;
-    every process gets its decision, so all of them stop with the same UserError when it refuses:
-    checkpoints/, best/ and last/ are not links; a finished run is not rerun; `run.resume: never` does not start
-    over checkpoints; `auto` resumes from the newest checkpoint that verifies (and whose run state `state`
-    accepts), after finishing a save that a kill interrupted between its renames; a folder is resumed only when it is
-    this run's newest; a resumed run's recipe may differ from its checkpoint's only in RESUMABLE_CHANGES, and its
-    number of processes not at all.
-
-    Returns:
-        the lock (main process only; release it with `finish_run`) and the checkpoint folder or None.
-    """
-    lock = None
-
-    def decide() -> int:
-        nonlocal lock
-        lock = RunLock.acquire(run)
-        try:
-            run.refuse_links()
-            finish_interrupted_save(run)
-            return _resume_epoch(run, recipe, accelerator.num_processes, state)
-        except UserError:
-            lock.release()
-            raise
-
-    epoch = _decided_by_main(accelerator, decide)
-    if epoch == 0:
-        return lock, None
-    return lock, run.checkpoint(epoch) if recipe.run.resume == "auto" else Path(recipe.run.resume)
-
-
-def finish_run(accelerator: Accelerator, run: RunDir, lock: RunLock | None, state: Stateful, recipe: Recipe) -> None:
-    """Marks the run finished (RUN/finished.json) and unlocks it: the last thing a run does. Uses no collective
-    (the process group may have ended)."""
-    if accelerator.is_main_process:
-        done = {"epoch": state.epoch, "global_step": state.global_step, "epochs": recipe.schedule.epochs,
-                "max_steps": recipe.run.max_steps}
-        if state.epoch_step:  # run.max_steps stopped it inside its epoch, maybe the last: it may train on
-            done["epoch_step"] = state.epoch_step
-        write_atomic(run.finished, _json_bytes(done))
-        lock.release()
-
-
-def _decided_by_main(accelerator: Accelerator, decide: Callable[[], int]) -> int:
-    """Runs `decide` on the main process and gives its result, or its UserError, to every process."""
-    code, message = 0, b""
-    if accelerator.is_main_process:
-        try:
-            code = decide()
-        except UserError as error:
-            code, message = -1, str(error).encode()[:_MESSAGE_BYTES]
-    if accelerator.num_processes > 1:
-        header = broadcast(torch.tensor([code, len(message)], dtype=torch.int64, device=accelerator.device))
-        text = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-        text[:len(message)] = torch.tensor(list(message), dtype=torch.uint8)
-        text = broadcast(text.to(accelerator.device)).cpu()
-        code = int(header[0])
-        message = bytes(text[:int(header[1])].tolist())
-    if code < 0:
-        raise UserError(message.decode(errors="replace"))
-    return code
-
-
-def _resume_epoch(run: RunDir, recipe: Recipe, processes: int, state: Stateful | None = None) -> int:
-    """The epoch of the checkpoint to resume from with `processes` processes, 0 to start afresh; raises UserError
-    when the directory's rules refuse this run."""
-    _refuse_if_finished(run, recipe)
-    found = run.checkpoint_dirs()
-    mode = recipe.run.resume
-    elsewhere = "pick another run.name or run.output_dir"
-    if mode == "never":
-        if found:
-            raise UserError(f"run.resume: never, but {run.checkpoints} holds checkpoints ({found[-1].name}): "
-                            f"{elsewhere}, or delete {run.root}, or resume it with run.resume: auto")
-        return 0
-    if mode == "auto":
-        folder = latest_checkpoint(run.checkpoints, state)
-        if folder is None:
-            if found:
-                raise UserError(f"run.resume: auto, but no checkpoint in {run.checkpoints} verifies (warnings above "
-                                f"say why): {elsewhere}, or delete {run.checkpoints} to start over")
-            return 0
-    else:
-        folder = Path(mode)
-        if not folder.is_dir():
-            what = "is not a folder" if folder.exists() else "not found"
-            raise UserError(f"run.resume: checkpoint folder {folder} {what}; use auto, never or a checkpoint folder "
-                            "(checkpoints/epoch_NNNN)")
-        if found and folder.resolve() != found[-1].resolve():
-            raise UserError(f"run.resume: {folder}: {run.checkpoints} already holds this run's checkpoints up to "
-                            f"{found[-1].name}, which run.resume: auto continues; to continue from {folder} "
-                            f"instead, {elsewhere}")
-    reader = CheckpointReader(folder)
-    if mode != "auto":  # latest_checkpoint verified it already
-        reader.verify()
-    if reader.num_processes != processes:
-        # Each process's data shard, batch and random state depend on the count: the run would not go on as it began.
-        raise UserError(f"run.resume: {folder} was written with num_processes={reader.num_processes}, and this run "
-                        f"has {processes}: resume it with {reader.num_processes} (accelerate launch --num_processes "
-                        f"{reader.num_processes}), or train anew under another run.name or run.output_dir")
-    _check_same_recipe(reader, recipe)
-    return reader.epoch
-
-
-def _refuse_if_finished(run: RunDir, recipe: Recipe) -> None:
-    """A finished run is not rerun, unless it stopped at run.max_steps (before its last epoch, or inside one) and
-    the new recipe asks for more steps."""
-    try:
-        done = json.loads(read_regular(run.finished, TEXT_LIMIT, "finished-run marker"))
-        epoch, global_step = int(done["epoch"]), int(done["global_step"])
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-        raise UserError(f"{run.finished}: not a finished-run marker ({error!r}); delete it if the run did not "
-                        "finish") from None
-    max_steps = recipe.run.max_steps
-    if (epoch < recipe.schedule.epochs or done.get("epoch_step")) and (max_steps is None or max_steps > global_step):
-        return  # it stopped at its max_steps; this recipe trains on
-    which = (run.exports() or ["last"])[0]
-    raise UserError(f"{run.root} already finished (epoch {epoch}, step {global_step}; {run.finished.name}): it is "
-                    f"neither trained nor evaluated again. To evaluate it again: `sglr-zoo eval "
-                    f"{run.export(which)} --dataset {recipe.data.dataset} --out results.json`; to train anew, pick "
-                    "another run.name or run.output_dir")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "kwargs":  # model.kwargs is one value
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _check_same_recipe(reader: CheckpointReader, recipe: Recipe) -> None:
-    saved, current = from_dict(reader.json(RECIPE), source=str(reader.folder / RECIPE)).to_dict(), recipe.to_dict()
-    before, now = _flat(saved), _flat(current)  # a budget's plans are in the run state, not in the recipe
-    changed = [key for key in sorted(before.keys() | now.keys())
-               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        details = ", ".join(f"{key} ({before.get(key)!r} -> {now.get(key)!r})" for key in changed[:6])
-        raise UserError(f"run.resume: the recipe differs from the one {reader.folder} was trained with in "
-                        f"{details}{' ...' if len(changed) > 6 else ''}; a resumed run may change only "
-                        f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_CHANGES)}. Restore those "
-                        "keys, or train anew under another run.name or run.output_dir")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sglr_zoo.errors import UserError
 
+_MULTI_PROCESS = "Multi-process: `accelerate launch train.py RECIPE ...`."  # train and finetune on several processes
 _RERUN_RESUMES = "; rerun the same command to resume from the run's last checkpoint"
 _RESUME = {  # what a rerun of the interrupted command does
     "train": _RERUN_RESUMES,
@@ -205,26 +206,29 @@ def _one_line(message: Warning | str, category: type[Warning], *_: object, **__:
     return f"{category.__name__}: {message}\n"
 
 
+def _add_overrides(command: argparse.ArgumentParser, example: str) -> None:
+    """The `key.sub=value` recipe overrides after a command's recipe or model; they win over the file."""
+    command.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help=f"e.g. {example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglr-zoo", description=__doc__)
     commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="adversarially train a model from a YAML recipe",
                                 description="Train from a recipe; `key.sub=value` overrides win over the file. "
-                                            "Multi-process: `accelerate launch train.py RECIPE ...`.")
+                                            + _MULTI_PROCESS)
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cifar10.yaml")
-    train.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
-                       help="e.g. schedule.epochs=10 run.seed=1")
+    _add_overrides(train, "schedule.epochs=10 run.seed=1")
     train.set_defaults(func=_train)
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune a pretrained (robust) backbone on new data",
         description="Fine-tune from a recipe with a finetune: section, or MODEL (a zoo name, hf-hub:ORG/NAME, "
                     "local-dir:PATH, a run directory or model folder, a timm name.tag) with --data and defaults. "
-                    "Multi-process: `accelerate launch train.py RECIPE ...`.")
+                    + _MULTI_PROCESS)
     finetune.add_argument("target", metavar="RECIPE_OR_MODEL", help="a YAML recipe, or the backbone to fine-tune")
-    finetune.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
-                          help="e.g. finetune.mode=linear_probe")
+    _add_overrides(finetune, "finetune.mode=linear_probe")
     finetune.add_argument("--data", help="image folder (a sub-folder per class), parquet folder, CSV of image paths "
                                          "or Hub dataset id (the same as data.dataset=...)")
     finetune.add_argument("--mode", choices=("linear_probe", "full", "partial"),

@@ -114,7 +114,8 @@ def _load_dataset_dict(source: str):
             raise UserError(f"data.dataset: no images found in {source} ({error}); expected parquet files "
                             "(train-*.parquet, test-*.parquet) or an image folder (split/class/image.png)") from None
         raise UserError(f"data.dataset: could not load {source!r} from the Hugging Face Hub ({error}). Offline? "
-                        f"Put a local copy in a folder and set {DATA_ENV} to its parent, or give a local path") from None
+                        f"Put a local copy in a folder and set {DATA_ENV} to its parent, or give a local "
+                        "path") from None
     except ConnectionError as error:
         raise UserError(f"data.dataset: could not reach the Hub for {source!r} ({error}); set {DATA_ENV} to a "
                         "folder with a local copy, or give a local path") from None

@@ -37,7 +37,8 @@ from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.results import EpsSweep, Provenance, Results, percent
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
-           "evaluate", "evaluate_model", "for_evaluation", "format_results", "load_results", "make_autoattack", "save_results"]
+           "evaluate", "evaluate_model", "for_evaluation", "format_results", "load_results", "make_autoattack",
+           "save_results"]
 
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw20", "autoattack")
 # evaluate()'s keywords before provenance= grouped them, still accepted (deprecated): old name -> Provenance field.

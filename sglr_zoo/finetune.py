@@ -34,8 +34,8 @@ from sglr_zoo.recipe import Recipe, from_dict, load_recipe
 from sglr_zoo.rundir import ModelFolder
 from sglr_zoo.zoo import locate
 
-__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "build_model", "finetune_recipe", "freeze", "locate_backbone", "param_groups", "resolve",
-           "set_train_mode", "stage_names", "trainable_parts"]
+__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "build_model", "finetune_recipe", "freeze", "locate_backbone",
+           "param_groups", "resolve", "set_train_mode", "stage_names", "trainable_parts"]
 
 # `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels
 # from half-way, the backbone at a tenth of the head's learning rate.

@@ -299,7 +299,8 @@ def resolve(run: RunConfig, device: torch.device, *, local_processes: int = 1, c
 
 # glibc's malloc options (mallopt) that `keep_freed_memory` sets, with glibc's defaults and the environment variables
 # that replace those at start-up: what `applied` sets back.
-MALLOC_OPTIONS = {"trim_threshold": (-1, 128 * 1024, "MALLOC_TRIM_THRESHOLD_"), "top_pad": (-2, 128 * 1024, "MALLOC_TOP_PAD_"),
+MALLOC_OPTIONS = {"trim_threshold": (-1, 128 * 1024, "MALLOC_TRIM_THRESHOLD_"),
+                  "top_pad": (-2, 128 * 1024, "MALLOC_TOP_PAD_"),
                   "mmap_threshold": (-3, 128 * 1024, "MALLOC_MMAP_THRESHOLD_")}
 KEEP_FREED = {"trim_threshold": 2**31 - 1, "top_pad": 1 << 30, "mmap_threshold": 1 << 25}
 

@@ -216,7 +216,8 @@ def _read_eps_sweep(read: _Reader, where: str) -> EpsSweep | None:
     eps = sweep.value("eps", lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
                       "a list of fractions", False)
     accuracy = sweep.value("accuracy", lambda v: isinstance(v, list) and all(_is_number(a) and 0 <= a <= 100
-                                                                             for a in v), "a list of percentages", False)
+                                                                             for a in v),
+                           "a list of percentages", False)
     if len(eps) != len(accuracy):
         raise UserError(f"{where}: eps_sweep has {len(eps)} radii and {len(accuracy)} accuracies")
     return EpsSweep(sweep.text("attack"), eps, [float(a) for a in accuracy], sweep.percent("expected_robustness"))

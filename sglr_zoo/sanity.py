@@ -84,4 +84,5 @@ def square_vs_white_box(per_attack: dict[str, AttackStep]) -> SanityCheck:
     drop = per_attack[names[names.index("square") - 1]].robust_accuracy - per_attack["square"].robust_accuracy
     passed = drop <= SQUARE_TOLERANCE
     return SanityCheck(passed, f"square lowered robust accuracy by {drop:.2f} points after the white-box "
-                               f"attacks (allowed {SQUARE_TOLERANCE})" + ("" if passed else ": likely gradient masking"))
+                               f"attacks (allowed {SQUARE_TOLERANCE})"
+                               + ("" if passed else ": likely gradient masking"))

@@ -165,7 +165,8 @@ class Plan:
         if not isinstance(data, dict) or sorted(data) != sorted(names):
             raise ValueError(f"a plan is a mapping of {', '.join(names)}, not {data!r:.80}")
         least = {"made_at": 0, "epochs": 1, "steps": 1, "start_epoch": 1}
-        if not all(isinstance(data[name], int) and not isinstance(data[name], bool) and least[name] <= data[name] < 2**63
+        if not all(isinstance(data[name], int) and not isinstance(data[name], bool)
+                   and least[name] <= data[name] < 2**63
                    for name in names if data[name] is not None or name != "steps"):
             raise ValueError(f"a plan holds counts, not {data!r:.80}")
         return cls(**data)

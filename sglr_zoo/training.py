@@ -43,8 +43,7 @@ import sglr_zoo
 from sglr_zoo import finetune, hardware
 from sglr_zoo.averaging import Averaging, WeightAverage
 from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (FINAL_SANITY_PASSES: experiments/ read it here)
-from sglr_zoo.checkpoint import Checkpointer, finish_run, open_run
-from sglr_zoo.checkpoint import _refuse_if_finished as refuse_if_finished
+from sglr_zoo.checkpoint import Checkpointer
 from sglr_zoo.data import IndexedDataset, Splits, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, for_evaluation
@@ -66,6 +65,7 @@ from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import Recipe, save_recipe
 from sglr_zoo.replicas import check_processes, replica_checksums, sync_buffers
 from sglr_zoo.results import Provenance, Results, public_paths
+from sglr_zoo.resume import finish_run, open_run, refuse_if_finished
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.runstate import RunState, data_fingerprint
 from sglr_zoo.threads import ThreadClaims, ThreadSharing

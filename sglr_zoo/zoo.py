@@ -5,8 +5,9 @@ the weights (named the timm way, `arch.tag`) and the recipe that trains them. An
 are bundled (an exported folder committed under `sglr_zoo/bundled/<bundle>/`, shipped as package data so that
 editable installs and wheels both have it) or published (`published=True`: on the Hub at `repo_id`); either way
 the table pins the sha256 of `model.safetensors` and of `config.json` (which says how the weights are built and
-what normalises the inputs: an edited one would load other, wrong, models from the same weights). No number is typed here: clean and AutoAttack accuracy come from
-the evaluator's results JSON, the bundle's `results.json` (else `model_cards/<name>.results.json`).
+what normalises the inputs: an edited one would load other, wrong, models from the same weights). No number is
+typed here: clean and AutoAttack accuracy come from the evaluator's results JSON, the bundle's `results.json` (else
+`model_cards/<name>.results.json`).
 
     sglr_zoo/bundled/<bundle>/   written by `sglr-zoo export RUN --zoo-entry NAME`, uploaded by `sglr-zoo push --zoo`
       model.safetensors, config.json   the weights (float16 when exported with --fp16) in timm's layout

@@ -19,22 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from sglr_zoo import checkpoint
-from sglr_zoo.checkpoint import (
-    Checkpointer,
-    CheckpointReader,
-    finish_run,
-    join_tensors,
-    latest_checkpoint,
-    open_run,
-    rotate_checkpoints,
-    split_tensors,
-)
+from sglr_zoo import checkpoint, resume
+from sglr_zoo.checkpoint import Checkpointer, CheckpointReader, latest_checkpoint, rotate_checkpoints
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import GiB, WriteFailed, write_atomic
 from sglr_zoo.objectives import build_objective
 from sglr_zoo.recipe import Recipe, from_dict
+from sglr_zoo.resume import finish_run, open_run
 from sglr_zoo.rundir import RunDir, RunLock
+from sglr_zoo.serialization import join_tensors, split_tensors
 from sglr_zoo.training import RunState
 
 # Every file name accelerate's save_state writes as a pickle (and loads with weights_only=False, or not at all).
@@ -732,7 +725,7 @@ def test_resume_with_another_number_of_processes_is_refused(run, tmp_path):
     folder = Trainer(run, make_recipe(tmp_path)).epoch(1)
     with pytest.raises(UserError, match=r"was written with num_processes=1, and this run has 2: resume it with 1 "
                                         r"\(accelerate launch --num_processes 1\)") as info:
-        checkpoint._resume_epoch(run, make_recipe(tmp_path), processes=2)
+        resume._resume_epoch(run, make_recipe(tmp_path), processes=2)
     one_line(info.value)
     rewrite_manifest(folder, **{"rng_1.json": (folder / "rng_0.json").read_bytes()})  # as two processes write it
     edit_manifest(folder, num_processes=2)

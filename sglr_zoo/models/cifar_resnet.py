@@ -15,6 +15,7 @@ from sglr_zoo.models.layers import (
     ClassifierHead,
     InputNormalization,
     cifar_cfg,
+    cifar_stages,
     rename_keys,
 )
 
@@ -54,15 +55,9 @@ class CifarResNet(ClassifierHead, nn.Module):
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        stages, in_chs, self.feature_info = [], widths[0], []
-        for i, (depth, width) in enumerate(zip(layers, widths)):
-            blocks = [BasicBlock(in_chs if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1) for b in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=2**i, module=f"stages.{i}"))
-            in_chs = width
-        self.stages = nn.Sequential(*stages)
-        self.num_features = in_chs
-        self.fc = nn.Linear(in_chs, num_classes)
+        self.stages, self.feature_info = cifar_stages(BasicBlock, widths[0], layers, widths)
+        self.num_features = self.feature_info[-1]["num_chs"]
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(F.relu(self.bn1(self.conv1(self.normalize(x)))))

@@ -1,4 +1,5 @@
-"""Shared parts of our CIFAR models: input normalisation inside the model (inputs in [0, 1]), the classifier head."""
+"""Shared parts of our CIFAR models: input normalisation inside the model (inputs in [0, 1]), the residual stages,
+the classifier head."""
 
 from __future__ import annotations
 
@@ -37,6 +38,20 @@ class Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.normalize(x))
+
+
+def cifar_stages(block: Callable[[int, int, int], nn.Module], in_chs: int, layers: Sequence[int],
+                 widths: Sequence[int]) -> tuple[nn.Sequential, list[dict]]:
+    """The residual stages of a CIFAR ResNet, `stages.i.b`, and timm's `feature_info` for them: stage i holds
+    `layers[i]` blocks `block(in_chs, out_chs, stride)` of `widths[i]` channels, its first block halving the
+    resolution in every stage but the first."""
+    stages, feature_info = [], []
+    for i, (depth, width) in enumerate(zip(layers, widths)):
+        stages.append(nn.Sequential(*[block(in_chs if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1)
+                                      for b in range(depth)]))
+        feature_info.append(dict(num_chs=width, reduction=2**i, module=f"stages.{i}"))
+        in_chs = width
+    return nn.Sequential(*stages), feature_info
 
 
 class ClassifierHead:

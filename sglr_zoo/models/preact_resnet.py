@@ -15,6 +15,7 @@ from sglr_zoo.models.layers import (
     ClassifierHead,
     InputNormalization,
     cifar_cfg,
+    cifar_stages,
     rename_keys,
 )
 
@@ -56,16 +57,10 @@ class PreActResNet(ClassifierHead, nn.Module):
         self.head_drop_rate = drop_rate
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-        stages, in_chs, self.feature_info = [], widths[0], []
-        for i, (depth, width) in enumerate(zip(layers, widths)):
-            blocks = [PreActBlock(in_chs if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1) for b in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=2**i, module=f"stages.{i}"))
-            in_chs = width
-        self.stages = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(in_chs)
-        self.num_features = in_chs
-        self.fc = nn.Linear(in_chs, num_classes)
+        self.stages, self.feature_info = cifar_stages(PreActBlock, widths[0], layers, widths)
+        self.num_features = self.feature_info[-1]["num_chs"]
+        self.bn = nn.BatchNorm2d(self.num_features)
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
@@ -116,4 +111,5 @@ def preactresnet10_quarter_cifar(pretrained: bool = False, **kwargs) -> PreActRe
 @register_model
 def preactresnet_tiny_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
     """A tiny PreAct ResNet for tests."""
-    return _create_preact_resnet("preactresnet_tiny_cifar", pretrained, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), **kwargs)
+    return _create_preact_resnet(
+        "preactresnet_tiny_cifar", pretrained, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), **kwargs)

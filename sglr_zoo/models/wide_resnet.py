@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg, rename_keys
+from sglr_zoo.models.layers import ClassifierHead, InputNormalization, cifar_cfg, cifar_stages, rename_keys
 
 
 class WideBasicBlock(nn.Module):
@@ -52,15 +53,8 @@ class WideResNet(ClassifierHead, nn.Module):
         self.num_classes = num_classes
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-        self.stages = nn.Sequential(*[
-            nn.Sequential(*[
-                WideBasicBlock(widths[i] if b == 0 else widths[i + 1], widths[i + 1], (1 if i == 0 else 2) if b == 0 else 1,
-                               drop_rate)
-                for b in range(n)
-            ])
-            for i in range(3)
-        ])
-        self.feature_info = [dict(num_chs=widths[i + 1], reduction=2**i, module=f"stages.{i}") for i in range(3)]
+        block = functools.partial(WideBasicBlock, drop_rate=drop_rate)
+        self.stages, self.feature_info = cifar_stages(block, widths[0], (n, n, n), widths[1:])
         self.bn = nn.BatchNorm2d(widths[3])
         self.num_features = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
