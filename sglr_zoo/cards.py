@@ -80,6 +80,7 @@ def render_card(source: ModelSource, *, repo_id: str | None = None, name: str | 
               *([source.method] if source.method else [])],
         datasets=[dataset_id] if dataset_id else None, metrics=["accuracy"] if source.results else None,
         eval_results=_eval_results(source, dataset_label, dataset_id) or None,
+        base_model=((source.run_info or {}).get("backbone") or {}).get("hub_id"),  # the Hub's model tree
     )
     facts = _card_facts(source, model_name=model_name, dataset_label=dataset_label, repo_id=repo_id, name=name)
     return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), card=facts, results=source.results)
@@ -152,6 +153,7 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         if recipe and recipe.method.name.startswith("sglr") else None,
         "finetune": recipe.finetune if recipe and recipe.finetune.backbone else None,
         "backbone": public_text(recipe.finetune.backbone) if recipe and recipe.finetune.backbone else None,
+        "backbone_accuracy": _backbone_accuracy(run.get("backbone")),
         "eps_sweep_plot": source.folder.eps_sweep_plot.is_file(),
         "facts": _training_facts(run) + ([("eps warm-up", describe_warmup(recipe.attack).removeprefix("eps warm-up: "))]
                                          if recipe and recipe.attack.warmup else []), "imported": source.config.get("sglr_zoo_import"),
@@ -161,6 +163,19 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "n_train": n_train if recipe and recipe.data.n_train is not None else None, "paper_epochs": PAPER_EPOCHS,
         "citation": CITATION, "half": _stored_dtypes(source.folder.weights) == {"F16"},
     }
+
+
+def _backbone_accuracy(backbone: dict[str, Any] | None) -> str | None:
+    """The backbone's own accuracy as run.json recorded it at fine-tuning (`finetune.backbone_record`), in words."""
+    if not backbone:
+        return None
+    accuracy = backbone.get("accuracy")
+    if not accuracy:
+        return "never measured by the sglr_zoo evaluator (no results.json beside its weights: a clean model, say)"
+    shown = [f"{attack_label(name)} {value:.2f}%" for name, value in accuracy.items()
+             if name not in ("n", "threat", "eps")]
+    return (f"{', '.join(shown)} on {accuracy['n']} test images of its own data "
+            f"({THREAT_LABELS.get(accuracy['threat'], accuracy['threat'])} eps={accuracy['eps']})")
 
 
 def _stored_dtypes(weights: Path) -> set[str]:

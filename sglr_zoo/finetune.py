@@ -31,10 +31,11 @@ from sglr_zoo.models import (
     unwrap_timm,
 )
 from sglr_zoo.recipe import Recipe, from_dict, load_recipe
+from sglr_zoo.results import Results, public_text
 from sglr_zoo.rundir import ModelFolder
-from sglr_zoo.zoo import locate
+from sglr_zoo.zoo import ZOO, locate
 
-__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "build_model", "finetune_recipe", "freeze", "locate_backbone",
+__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "backbone_record", "build_model", "finetune_recipe", "freeze", "locate_backbone",
            "param_groups", "resolve", "set_train_mode", "stage_names", "trainable_parts"]
 
 # `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels
@@ -131,6 +132,25 @@ def resolve(recipe: Recipe) -> Path | None:
     normalization = input_normalization(config)
     recipe.model.mean, recipe.model.std = map(list, normalization) if normalization else (None, None)
     return folder
+
+
+def backbone_record(recipe: Recipe) -> dict[str, Any] | None:
+    """What run.json keeps of a fine-tuned model's backbone, for its card: the name as given, its Hub id (the card's
+    `base_model`: an `hf-hub:` or timm backbone, or a published zoo entry; None otherwise), the sha256 of its
+    weights, and its own accuracy from the results.json beside them (None: never measured, as for a clean model)."""
+    cfg = recipe.finetune
+    if cfg.backbone is None:
+        return None
+    located, name = locate_backbone(backbone_id(cfg.backbone, cfg.backbone_revision)), backbone_id(cfg.backbone)
+    entry = ZOO.get(cfg.backbone)
+    hub_id = name.removeprefix("hf-hub:").partition("@")[0] if name.startswith("hf-hub:") else (
+        entry.repo_id if entry is not None and entry.published else None)
+    accuracy = None
+    if (results_file := ModelFolder(located.folder).results).is_file():
+        results = Results.load(results_file)
+        accuracy = {"n": results.n_examples, "threat": results.threat, "eps": results.eps,
+                    "clean": results.clean_accuracy, **results.robust_accuracy}
+    return {"name": public_text(cfg.backbone), "hub_id": hub_id, "sha256": located.sha256, "accuracy": accuracy}
 
 
 def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None = None) -> nn.Module:

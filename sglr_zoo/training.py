@@ -327,7 +327,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         weights = "the trained weights" if average is None else average.describe(recipe.average.start)
         _write_run_info(run, recipe, splits, state, accelerator, checksums, command, speed=speed.to_dict(),
                         plans=plans.to_list(), weights=weights,
-                        guard=guard.record(state) if guard else {"enabled": False})
+                        guard=guard.record(state) if guard else {"enabled": False},
+                        backbone=finetune.backbone_record(recipe))
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
                            "last/ holds the main process's")

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sglr_zoo.cards import render_card
 from sglr_zoo.cli import main
 from sglr_zoo.data import load_splits
 from sglr_zoo.errors import UserError
@@ -33,8 +34,9 @@ from sglr_zoo.finetune import (
     stage_names,
     trainable_parts,
 )
-from sglr_zoo.models import Normalized, save_pretrained
-from sglr_zoo.recipe import DataConfig, from_dict
+from sglr_zoo.models import Normalized, create_model, save_pretrained
+from sglr_zoo.recipe import DataConfig, from_dict, save_recipe
+from sglr_zoo.source import collect
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # A few steps of everything: PGD-1, batch 8, no speed levers (the machine is shared).
@@ -131,6 +133,26 @@ def test_linear_probe_keeps_backbone_weights_and_batchnorm_statistics(backbone, 
     assert tuned["fc.weight"].shape == (3, 16)
     saved = yaml.safe_load((tmp_path / "probe/recipe.yaml").read_text())["finetune"]
     assert saved["mode"] == "linear_probe" and saved["backbone_sha256"] == sha256(backbone / "model.safetensors")
+    # The backbone has no results.json: run.json and the card say it was never measured; no Hub id, no base_model.
+    record = json.loads((tmp_path / "probe/run.json").read_text())["backbone"]
+    assert record == {"name": f"local-dir:{backbone.name}", "hub_id": None,
+                      "sha256": sha256(backbone / "model.safetensors"), "accuracy": None}
+    card = str(render_card(collect(tmp_path / "probe")))
+    assert "The backbone's own accuracy: never measured" in card and "base_model" not in card
+
+
+def test_a_fine_tuned_card_names_its_base_model_and_its_numbers(backbone, tmp_path):
+    """A backbone with a Hub id and results: the card's metadata has `base_model` (the Hub's model tree) and its
+    text the backbone's own accuracy beside the fine-tuned model's."""
+    run = tmp_path / "run"
+    save_pretrained(create_model("preactresnet_tiny_cifar", 3), run / "last", label_names=["cat", "dog", "fox"])
+    save_recipe(from_dict(finetune_cfg(backbone)), run / "recipe.yaml")
+    accuracy = {"n": 500, "threat": "linf", "eps": "8/255", "clean": 62.0, "pgd20": 34.4, "autoattack": 31.6}
+    (run / "run.json").write_text(json.dumps({"backbone": {"name": "org/robust", "hub_id": "org/robust",
+                                                           "sha256": "0" * 64, "accuracy": accuracy}}))
+    card = str(render_card(collect(run)))
+    assert "\nbase_model: org/robust\n" in card
+    assert "The backbone's own accuracy: clean 62.00%, PGD-20 34.40%, AutoAttack 31.60% on 500 test images" in card
 
 
 def test_finetune_image_folder_end_to_end_from_local_dir(backbone, image_folder, tmp_path):
