@@ -25,7 +25,8 @@ from sglr_zoo.source import ModelSource, collect
 from sglr_zoo.warmup import describe_warmup
 from sglr_zoo.zoo import MODEL_CARDS, ZOO
 
-__all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_label", "attack_version",
+__all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_label",
+           "attack_version",
            "render_card", "run_name", "write_card", "write_zoo_cards"]
 
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -156,7 +157,8 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "backbone_accuracy": _backbone_accuracy(run.get("backbone")),
         "eps_sweep_plot": source.folder.eps_sweep_plot.is_file(),
         "facts": _training_facts(run) + ([("eps warm-up", describe_warmup(recipe.attack).removeprefix("eps warm-up: "))]
-                                         if recipe and recipe.attack.warmup else []), "imported": source.config.get("sglr_zoo_import"),
+                                         if recipe and recipe.attack.warmup else []),
+        "imported": source.config.get("sglr_zoo_import"),
         "hub_id": hub_id, "repo_id": repo_id, "zoo_name": name, "num_classes": source.config.get("num_classes", "N"),
         "label_names": source.config.get("label_names"),
         "cpu_scale": bool(recipe) and (epochs < PAPER_EPOCHS or recipe.data.n_train is not None),

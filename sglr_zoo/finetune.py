@@ -35,7 +35,8 @@ from sglr_zoo.results import Results, public_text
 from sglr_zoo.rundir import ModelFolder
 from sglr_zoo.zoo import ZOO, locate
 
-__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "backbone_record", "build_model", "finetune_recipe", "freeze", "locate_backbone",
+__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "backbone_record", "build_model", "finetune_recipe", "freeze",
+           "locate_backbone",
            "param_groups", "resolve", "set_train_mode", "stage_names", "trainable_parts"]
 
 # `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels

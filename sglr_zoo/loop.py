@@ -102,7 +102,8 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
     with accelerator.autocast():
         attack = parts.attack
         x_adv = pgd(parts.unwrapped, x, labels, threat=attack.threat, eps=float(attack.eps) * parts.eps_scale,
-                    step_size=float(attack.step_size) * parts.eps_scale, steps=attack.steps, random_start=attack.random_start,
+                    step_size=float(attack.step_size) * parts.eps_scale, steps=attack.steps,
+                    random_start=attack.random_start,
                     loss=parts.objective.attack_loss, mode=attack.model_mode, freeze=freeze, noise=attack.noise,
                     project=attack.project)
         attacked = time.perf_counter()
@@ -134,8 +135,9 @@ def epoch_steps(first_step: int, batches: int, *limits: int | None) -> int:
 def train_one_epoch(epoch: int, parts: StepParts, loader: torch.utils.data.DataLoader, state: RunState,
                     plans: Plans, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """One pass over the training data, or up to run.max_steps or the plan's steps. Returns the epoch's training
-    metrics, over all processes, with the callbacks' own columns (`Callback.epoch_metrics`), and records in `state` where it stopped; an epoch that run.max_steps stopped
-    inside (`state.epoch_step`) goes on after the steps done, with their sums."""
+    metrics, over all processes, with the callbacks' own columns (`Callback.epoch_metrics`), and records in
+    `state` where it stopped; an epoch that run.max_steps stopped inside (`state.epoch_step`) goes on after the
+    steps done, with their sums."""
     accelerator, recipe = parts.accelerator, parts.recipe
     finetune.set_train_mode(parts.model)  # model.train(), but a frozen backbone stays in eval mode
     done = state.epoch_step if state.epoch == epoch else 0
@@ -178,7 +180,8 @@ def train_one_epoch(epoch: int, parts: StepParts, loader: torch.utils.data.DataL
     state.epoch, state.epoch_step = epoch, position if inside else 0
     state.epoch_sums = {**total, "seconds": seconds} if inside else {}
     group = parts.optimizer.param_groups[0]  # the last step's rate, without a fine-tuned backbone's scale
-    return {"steps": position, "lr": group["lr"] / group.get("lr_scale", 1.0), "loss": total["loss"] / total["examples"],
+    return {"steps": position, "lr": group["lr"] / group.get("lr_scale", 1.0),
+            "loss": total["loss"] / total["examples"],
             "train_adv_acc": 100 * total["adv_correct"] / total["examples"],
             "grad_norm": total["grad_norm"] / total["steps"], "img_per_s": total["examples"] / seconds,
             "epoch_s": seconds, **{key: value for callback in callbacks

@@ -42,14 +42,14 @@ from torch import nn
 import sglr_zoo
 from sglr_zoo import finetune, hardware
 from sglr_zoo.averaging import Averaging, WeightAverage
-from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (FINAL_SANITY_PASSES: experiments/ read it here)
+from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (experiments/ read FINAL_SANITY_PASSES here)
 from sglr_zoo.checkpoint import Checkpointer
 from sglr_zoo.data import IndexedDataset, Splits, load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate, for_evaluation
 from sglr_zoo.files import WriteFailed, refuse_link, write_atomic
 from sglr_zoo.guard import OverfittingGuard
-from sglr_zoo.loop import StepParts, TrainingDiverged, max_steps_reached, train_one_epoch  # noqa: F401  (TrainingDiverged)
+from sglr_zoo.loop import StepParts, TrainingDiverged, max_steps_reached, train_one_epoch  # noqa: F401 (re-exported)
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.monitoring import (
     flat_scalars,
@@ -293,7 +293,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         # exported or checkpointed.
         sync_buffers(accelerator, recipe.run.buffer_sync, plain, *objective.local_modules(),
                      *([] if average is None else [average.module]))
-        last_epoch = epoch == plans.in_force(state.global_step).epochs or max_steps_reached(state.global_step, *limits())
+        last_epoch = (epoch == plans.in_force(state.global_step).epochs
+                      or max_steps_reached(state.global_step, *limits()))
         if epoch % recipe.eval.every == 0 or last_epoch:
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
                 row.update(monitor(unwrapped if average is None else average.module, splits, recipe, accelerator))
@@ -301,7 +302,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         accelerator.print(format_row(row, attack))
         if state.epoch_step:  # a part: neither logged nor a candidate for best/, as an uninterrupted run
             accelerator.print(f"run.max_steps: stopped after step {state.epoch_step} of epoch {epoch}'s "
-                              f"{len(train_loader)}; rerun it with a larger run.max_steps, or none, to train on from there")
+                              f"{len(train_loader)}; rerun it with a larger run.max_steps, or none, to train on from "
+                              "there")
         else:
             accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         if not state.epoch_step and row.get(f"val_{attack}_acc", -1) > state.best_val_pgd:
