@@ -83,13 +83,9 @@ class Job:
 
 def cpu_info() -> dict:
     """The CPU model, its count and whether it computes bf16 natively (AVX512-BF16, AMX)."""
-    flags, model = set(), "unknown CPU"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+    from sglr_zoo.hardware import cpu_model
+
+    model, flags = cpu_model()
     return {"model": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags}
 

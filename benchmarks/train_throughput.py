@@ -67,13 +67,9 @@ LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_
 
 def cpu_label() -> str:
     """The CPU model, its bf16-relevant flags, and whether this process is limited to AVX2 (emulation)."""
-    flags, model = set(), "unknown CPU"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+    from sglr_zoo.hardware import cpu_model
+
+    model, flags = cpu_model()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     label = f"{model} ({os.cpu_count()} CPUs; flags: {' '.join(shown)})"
     if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2":

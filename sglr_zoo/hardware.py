@@ -370,3 +370,17 @@ def _mallopt(values: dict[str, int], trim: bool = False) -> bool:
     if trim:
         libc.malloc_trim(0)
     return True
+
+
+def cpu_model() -> tuple[str, set[str]]:
+    """This machine's CPU model name and its flags, from /proc/cpuinfo ("unknown CPU" and none elsewhere): what
+    every reported number names, since the CPU changes between machines and sessions."""
+    flags, model = set(), "unknown CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    return model, flags
