@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="clean and robust accuracy (PGD, CW, AutoAttack) with sanity checks",
                              description="Evaluate on the first N examples of a split, in order, and write one "
                                          "results JSON (the only source of the numbers on model cards). Sharded "
-                                         "over N processes: `torchrun --nproc_per_node N -m sglr_zoo eval ...` "
-                                         "(the same results as one process).")
+                                         "over N processes (the same results): `accelerate launch --multi_gpu "
+                                         "--num_processes N -m sglr_zoo eval ...`.")
     ev.add_argument("model", help="a zoo name, model folder, run directory, local-dir:PATH, hf-hub:ORG/NAME, "
                                   "or a timm architecture with --weights")
     ev.add_argument("--weights", metavar="FILE.safetensors", help="a state dict for the architecture named as MODEL")

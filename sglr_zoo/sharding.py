@@ -2,8 +2,8 @@
 
 Every attack cuts its points into batches as a single process does; batch k goes to process k mod N, and the flags
 each process wrote for its batches are gathered (a gloo all-reduce of n integers), so every process goes on with the
-flags a single process would hold. Launch with `torchrun --nproc_per_node N -m sglr_zoo eval ...` or
-`accelerate launch --num_processes N -m sglr_zoo eval ...`; `process_group()` joins the group that the launcher's
+flags a single process would hold. Launch with `accelerate launch --multi_gpu --num_processes N -m sglr_zoo eval ...`
+or `torchrun --nproc_per_node N -m sglr_zoo -- eval ...`; `process_group()` joins the group that the launcher's
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) describes, and a single process never starts one.
 """
 
