@@ -26,6 +26,7 @@ from sglr_zoo.attacks import Threat
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, read_regular, write_atomic
 from sglr_zoo.results import AttackStep, percent
+from sglr_zoo.sharding import Shards
 
 PYAUTOATTACK_VERSION = "0.2.0"  # the internals read below are this version's; pyproject.toml pins the same
 STATE_SCHEMA = "sglr_zoo.autoattack_state/1"
@@ -92,34 +93,41 @@ def autoattack_settings(aa: Any) -> dict[str, Any]:
 
 
 def run_autoattack(aa: Any, images: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor, *,
-                   batch_size: int, state_path: str | Path | None, key: dict[str, Any], progress: bool = False
-                   ) -> tuple[torch.Tensor, dict[str, AttackStep]]:
+                   batch_size: int, state_path: str | Path | None, key: dict[str, Any], progress: bool = False,
+                   shards: Shards = Shards()) -> tuple[torch.Tensor, dict[str, AttackStep]]:
     """AutoAttack's loop over its sub-attacks, starting from the `candidates` (True: still to break).
 
     Returns, per example, True where every sub-attack failed, and each sub-attack's cumulative robust accuracy.
     With `state_path`, progress is saved after every batch; a rerun with the same `key` (what identifies the
     evaluation: model, data, eps, settings) resumes from it, and a different key is refused, as is a state that
-    claims more than the candidates allow.
+    claims more than the candidates allow. Sharded (`shards`), each round of batches, one per process, is gathered
+    before the main process saves it (a batch's result depends on its images alone: pyautoattack reseeds each
+    sub-attack with the seed at each call), and only the main process reads and writes the state file.
     """
     path = Path(state_path) if state_path is not None else None
-    state = _read_state(path, key, candidates) if path is not None and path.exists() else {
-        "schema": STATE_SCHEMA, "key": key, "robust": candidates.tolist(), "attacked": {}, "seconds": {},
-        "per_attack": {}}
+    saved = _read_state(path, key, candidates) if shards.main and path is not None and path.exists() else None
+    state = shards.share(saved) or {"schema": STATE_SCHEMA, "key": key, "robust": candidates.tolist(), "attacked": {},
+                                    "seconds": {}, "per_attack": {}}
+    path = path if shards.main else None
     robust = torch.tensor(state["robust"], dtype=torch.bool)
     sub_attacks = list(aa.attacks_to_run)
     try:
         for name in sub_attacks:
             attacked = torch.tensor(state["attacked"].get(name, [False] * len(labels)), dtype=torch.bool)
             aa.attacks_to_run = [name]
-            for index in tqdm(batches(robust & ~attacked, batch_size), desc=f"autoattack {name}",
-                              disable=not progress):
-                clock = time.time()
-                # Contiguous: pyautoattack's zero-gradient check calls .view() on the input gradient, which fails
-                # for channels-last images (what torch.from_numpy(nhwc).permute(0, 3, 1, 2) gives).
-                x = images[index].contiguous()
-                _, predicted = aa.run_standard_evaluation(x, labels[index], batch_size=len(index))
-                robust[index] = predicted.cpu() == labels[index]
-                attacked[index] = True
+            for batch_round in tqdm(shards.rounds(batches(robust & ~attacked, batch_size)),
+                                    desc=f"autoattack {name}", disable=not progress):
+                clock, owned = time.time(), torch.zeros_like(robust)
+                if shards.rank < len(batch_round):
+                    index = batch_round[shards.rank]
+                    # Contiguous: pyautoattack's zero-gradient check calls .view() on the input gradient, which
+                    # fails for channels-last images (what torch.from_numpy(nhwc).permute(0, 3, 1, 2) gives).
+                    x = images[index].contiguous()
+                    _, predicted = aa.run_standard_evaluation(x, labels[index], batch_size=len(index))
+                    robust[index] = predicted.cpu() == labels[index]
+                    owned[index] = True
+                robust = shards.gather(robust, owned)
+                attacked[torch.cat(batch_round)] = True
                 state["robust"], state["attacked"][name] = robust.tolist(), attacked.tolist()
                 state["seconds"][name] = state["seconds"].get(name, 0.0) + time.time() - clock
                 _write_state(path, state)

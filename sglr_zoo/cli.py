@@ -65,18 +65,23 @@ def _eval(args: argparse.Namespace) -> None:
     from sglr_zoo.files import write_atomic
     from sglr_zoo.outcomes import Outcomes
     from sglr_zoo.plots import eps_sweep_png
+    from sglr_zoo.sharding import process_group
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = evaluate_model(
-        args.model, dataset=args.dataset, split=args.split, n=args.n, device=args.device, threat=args.threat,
-        eps=args.eps, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], batch_size=args.batch_size,
-        seed=args.seed, autoattack_version=args.autoattack_version,
-        autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
-        state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command,
-        weights=args.weights, outcomes_path=Outcomes.beside(out),
-        eps_sweep=[r.strip() for r in args.eps_sweep.split(",") if r.strip()] if args.eps_sweep else (),
-        sweep_attack=args.sweep_attack)
+    with process_group() as shards:  # several processes under torchrun or accelerate launch
+        if shards.main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        results = evaluate_model(
+            args.model, dataset=args.dataset, split=args.split, n=args.n, device=args.device, threat=args.threat,
+            eps=args.eps, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
+            batch_size=args.batch_size, seed=args.seed, autoattack_version=args.autoattack_version,
+            autoattack_attacks=args.autoattack_attacks.split(",") if args.autoattack_attacks else None,
+            state_path=args.state_path, bf16_quick=args.bf16_quick, progress=True, command=args.command,
+            weights=args.weights, outcomes_path=Outcomes.beside(out),
+            eps_sweep=[r.strip() for r in args.eps_sweep.split(",") if r.strip()] if args.eps_sweep else (),
+            sweep_attack=args.sweep_attack, shards=shards)
+    if not shards.main:
+        return
     print(results.summary())
     print(f"wrote {results.save(out)} and {Outcomes.beside(out)} (which images each attack broke)")
     if results.eps_sweep is not None:
@@ -250,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="clean and robust accuracy (PGD, CW, AutoAttack) with sanity checks",
                              description="Evaluate on the first N examples of a split, in order, and write one "
-                                         "results JSON (the only source of the numbers on model cards).")
+                                         "results JSON (the only source of the numbers on model cards). Sharded "
+                                         "over N processes (the same results): `accelerate launch --multi_gpu "
+                                         "--num_processes N -m sglr_zoo eval ...`.")
     ev.add_argument("model", help="a zoo name, model folder, run directory, local-dir:PATH, hf-hub:ORG/NAME, "
                                   "or a timm architecture with --weights")
     ev.add_argument("--weights", metavar="FILE.safetensors", help="a state dict for the architecture named as MODEL")

@@ -5,6 +5,8 @@ there): every number a model card shows comes from one. `evaluate_model` first l
 examples of a dataset split. Attacks run in fp32 (TF32 and autocast off) with the model in eval mode, each on the
 points it can still break: our PGD/CW on the clean-correct points, AutoAttack's sub-attacks
 (`sglr_zoo.autoattack`) on the points that survived the previous ones. The checks are in `sglr_zoo.sanity`.
+Sharded over several processes (`sglr_zoo.sharding`), every process evaluates its share of every attack's batches
+and returns the same results; the main process alone writes the files.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from tqdm import tqdm
 
 from sglr_zoo import sanity
 from sglr_zoo.attack_names import AttackName
-from sglr_zoo.attacks import Threat, model_mode, pgd
+from sglr_zoo.attacks import THREATS, Threat, model_mode, pgd
 from sglr_zoo.autoattack import AUTOATTACK_NAMES, autoattack_settings, batches, make_autoattack, run_autoattack
 from sglr_zoo.errors import UserError
 from sglr_zoo.eval_checks import check_inputs, check_options, sweep_radii
 from sglr_zoo.models import unwrap_timm, weights_fingerprint
 from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.results import EpsSweep, Provenance, Results, percent
+from sglr_zoo.sharding import Shards
 
 __all__ = ["AUTOATTACK_NAMES", "DEFAULT_ATTACKS", "Provenance", "Results", "attack_correct", "autoattack_settings",
            "evaluate", "evaluate_model", "for_evaluation", "format_results", "load_results", "make_autoattack",
@@ -70,6 +73,7 @@ def evaluate(
     bf16_quick: bool = False,
     progress: bool = False,
     provenance: Provenance | None = None,
+    shards: Shards = Shards(),
     **legacy_provenance: str | None,
 ) -> Results:
     """Clean and robust accuracy of `model` on float images in [0, 1], plus sanity checks: the results object.
@@ -90,6 +94,9 @@ def evaluate(
         provenance: what is evaluated and how it was asked for, recorded as given (local paths made
             relative, see `sglr_zoo.results.public_path`). The old keywords model_name, dataset, split, source,
             which and command still work and are deprecated.
+        shards: this process's place when several share the evaluation (`sglr_zoo.sharding.process_group`); every
+            process passes the same images and options, and only the main one writes `outcomes_path` and
+            `state_path`.
     """
     started = time.time()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -103,9 +110,10 @@ def evaluate(
     weights_sha256 = weights_fingerprint(unwrap_timm(model).state_dict())
     data_sha256 = _fingerprint([images, labels])
     outcomes = Outcomes(len(labels), weights_sha256, data_sha256)
+    progress = progress and shards.main
 
     def finished(name: str, correct_after: torch.Tensor) -> None:
-        if outcomes_path is not None:
+        if outcomes_path is not None and shards.main:
             outcomes.correct[name] = correct_after.tolist()
             outcomes.save(outcomes_path)
     aa = None
@@ -131,7 +139,7 @@ def evaluate(
             torch.manual_seed(seed)
             flags[name] = correct if eps == 0 else _quick_attack(
                 model, images, labels, correct, loss=loss, steps=steps, threat=threat, eps=eps, batch_size=batch_size,
-                device=device, bf16=bf16_quick, progress=progress, desc=name)
+                device=device, bf16=bf16_quick, progress=progress, desc=name, shards=shards)
             settings[name] = {
                 "implementation": "sglr_zoo.attacks.pgd", "loss": loss, "steps": steps,
                 "step_size": str(eps / 4), "random_start": True, "restarts": 1,
@@ -149,7 +157,7 @@ def evaluate(
                        "model_sha256": weights_sha256}
                 flags["autoattack"], per_attack = run_autoattack(
                     aa, images, labels, correct, batch_size=batch_size, state_path=state_path, key=key,
-                    progress=progress)
+                    progress=progress, shards=shards)
             seconds["autoattack"] = time.time() - clock
             finished("autoattack", flags["autoattack"])
 
@@ -161,12 +169,13 @@ def evaluate(
             "autoattack_le_pgd": sanity.autoattack_le_pgd(robust),
             "large_eps": sanity.large_eps(
                 _large_eps_accuracy(model, images[:checked], labels[:checked], threat=threat, seed=seed,
-                                    batch_size=batch_size, device=device, progress=progress), threat, checked),
+                                    batch_size=batch_size, device=device, progress=progress, shards=shards),
+                threat, checked),
             "square_vs_white_box": sanity.square_vs_white_box(per_attack),
         }
         sweep = _eps_sweep(model, images, labels, correct, radii=radii, attack=sweep_attack, threat=threat,
                            seed=seed, batch_size=batch_size, device=device, progress=progress,
-                           num_classes=num_classes) if radii else None
+                           num_classes=num_classes, shards=shards) if radii else None
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return Results(
         provenance=provenance, arch=arch, weights_sha256=weights_sha256, threat=threat, eps=str(eps),
@@ -264,7 +273,7 @@ def _provenance(provenance: Provenance | None, legacy: dict[str, str | None]) ->
 
 def _eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, *,
                radii: list[Fraction], attack: str, threat: Threat, seed: int, batch_size: int, device: torch.device,
-               progress: bool, num_classes: int | None) -> EpsSweep:
+               progress: bool, num_classes: int | None, shards: Shards) -> EpsSweep:
     """Accuracy under `attack` at each radius (the same seed at each), and the trapezoid area under the curve
     divided by the largest radius."""
     spec, accuracy = AttackName.parse(attack), []
@@ -275,12 +284,12 @@ def _eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cor
             aa = make_autoattack(model, threat=threat, eps=float(eps), seed=seed, device=device,
                                  num_classes=num_classes)
             flags, _ = run_autoattack(aa, images, labels, correct, batch_size=batch_size, state_path=None, key={},
-                                      progress=progress)
+                                      progress=progress, shards=shards)
         else:
             torch.manual_seed(seed)
             flags = _quick_attack(model, images, labels, correct, loss="ce" if spec.kind == "pgd" else "cw",
                                   steps=spec.steps, threat=threat, eps=eps, batch_size=batch_size, device=device,
-                                  bf16=False, progress=progress, desc=f"{attack} at {str(eps)}")
+                                  bf16=False, progress=progress, desc=f"{attack} at {str(eps)}", shards=shards)
         accuracy.append(_percent(flags))
     area = sum((float(b - a)) * (x + y) / 2 for a, b, x, y in zip(radii, radii[1:], accuracy, accuracy[1:]))
     return EpsSweep(attack, [str(eps) for eps in radii], accuracy,
@@ -307,27 +316,35 @@ def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: to
 
 def _quick_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor, *,
                   loss: str, steps: int, threat: Threat, eps: Fraction, batch_size: int, device: torch.device,
-                  bf16: bool, progress: bool, desc: str) -> torch.Tensor:
-    """Our PGD (step eps/4, random start) on the candidate points only; True where the model stays correct."""
-    robust = torch.zeros_like(candidates)
-    for index in tqdm(batches(candidates, batch_size), desc=desc, disable=not progress):
+                  bf16: bool, progress: bool, desc: str, shards: Shards = Shards()) -> torch.Tensor:
+    """Our PGD (step eps/4, random start) on the candidate points only; True where the model stays correct.
+
+    Sharded, a process attacks its batches and draws the random start of the others' (pgd draws nothing else for
+    the ce and cw losses), so that each batch starts from the numbers a single process would draw for it.
+    """
+    robust, owned = torch.zeros_like(candidates), torch.zeros_like(candidates)
+    for k, index in enumerate(tqdm(batches(candidates, batch_size), desc=desc, disable=not progress)):
+        if not shards.owns(k):
+            THREATS[threat](float(eps)).random_start(torch.empty(len(index), *images.shape[1:], device=device))
+            continue
         x, y = images[index].to(device), labels[index].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x_adv = pgd(model, x, y, threat=threat, eps=float(eps), step_size=float(eps / 4), steps=steps,
                         random_start=True, loss=loss)
         with torch.no_grad():
             robust[index] = (model(x_adv).argmax(1) == y).cpu()
-    return robust
+        owned[index] = True
+    return shards.gather(robust, owned)
 
 
 def _large_eps_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, threat: Threat, seed: int,
-                        batch_size: int, device: torch.device, progress: bool) -> float:
+                        batch_size: int, device: torch.device, progress: bool, shards: Shards) -> float:
     """PGD-20 accuracy at `sanity.LARGE_EPS`, for the check that it falls to near zero."""
     torch.manual_seed(seed)
     correct = _predict(model, images, batch_size, device) == labels
     return _percent(_quick_attack(model, images, labels, correct, loss="ce", steps=20, threat=threat,
                                   eps=sanity.LARGE_EPS[threat], batch_size=batch_size, device=device, bf16=False,
-                                  progress=progress, desc="sanity large eps"))
+                                  progress=progress, desc="sanity large eps", shards=shards))
 
 
 def _percent(flags: torch.Tensor) -> float:
