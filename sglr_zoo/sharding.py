@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from sglr_zoo.errors import UserError
 
-TIMEOUT_ENV = "SGLR_ZOO_PROCESS_GROUP_TIMEOUT"  # the trainer's variable: seconds a process waits in a collective
+# Seconds a process waits in an evaluation's collective: its own variable, so that a training run's shorter timeout
+# (training.TIMEOUT_ENV) never reaches its end-of-run evaluation.
+TIMEOUT_ENV = "SGLR_ZOO_EVAL_GROUP_TIMEOUT"
 # A process waits in a collective while the others finish their batch of a round: one AutoAttack batch of a large
 # model on a slow device takes hours, so the evaluation's default is a day, not torch's 30 minutes.
 DEFAULT_TIMEOUT = timedelta(hours=24)
@@ -34,6 +36,7 @@ class Shards:
 
     rank: int = 0
     count: int = 1
+    group: Any = None  # the process group the collectives run in (None: the default group)
 
     @property
     def main(self) -> bool:
@@ -54,7 +57,7 @@ class Shards:
         if self.count == 1:
             return values
         counts = torch.stack([(values & owned).int(), owned.int()])
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.group)
         return torch.where(counts[1] > 0, counts[0] > 0, values)
 
     def share(self, value: Any) -> Any:
@@ -62,12 +65,12 @@ class Shards:
         if self.count == 1:
             return value
         shared = [value]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=0, group=self.group)
         return shared[0]
 
 
 def group_timeout() -> timedelta:
-    """The collectives' timeout: $SGLR_ZOO_PROCESS_GROUP_TIMEOUT seconds when set, else `DEFAULT_TIMEOUT`."""
+    """The collectives' timeout: $SGLR_ZOO_EVAL_GROUP_TIMEOUT seconds when set, else `DEFAULT_TIMEOUT`."""
     value = os.environ.get(TIMEOUT_ENV)
     if not value:
         return DEFAULT_TIMEOUT
@@ -84,13 +87,20 @@ def group_timeout() -> timedelta:
 def process_group() -> Iterator[Shards]:
     """The launcher's processes as `Shards`, in a gloo process group for the block (the collectives carry per-example
     flags on the CPU, also when the model is on a GPU: then each process's current CUDA device is cuda:LOCAL_RANK).
-    Without a launcher (WORLD_SIZE unset or 1): `Shards()` and no process group."""
+    Without a launcher (WORLD_SIZE unset or 1): `Shards()` and no process group. Inside a trainer's process group:
+    a new gloo group of the same processes, with the evaluation's timeout (a group cannot be started again once
+    destroyed: gloo would meet the first one's keys in the launcher's store)."""
     count = int(os.environ.get("WORLD_SIZE", "1"))
     if count == 1:
         yield Shards()
         return
     if dist.is_initialized():
-        raise UserError("sharded evaluation starts its own process group; call it outside another one")
+        group = dist.new_group(backend="gloo", timeout=group_timeout())
+        try:
+            yield Shards(dist.get_rank(), dist.get_world_size(), group)
+        finally:
+            dist.destroy_process_group(group)
+        return
     dist.init_process_group("gloo", timeout=group_timeout())
     try:
         if torch.cuda.is_available():

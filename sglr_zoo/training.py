@@ -68,6 +68,7 @@ from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.resume import finish_run, open_run, refuse_if_finished
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.runstate import RunState, data_fingerprint
+from sglr_zoo.sharding import Shards, process_group
 from sglr_zoo.threads import ThreadClaims, ThreadSharing
 from sglr_zoo.warmup import EpsWarmup, describe_warmup
 
@@ -137,23 +138,24 @@ def _write_run_info(run: RunDir, recipe: Recipe, splits: Splits, state: RunState
 
 
 def final_evaluation(run: RunDir, which: str, splits: Splits, recipe: Recipe, device: torch.device,
-                     command: str) -> Results:
-    """Evaluates an export (reloaded from its folder, fp32) on the first eval.final_n test examples and writes
-    its `results.json`: the numbers model cards show. AutoAttack's progress is kept beside it, so a killed
-    evaluation resumes where it stopped."""
+                     command: str, shards: Shards = Shards()) -> Results:
+    """Evaluates an export (reloaded from its folder, fp32) on the first eval.final_n test examples, each of
+    `shards` taking its share of the attacks, and writes its `results.json` (the main process): the numbers model
+    cards show. AutoAttack's progress is kept beside it, so a killed evaluation resumes where it stopped."""
     n = min(recipe.eval.final_n, len(splits.test))
     model = for_evaluation(load_pretrained(f"local-dir:{run.export(which)}"), device)
     results = evaluate(model, to_float(splits.test.images[:n], recipe.data.image_size), splits.test.labels[:n],
                        threat=recipe.attack.threat, eps=recipe.eval_eps, attacks=recipe.eval.final_attacks,
                        batch_size=recipe.eval.batch_size, seed=recipe.run.seed, num_classes=splits.num_classes,
                        state_path=run.autoattack_state(which), device=device, progress=True,
-                       outcomes_path=Outcomes.beside(run.results(which)),
+                       outcomes_path=Outcomes.beside(run.results(which)), shards=shards,
                        provenance=Provenance(model=f"{run.root.name}/{which}", dataset=recipe.data.dataset,
                                              split=recipe.data.test_split, source=splits.source,
                                              which=f"first {n} of the {recipe.data.test_split} split, in order",
                                              command=command))
-    results.save(run.results(which))
-    print(f"{which}: {results.summary()}")
+    if shards.main:
+        results.save(run.results(which))
+        print(f"{which}: {results.summary()}")
     return results
 
 
@@ -321,8 +323,9 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         if last_epoch:
             break
 
-    # The end: exports and run.json first (no check below can lose them), then the process group ends, and the
-    # main process alone evaluates the exports: the other processes wait in no collective however long it takes.
+    # The end: exports and run.json first (no check below can lose them), then every process evaluates its share of
+    # the exports in an evaluation group whose collectives wait as long as an AutoAttack batch takes
+    # (sglr_zoo.sharding), never the training group's timeout; then the training's process group ends.
     checksums = replica_checksums(accelerator, plain, objective, *([] if average is None else [average]))
     if accelerator.is_main_process:
         export(measured, run, "last", splits.train.class_names)
@@ -334,9 +337,9 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     if any(replica != checksums[0] for replica in checksums):
         raise RuntimeError(f"processes ended with different weights or soft labels: {checksums} (run.json); "
                            "last/ holds the main process's")
-    accelerator.end_training()  # stops the trackers and destroys the process group
-    if accelerator.is_main_process:
+    with process_group() as shards:
         for which in run.exports():
-            final_evaluation(run, which, splits, recipe, accelerator.device, command)
+            final_evaluation(run, which, splits, recipe, accelerator.device, command, shards)
+    accelerator.end_training()  # stops the trackers and destroys the process group
     finish_run(accelerator, run, lock, state, planned)  # marks it finished and unlocks it: rerunning it is refused
     return run.root
