@@ -60,8 +60,8 @@ class OverfittingGuard(Callback):
         self.snapshot_step: int | None = None
         self.below = 0  # checks in a row under the threshold (a resumed run counts afresh)
         accelerator.print(f"catastrophic-overfitting guard: PGD-{self.cfg.steps} on {self.n} held-out images every "
-                          f"{self.cfg.every} steps; below {self.cfg.drop:g} x its best, back to the last check passed "
-                          f"and on with PGD-{self.cfg.fallback_steps}")
+                          f"{self.cfg.every} steps; {self.cfg.patience} in a row below {self.cfg.drop:g} x its best: "
+                          f"back to the last check passed and on with PGD-{self.cfg.fallback_steps}")
         if state.guard_events:
             event = state.guard_events[-1]
             self.parts.attack = fallback_attack(parts.recipe.attack, event["fallback_steps"])
