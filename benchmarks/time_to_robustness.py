@@ -52,16 +52,17 @@ ATTACKS = "clean,pgd20,autoattack"
 TRAIN_FILE = "ttr_train.json"  # this script's measurement of a training, in its run directory
 
 NFGSM = ["attack.step_size=8/255", "attack.noise=2", "attack.project=false"]  # de Jorge et al. 2022
+FGSM_RS = ["attack.step_size=10/255", "attack.noise=1", "attack.project=true"]  # Wong et al. 2020: the quickstart before
 AVERAGE = ["average.decay=0.999", "average.start=0.5"]
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
 # Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
 PRESETS: dict[str, list[str]] = {
-    "sglr-fgsmrs": [],
+    "sglr-fgsmrs": FGSM_RS,
     "pgdat-nfgsm-ema-ls": ["method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
     "sglr-nfgsm-ema-ls": [*LABEL_SMOOTHING, *NFGSM, *AVERAGE],
     "sglr-nfgsm": NFGSM,
     "sglr-nfgsm-ema": [*NFGSM, *AVERAGE],
-    "sglr-fgsmrs-ema": AVERAGE,
+    "sglr-fgsmrs-ema": [*FGSM_RS, *AVERAGE],
 }
 
 

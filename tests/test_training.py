@@ -842,6 +842,7 @@ import os, sys
 import torch
 from accelerate import Accelerator
 
+from sglr_zoo.replicas import sync_buffers
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
