@@ -69,18 +69,23 @@ class Shards:
         return shared[0]
 
 
-def group_timeout() -> timedelta:
-    """The collectives' timeout: $SGLR_ZOO_EVAL_GROUP_TIMEOUT seconds when set, else `DEFAULT_TIMEOUT`."""
-    value = os.environ.get(TIMEOUT_ENV)
+def timeout_from_env(variable: str) -> timedelta | None:
+    """A process group's timeout from $variable (seconds; None when unset); a user error names the variable."""
+    value = os.environ.get(variable)
     if not value:
-        return DEFAULT_TIMEOUT
+        return None
     try:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
     if not 0 < seconds < math.inf:
-        raise UserError(f"{TIMEOUT_ENV}={value!r}: give the process group's timeout as a positive number of seconds")
+        raise UserError(f"{variable}={value!r}: give the process group's timeout as a positive number of seconds")
     return timedelta(seconds=seconds)
+
+
+def group_timeout() -> timedelta:
+    """The collectives' timeout: $SGLR_ZOO_EVAL_GROUP_TIMEOUT seconds when set, else `DEFAULT_TIMEOUT`."""
+    return timeout_from_env(TIMEOUT_ENV) or DEFAULT_TIMEOUT
 
 
 @contextlib.contextmanager

@@ -68,7 +68,7 @@ from sglr_zoo.results import Provenance, Results, public_paths
 from sglr_zoo.resume import finish_run, open_run, refuse_if_finished
 from sglr_zoo.rundir import ModelFolder, RunDir
 from sglr_zoo.runstate import RunState, data_fingerprint
-from sglr_zoo.sharding import Shards, process_group
+from sglr_zoo.sharding import Shards, process_group, timeout_from_env
 from sglr_zoo.threads import ThreadClaims, ThreadSharing
 from sglr_zoo.warmup import EpsWarmup, describe_warmup
 
@@ -111,16 +111,8 @@ def export(model: nn.Module, run: RunDir, which: str, class_names: list[str]) ->
 
 def _process_group_options() -> dict[str, timedelta]:
     """torch.distributed's options: the collectives' timeout from $SGLR_ZOO_PROCESS_GROUP_TIMEOUT when set."""
-    value = os.environ.get(TIMEOUT_ENV)
-    if not value:
-        return {}
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise UserError(f"{TIMEOUT_ENV}={value!r}: give the process group's timeout as a positive number of seconds")
-    return {"timeout": timedelta(seconds=seconds)}
+    timeout = timeout_from_env(TIMEOUT_ENV)
+    return {} if timeout is None else {"timeout": timeout}
 
 
 def _write_run_info(run: RunDir, recipe: Recipe, splits: Splits, state: RunState, accelerator: Accelerator,
