@@ -233,12 +233,21 @@ def _training_facts(run: dict[str, Any]) -> list[tuple[str, Any]]:
     """(label, value) lines from run.json: versions, seed, which weights (an average?), the real example counts and
     the command."""
     facts = [("sglr_zoo version", run.get("sglr_zoo_version")), ("git commit", run.get("git_commit")),
-             ("seed", run.get("seed")), ("weights", run.get("weights"))]  # the trained ones, or their average
+             ("seed", run.get("seed")), ("weights", run.get("weights")),  # the trained ones, or their average
+             ("machine", run.get("machine")), ("training time", _duration(run.get("train_seconds")))]
     facts += [(f"{key.removeprefix('num_examples_')} examples".replace("train ", "training ", 1), value)
               for key, value in run.items() if key.startswith("num_examples_")]
     facts.append(("catastrophic-overfitting guard", _guard_text(run.get("guard"))))
     facts.append(("command", public_text(run.get("command"))))
     return [(label, value) for label, value in facts if value is not None]
+
+
+def _duration(seconds: float | None) -> str | None:
+    """run.json's `train_seconds` in words: the epochs' training, monitoring and evaluation excluded."""
+    if seconds is None:
+        return None
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{f'{hours} h ' if hours else ''}{minutes} min (the epochs' training steps; monitoring and evaluation excluded)"
 
 
 def _guard_text(guard: dict[str, Any] | None) -> str | None:

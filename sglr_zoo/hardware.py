@@ -384,3 +384,13 @@ def cpu_model() -> tuple[str, set[str]]:
                 elif line.startswith("flags") and not flags:
                     flags = set(line.split(":", 1)[1].split())
     return model, flags
+
+
+def machine(device: torch.device) -> str:
+    """The machine a run used, in words for run.json and model cards: the GPU's name, or the CPU's model, its
+    count and whether it computes bf16 natively."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model, flags = cpu_model()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{model}, {os.cpu_count()} CPUs ({', '.join(native) if native else 'no native bf16'})"

@@ -124,7 +124,9 @@ def _write_run_info(run: RunDir, recipe: Recipe, splits: Splits, state: RunState
             "seed": recipe.run.seed, "last_epoch": state.epoch, "best_epoch": best,
             "best_metric": f"val_{monitor_attack(recipe)}_acc" if best else None,
             "best_value": state.best_val_pgd if best else None, "num_processes": accelerator.num_processes,
-            "replica_checksums": checksums, **extra, "class_names": splits.train.class_names,
+            "replica_checksums": checksums, "machine": hardware.machine(accelerator.device),
+            "train_seconds": round(sum(row.get("epoch_s", 0.0) for row in state.history), 1),
+            **extra, "class_names": splits.train.class_names,
             "num_examples_train": len(splits.train), "data_source": splits.source}
     write_atomic(run.run_info, json.dumps(public_paths(info), indent=2).encode())
 

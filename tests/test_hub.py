@@ -70,7 +70,7 @@ def run_dir(tmp_path_factory) -> Path:
         "sglr_zoo_version": "0.1.0", "git_commit": "0" * 40, "seed": 0, "best_epoch": 3, "last_epoch": 4,
         "command": f"sglr-zoo train {run.parent}/test.yaml run.output_dir={run.parent}",
         "class_names": [f"class{i}" for i in range(10)], "num_examples_train": 64, "num_examples_val": 16,
-        "data_source": str(run.parent / "data" / "cifar10")}))
+        "machine": "Test CPU, 2 CPUs (no native bf16)", "train_seconds": 4000.0, "data_source": str(run.parent / "data" / "cifar10")}))
     TEST_RESULTS.save(run / "best" / "results.json")
     (run / "metrics.csv").write_text("epoch,loss,val_clean_acc,val_pgd10_acc\n1,2.0,50.0,30.0\n")
     (run / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n test")
@@ -190,7 +190,8 @@ def test_card_metadata_and_numbers_come_from_the_results(run_dir, tmp_path):
                     "- square_vs_white_box: not run - not run: test",
                     "highest PGD-10 accuracy",  # the selection column metrics.csv names (val_pgd10_acc)
                     "- training examples: 64", "- val examples: 16",  # run.json's real counts ...
-                    "on the first 64 training examples"):  # ... not the 100 the recipe asked for
+                    "on the first 64 training examples",
+                    "- machine: Test CPU, 2 CPUs (no native bf16)", "- training time: 1 h 7 min (the epochs'"):  # ... not the 100 the recipe asked for
         assert snippet in text, snippet
     assert "Sanity checks failed" not in text  # a check that did not run has not failed
     assert 'timm.create_model("hf-hub:' not in text  # timm's own download skips the sha256 check

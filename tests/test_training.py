@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 import sglr_zoo
 import sglr_zoo.cli
 import sglr_zoo.training as training
-from sglr_zoo import loop
+from sglr_zoo import hardware, loop
 from sglr_zoo.checkpoint import latest_checkpoint
 from sglr_zoo.data import load_splits, to_float
 from sglr_zoo.errors import UserError
@@ -239,6 +239,8 @@ def test_tiny_run(tmp_path, tiny_dataset, monkeypatch):
     assert info["num_examples_train"] == 48 and info["command"] == "pytest"
     assert info["speed"]["mixed_precision"]["value"] == "no"
     assert len(info["replica_checksums"]) == 1
+    assert info["machine"] == hardware.machine(torch.device("cpu")) and "CPUs" in info["machine"]
+    assert info["train_seconds"] == round(sum(float(r["epoch_s"]) for r in rows), 1) > 0
     assert str(tmp_path) not in (run_dir / "run.json").read_text()  # no local paths
     assert info["data_source"] == tiny_dataset.name
     assert load_results(run_dir / "best" / "results.json").provenance.model == "run/best"
