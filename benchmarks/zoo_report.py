@@ -1,0 +1,195 @@
+"""The zoo beside the field (issue 29, item 6): the table and the figure of docs/zoo.md.
+
+Every number of ours is read from the bundled entries (`sglr_zoo/bundled/NAME/`): the evaluator's results.json
+(clean, PGD-20, AutoAttack and their n), recipe.yaml (the preset), run.json (the data, the machine) and metrics.csv
+(the training time: the epochs' seconds, monitoring and evaluation excluded). The anchors are the published numbers
+that the issues compare against, each with its source; their training times are as reported (GPU hours), which is
+why the figure's axis is marked by hardware. Nothing is typed in twice: rerun this after a zoo entry changes.
+
+    python benchmarks/zoo_report.py                     # prints the Markdown table, draws docs/zoo.png
+    python benchmarks/zoo_report.py --table docs/zoo_table.md --figure /tmp/zoo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sglr_zoo.recipe import Recipe, load_recipe  # noqa: E402
+from sglr_zoo.zoo import ZOO  # noqa: E402
+
+ARCH_LABELS = {"preactresnet18_cifar": "PreActResNet-18", "preactresnet10_quarter_cifar": "PreActResNet-10 (1/4 width)",
+               "preactresnet10_slim_cifar": "PreActResNet-10 (1/2 width)", "resnet18_cifar": "ResNet-18",
+               "wrn34_10_cifar": "WRN-34-10"}
+METHOD_LABELS = {"sglr": "SGLR", "pgd_at": "PGD-AT", "trades": "TRADES", "sglr_trades": "SGLR-TRADES"}
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A published CIFAR-10 L-inf 8/255 result (AutoAttack on the full test set) to compare the zoo against."""
+
+    name: str
+    arch: str
+    clean: float | None
+    autoattack: float
+    gpu_hours: float | None  # training time as its source reports it; None: not reported
+    source: str
+
+
+ANCHORS = [
+    Anchor("Fast-AT (FGSM-RS), RobustBench Wong2020Fast", "PreActResNet-18", 83.34, 43.21, None,
+           "RobustBench; Wong et al. 2020 (minutes on one GPU)"),
+    Anchor("SGLR authors, PGD-AT + SGLS, 200 epochs", "ResNet-18", 83.0, 50.2, None, "shared/SGLR.md (authors' README)"),
+    Anchor("FastAT Benchmark: PGD-AT + averaging + LS 0.4", "ResNet-18", None, 50.49, 1.95, "arXiv 2604.22853"),
+    Anchor("FastAT Benchmark: N-FGSM", "ResNet-18", None, 47.77, 0.54, "arXiv 2604.22853"),
+    Anchor("FastAT Benchmark: FGSM-RS", "ResNet-18", None, 43.09, 0.53, "arXiv 2604.22853"),
+    Anchor("FastAT Benchmark: PGD-AT, last epoch", "ResNet-18", None, 44.33, 1.93, "arXiv 2604.22853"),
+    Anchor("ADR (self-distilled soft labels)", "WRN-34-10", None, 53.2, None, "ICLR 2024 (issue 29's target)"),
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bundled zoo entry, as the table shows it."""
+
+    name: str
+    arch: str
+    method: str
+    preset: str
+    data: str
+    machine: str
+    train_hours: float
+    gpu: bool
+    clean: float
+    pgd20: float | None
+    autoattack: float | None
+    n: int
+
+
+def training_attack(recipe: Recipe) -> str:
+    """The training attack's usual name: PGD-K, FGSM-RS or N-FGSM."""
+    attack = recipe.attack
+    if attack.steps > 1:
+        return f"PGD-{attack.steps}"
+    return "N-FGSM" if not attack.project and attack.noise > 1 else "FGSM-RS"
+
+
+def preset(recipe: Recipe, epochs: int) -> str:
+    """The levers in a few words: the attack, weight averaging, label smoothing, the schedule and its epochs."""
+    parts = [training_attack(recipe)]
+    if recipe.average.decay:
+        parts.append(f"weight averaging {recipe.average.decay:g}")
+    if recipe.method.label_smoothing:
+        parts.append(f"label smoothing {recipe.method.label_smoothing:g}")
+    parts.append(f"{recipe.schedule.name} {epochs} ep" + ("" if recipe.data.augment else ", no augmentation"))
+    return ", ".join(parts)
+
+
+def trained_on_gpu(run: dict) -> bool:
+    """Whether run.json says the training ran on a GPU: its machine, else its speed levers' device."""
+    if "machine" in run:
+        return "CPUs" not in run["machine"]
+    return "cuda" in json.dumps(run.get("speed", {}))
+
+
+def zoo_rows() -> list[Row]:
+    """The bundled entries, each read from its own files."""
+    rows = []
+    for entry in ZOO.values():
+        if entry.folder is None:
+            continue
+        folder, results = entry.folder, entry.results
+        recipe, run = load_recipe(folder / "recipe.yaml"), json.loads((folder / "run.json").read_text())
+        with open(folder / "metrics.csv", newline="") as file:
+            history = list(csv.DictReader(file))
+        seconds = run.get("train_seconds") or sum(float(row["epoch_s"]) for row in history)
+        gpu = trained_on_gpu(run)
+        machine = run.get("machine") or ("a GPU, not recorded (see its card)" if gpu else "a CPU, not recorded")
+        threads = run.get("speed", {}).get("threads", {}).get("value")
+        if threads and not gpu:
+            machine += f"; {threads} thread{'s' * (threads > 1)}"
+        rows.append(Row(entry.name, ARCH_LABELS.get(entry.arch, entry.arch), METHOD_LABELS[entry.method],
+                        preset(recipe, int(history[-1]["epoch"])), f"{run['num_examples_train']:,} train images",
+                        machine, seconds / 3600, gpu, results.clean_accuracy, results.robust_accuracy.get("pgd20"),
+                        results.robust_accuracy.get("autoattack"), results.n_examples))
+    return sorted(rows, key=lambda row: -(row.autoattack or 0))
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(rows: list[Row]) -> str:
+    """The Markdown table of docs/zoo.md: ours, then the anchors."""
+    lines = ["| name | architecture | method | preset | data | training time, machine | clean % | PGD-20 % | "
+             "AutoAttack % | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| `{row.name}` | {row.arch} | {row.method} | {row.preset} | {row.data} | "
+                     f"{row.train_hours * 60:.0f} min, {row.machine} | {_cell(row.clean)} | {_cell(row.pgd20)} | "
+                     f"**{_cell(row.autoattack)}** | {row.n} |")
+    for anchor in ANCHORS:
+        hours = "not reported" if anchor.gpu_hours is None else f"{anchor.gpu_hours:g} GPU h"
+        lines.append(f"| *{anchor.name}* | {anchor.arch} | | | CIFAR-10 train | {hours} | {_cell(anchor.clean)} "
+                     f"| | **{anchor.autoattack:.1f}** | as reported |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[Row], path: Path) -> None:
+    """AutoAttack accuracy against training hours (log scale): ours by hardware, anchors with a reported time."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    axes = fig.subplots()
+    for gpu, marker, label in ((False, "o", "ours, on CPU cores"), (True, "s", "ours, on one GPU")):
+        mine = [row for row in rows if row.gpu == gpu and row.autoattack is not None]
+        axes.scatter([r.train_hours for r in mine], [r.autoattack for r in mine], marker=marker, s=45, label=label)
+        for row in mine:
+            axes.annotate(row.name, (row.train_hours, row.autoattack), xytext=(5, 3), textcoords="offset points",
+                          fontsize=7)
+    timed = [anchor for anchor in ANCHORS if anchor.gpu_hours is not None]
+    axes.scatter([a.gpu_hours for a in timed], [a.autoattack for a in timed], marker="^", color="grey", s=45,
+                 label="anchors: GPU hours as reported")
+    for anchor in timed:
+        axes.annotate(anchor.name.removeprefix("FastAT Benchmark: "), (anchor.gpu_hours, anchor.autoattack),
+                      xytext=(5, -9), textcoords="offset points", fontsize=7, color="grey")
+    for anchor in ANCHORS:
+        if anchor.gpu_hours is None:
+            axes.axhline(anchor.autoattack, color="grey", alpha=0.3, linestyle=":")
+            axes.annotate(f"{anchor.name} ({anchor.arch})", (0.02, anchor.autoattack), xycoords=("axes fraction",
+                          "data"), xytext=(0, 2), textcoords="offset points", fontsize=6, color="grey")
+    n = "/".join(str(k) for k in sorted({row.n for row in rows}))
+    axes.set(xscale="log", xlabel="training time (hours, log scale; ours: the epochs' seconds on the machine marked)",
+             ylabel=f"AutoAttack accuracy (%; ours: first {n} test images)",
+             title="CIFAR-10, L-inf 8/255: the zoo against the field")
+    right = max([row.train_hours for row in rows] + [anchor.gpu_hours for anchor in timed])
+    axes.set_xlim(right=right * 5)  # room for the labels
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=Path, help="write the Markdown table here too (it is always printed)")
+    parser.add_argument("--figure", type=Path, default=REPO / "docs" / "zoo.png")
+    args = parser.parse_args(argv)
+    rows = zoo_rows()
+    text = table(rows)
+    print(text)
+    if args.table:
+        args.table.write_text(text + "\n")
+    figure(rows, args.figure)
+    print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

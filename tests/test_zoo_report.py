@@ -1,0 +1,52 @@
+"""benchmarks/zoo_report.py: docs/zoo.md's table and figure are read from the bundled entries' own files."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglr_zoo.zoo import ZOO
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_report.py"
+
+
+@pytest.fixture(scope="module")
+def zoo_report():
+    spec = importlib.util.spec_from_file_location("zoo_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_bundled_entry_is_a_row_with_its_evaluated_numbers(zoo_report, tmp_path, capsys):
+    zoo_report.main(["--table", str(tmp_path / "table.md"), "--figure", str(tmp_path / "zoo.png")])
+    printed = capsys.readouterr().out
+    text = (tmp_path / "table.md").read_text()
+    assert text.strip() in printed and (tmp_path / "zoo.png").read_bytes().startswith(b"\x89PNG")
+    bundled = [entry for entry in ZOO.values() if entry.bundle]
+    lines = {line.split("|")[1].strip(" `"): line for line in text.splitlines()[2:]}
+    for entry in bundled:
+        results = entry.results
+        cells = [cell.strip(" *") for cell in lines[entry.name].split("|")]
+        assert cells[7:11] == [f"{results.clean_accuracy:.1f}", f"{results.robust_accuracy['pgd20']:.1f}",
+                               f"{results.robust_accuracy['autoattack']:.1f}", str(results.n_examples)]
+    rows = zoo_report.zoo_rows()
+    assert [row.autoattack for row in rows] == sorted((row.autoattack for row in rows), reverse=True)
+    assert all(row.train_hours > 0 for row in rows)
+
+
+def test_the_preset_names_the_training_attack_and_levers(zoo_report):
+    from sglr_zoo.recipe import load_recipe
+
+    root = SCRIPT.parents[1] / "recipes"
+    assert zoo_report.preset(load_recipe(root / "prn18_cifar10.yaml"), 200) == "PGD-10, multistep 200 ep"
+    quickstart = load_recipe(root / "quickstart_cifar10.yaml")
+    assert zoo_report.preset(quickstart, 8) == "N-FGSM, onecycle 8 ep, no augmentation"
+    assert zoo_report.preset(load_recipe(root / "prn18_cifar10_cpu.yaml"), 4) == (
+        "N-FGSM, weight averaging 0.999, label smoothing 0.4, onecycle 4 ep, no augmentation")
+    quickstart.attack.noise, quickstart.attack.project, quickstart.attack.step_size = 1, True, 10 / 255
+    assert zoo_report.training_attack(quickstart) == "FGSM-RS"
