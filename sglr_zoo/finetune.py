@@ -4,7 +4,8 @@ The recipe's `finetune:` section names the backbone and how it is adapted:
 - `linear_probe`: the backbone is frozen and kept in eval mode (its BatchNorm statistics too); only the head trains;
 - `full`: everything trains, the backbone at `backbone_lr_scale` times the learning rate;
 - `partial`: the last `unfreeze` stages of the model's `feature_info` (timm's stage names, e.g. `stages.3` or
-  `layer4`), every layer after them (final norm) and the head train; the rest is frozen as in a linear probe.
+  `layer4`), every layer after them (final norm) and the head train; the rest is frozen as in a linear probe;
+- `lp_ft`: a linear probe for the first `probe_share` of the run's steps, then `full` (sglr_zoo.lp_ft).
 Fine-tuning is adversarial with the recipe's `method` and `attack` sections, or clean with `attack.eps: 0`.
 The backbone fixes the architecture, the input normalisation and the input size (timm's `resolve_data_config`):
 images of another size are resized to it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -191,8 +193,13 @@ def describe(model: nn.Module, recipe: Recipe, num_classes: int) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = recipe.finetune
-    return (f"finetune: {cfg.backbone} ({recipe.model.arch}), mode {cfg.mode}, {num_classes} classes; "
-            f"{trainable:,} of {total:,} parameters train")
+    start = f"finetune: {cfg.backbone} ({recipe.model.arch}), mode {cfg.mode}, {num_classes} classes; "
+    if cfg.mode == "lp_ft":
+        head = sum(p.numel() for p in _classifier(unwrap_timm(model), cfg.backbone).parameters())
+        return start + (f"{head:,} of {total:,} parameters train for the first {cfg.probe_share:.0%} of the run's "
+                        f"steps (a linear probe), then all of them, the backbone at {cfg.backbone_lr_scale:g} x the "
+                        "learning rate")
+    return start + f"{trainable:,} of {total:,} parameters train"
 
 
 def _classifier(model: nn.Module, name: str) -> nn.Module:
@@ -221,7 +228,7 @@ def trainable_parts(model: nn.Module, mode: str, unfreeze: int = 1) -> list[str]
     """Names (in `model`'s own naming) of the parameters that train in `mode`."""
     inner = unwrap_timm(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    if mode == "full":
+    if mode in ("full", "lp_ft"):  # lp_ft's probe holds the backbone without freezing it (sglr_zoo.lp_ft)
         return list(names.values())
     head = {id(p) for p in _classifier(inner, type(inner).__name__).parameters()}
     keep = set(head)
@@ -237,7 +244,7 @@ def trainable_parts(model: nn.Module, mode: str, unfreeze: int = 1) -> list[str]
         last = max((i for i, p in enumerate(order) if p in in_last), default=-1)
         keep |= set(order[last + 1:])  # layers after the last stage (final norm): they see only trained features
     elif mode != "linear_probe":
-        raise UserError(f"finetune.mode {mode!r}: choose linear_probe, full or partial")
+        raise UserError(f"finetune.mode {mode!r}: choose linear_probe, full, partial or lp_ft")
     return [n for i, n in names.items() if i in keep]
 
 
@@ -248,22 +255,25 @@ def freeze(model: nn.Module, mode: str, unfreeze: int = 1) -> None:
         parameter.requires_grad_(name in keep)
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """`model.train()`, except modules whose parameters are all frozen: they stay in eval mode, so that a frozen
-    backbone keeps its BatchNorm statistics and runs without dropout. Call it where a loop calls `model.train()`."""
+def set_train_mode(model: nn.Module, held: Iterable[nn.Parameter] = ()) -> None:
+    """`model.train()`, except modules whose parameters are all frozen or `held` (trainable, but not updated for
+    now: lp_ft's backbone while the head probes): they stay in eval mode, so that a frozen backbone keeps its
+    BatchNorm statistics and runs without dropout. Call it where a loop calls `model.train()`."""
+    still = {id(p) for p in held}
     model.train()
     for module in model.modules():
         parameters = list(module.parameters())
-        if parameters and not any(p.requires_grad for p in parameters):
+        if parameters and not any(p.requires_grad and id(p) not in still for p in parameters):
             module.eval()
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: trainable parameters only; the head at `optim.lr`, the backbone at
-    `finetune.backbone_lr_scale` times it. Each group carries timm's `lr_scale` for the schedule to apply."""
+    `finetune.backbone_lr_scale` times it (two groups named `head` and `backbone`, always for lp_ft, whose probe
+    holds the backbone's). Each group carries timm's `lr_scale` for the schedule to apply."""
     lr, scale = recipe.optim.lr, recipe.finetune.backbone_lr_scale
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if recipe.finetune.backbone is None or scale == 1:
+    if recipe.finetune.backbone is None or (scale == 1 and recipe.finetune.mode != "lp_ft"):
         return [{"params": trainable, "lr": lr, "lr_scale": 1.0}]
     head = {id(p) for p in _classifier(unwrap_timm(model), recipe.finetune.backbone).parameters()}
     groups = [{"name": "head", "params": [p for p in trainable if id(p) in head], "lr": lr, "lr_scale": 1.0},
