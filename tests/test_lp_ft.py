@@ -1,8 +1,10 @@
-"""finetune.mode lp_ft: a linear probe, then full fine-tuning, in one run."""
+"""finetune.mode lp_ft (a linear probe, then full fine-tuning, in one run) and the defaults for a backbone without
+robust accuracy on record."""
 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,15 +13,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import sglr_zoo.finetune as finetune
 import sglr_zoo.loop as loop
 from sglr_zoo.cards import render_card
 from sglr_zoo.cli import build_parser
 from sglr_zoo.errors import UserError
-from sglr_zoo.finetune import freeze, param_groups, set_train_mode, trainable_parts
+from sglr_zoo.finetune import finetune_recipe, freeze, param_groups, set_train_mode, trainable_parts
 from sglr_zoo.models import save_pretrained
 from sglr_zoo.recipe import from_dict, load_recipe
 from sglr_zoo.source import collect
+from sglr_zoo.zoo import ZOO
 from tests.test_finetune import CLASS_NAMES, TINY_RUN, finetune_cfg, randomize_batchnorm, write_image_folder
+from tests.test_hub import TEST_RESULTS
 from tests.test_training import run_train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
@@ -133,6 +138,57 @@ def test_lp_ft_probes_then_tunes_and_resumes_across_the_switch(backbone, image_f
     assert "(epoch 1, step 1, inside the epoch)" in out and "(epoch 2, step 4, inside the epoch)" in out  # resumed
     again = load_file(str(part / "last/model.safetensors"))
     assert again.keys() == tuned.keys() and all(torch.equal(again[k], tuned[k]) for k in tuned)
+
+
+def robust_copy(backbone: Path, folder: Path) -> Path:
+    """The backbone with a results.json that holds robust accuracy (made-up test values)."""
+    shutil.copytree(backbone, folder)
+    TEST_RESULTS.save(folder / "results.json")
+    return folder
+
+
+NOTE = "finetune: {name} has no robust accuracy on record: "
+
+
+@pytest.mark.parametrize("overrides, warmup, scale, said", [
+    ([], 0.3, 1.0, "eps warm-up over the first 30% of the run and the backbone at 1 x the head's learning rate "
+                   "(override with attack.warmup=0 finetune.backbone_lr_scale=0.1)"),
+    (["attack.warmup=0.1"], 0.1, 1.0, "the backbone at 1 x the head's learning rate "
+                                      "(override with finetune.backbone_lr_scale=0.1)"),
+    (["finetune.backbone_lr_scale=0.5", "attack.warmup=0"], 0.0, 0.5, None),  # the command line wins
+    (["finetune.mode=linear_probe"], 0.3, 0.1, "eps warm-up over the first 30% of the run (override with "
+                                               "attack.warmup=0)"),  # a frozen backbone has no learning rate
+    (["attack.eps=0"], 0.0, 1.0, "the backbone at 1 x the head's learning rate "
+                                 "(override with finetune.backbone_lr_scale=0.1)"),  # clean: no eps to ramp
+])
+def test_a_backbone_without_robust_accuracy_gets_its_own_defaults(backbone, image_folder, overrides, warmup, scale,
+                                                                  said, capsys):
+    recipe = finetune_recipe(f"local-dir:{backbone}", data=str(image_folder), overrides=overrides)
+    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (warmup, scale)
+    out = capsys.readouterr().out
+    assert out == ("" if said is None else NOTE.format(name=f"local-dir:{backbone}") + said + "\n")
+
+
+def test_a_clean_timm_backbone_gets_them_and_a_robust_one_does_not(backbone, image_folder, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A timm name.tag (its Hub copy: no results) gets them; a folder with robust results, and a zoo entry whose
+    Hub copy has no results.json but whose committed results are robust, do not."""
+    robust = robust_copy(backbone, tmp_path / "robust")
+    recipe = finetune_recipe(str(robust), data=str(image_folder))
+    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, 0.1) and capsys.readouterr().out == ""
+
+    clean = Path(shutil.copytree(backbone, tmp_path / "clean"))
+    located = []
+    monkeypatch.setattr(finetune, "locate", lambda name: located.append(name) or f"local-dir:{clean}")
+    recipe = finetune_recipe("test_resnet.r160_in1k", data=str(image_folder))
+    assert located == ["hf-hub:timm/test_resnet.r160_in1k"]
+    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.3, 1.0)
+    assert capsys.readouterr().out.startswith(NOTE.format(name="test_resnet.r160_in1k"))
+
+    entry = next(entry for entry in ZOO.values() if entry.results is not None and entry.results.robust_accuracy)
+    monkeypatch.setattr(finetune, "locate", lambda name: f"local-dir:{clean}")
+    recipe = finetune_recipe(entry.name, data=str(image_folder))
+    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, 0.1) and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("share", ["0", "1", "1.5", "-0.1"])
