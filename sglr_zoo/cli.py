@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(finetune, "finetune.mode=linear_probe")
     finetune.add_argument("--data", help="image folder (a sub-folder per class), parquet folder, CSV of image paths "
                                          "or Hub dataset id (the same as data.dataset=...)")
-    finetune.add_argument("--mode", choices=("linear_probe", "full", "partial"),
-                          help="how the backbone is adapted (the same as finetune.mode=...; default full)")
+    finetune.add_argument("--mode", choices=("linear_probe", "full", "partial", "lp_ft"),
+                          help="how the backbone is adapted (the same as finetune.mode=...; default full; lp_ft: a "
+                               "linear probe for finetune.probe_share of the run, then full)")
     finetune.set_defaults(func=_finetune)
 
     importer = commands.add_parser(

@@ -4,7 +4,8 @@ The recipe's `finetune:` section names the backbone and how it is adapted:
 - `linear_probe`: the backbone is frozen and kept in eval mode (its BatchNorm statistics too); only the head trains;
 - `full`: everything trains, the backbone at `backbone_lr_scale` times the learning rate;
 - `partial`: the last `unfreeze` stages of the model's `feature_info` (timm's stage names, e.g. `stages.3` or
-  `layer4`), every layer after them (final norm) and the head train; the rest is frozen as in a linear probe.
+  `layer4`), every layer after them (final norm) and the head train; the rest is frozen as in a linear probe;
+- `lp_ft`: a linear probe for the first `probe_share` of the run's steps, then `full` (sglr_zoo.lp_ft).
 Fine-tuning is adversarial with the recipe's `method` and `attack` sections, or clean with `attack.eps: 0`.
 The backbone fixes the architecture, the input normalisation and the input size (timm's `resolve_data_config`):
 images of another size are resized to it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,11 +35,11 @@ from sglr_zoo.models import (
 from sglr_zoo.recipe import Recipe, from_dict, load_recipe
 from sglr_zoo.results import Results, public_text
 from sglr_zoo.rundir import ModelFolder
-from sglr_zoo.zoo import ZOO, locate
+from sglr_zoo.zoo import locate, lookup
 
-__all__ = ["DEFAULT_RECIPE", "Backbone", "backbone_id", "backbone_record", "build_model", "finetune_recipe", "freeze",
-           "locate_backbone",
-           "param_groups", "resolve", "set_train_mode", "stage_names", "trainable_parts"]
+__all__ = ["DEFAULT_RECIPE", "NOT_ROBUST_DEFAULTS", "Backbone", "backbone_id", "backbone_record", "build_model",
+           "finetune_recipe", "freeze", "has_robust_accuracy", "locate_backbone", "param_groups", "resolve",
+           "set_train_mode", "stage_names", "trainable_parts"]
 
 # `sglr-zoo finetune MODEL --data FOLDER` without a recipe: a short adversarial fine-tune, SGLR's refined labels
 # from half-way, the backbone at a tenth of the head's learning rate.
@@ -48,6 +50,10 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "schedule": {"name": "cosine", "epochs": 10},
     "eval": {"n": 500, "final_attacks": ["clean", "pgd20"], "final_n": 1000},
 }
+# ... and for a backbone with no robust accuracy on record (a clean timm model, a Hub repo without our results), as
+# the literature does: eps scheduling (a ramp from 0) for a clean backbone, and a larger backbone learning rate than
+# a robust one needs. Not measured here: to be re-measured on docs/transfer.md's experiment.
+NOT_ROBUST_DEFAULTS: dict[str, float] = {"attack.warmup": 0.3, "finetune.backbone_lr_scale": 1.0}
 
 
 def backbone_id(name: str, revision: str | None = None) -> str:
@@ -138,20 +144,26 @@ def resolve(recipe: Recipe) -> Path | None:
 def backbone_record(recipe: Recipe) -> dict[str, Any] | None:
     """What run.json keeps of a fine-tuned model's backbone, for its card: the name as given, its Hub id (the card's
     `base_model`: an `hf-hub:` or timm backbone, or a published zoo entry; None otherwise), the sha256 of its
-    weights, and its own accuracy from the results.json beside them (None: never measured, as for a clean model)."""
+    weights, and its own accuracy from the results.json beside them, else a zoo entry's committed results (None:
+    never measured, as for a clean model)."""
     cfg = recipe.finetune
     if cfg.backbone is None:
         return None
     located, name = locate_backbone(backbone_id(cfg.backbone, cfg.backbone_revision)), backbone_id(cfg.backbone)
-    entry = ZOO.get(cfg.backbone)
+    entry = lookup(cfg.backbone)
     hub_id = name.removeprefix("hf-hub:").partition("@")[0] if name.startswith("hf-hub:") else (
         entry.repo_id if entry is not None and entry.published else None)
-    accuracy = None
-    if (results_file := ModelFolder(located.folder).results).is_file():
-        results = Results.load(results_file)
-        accuracy = {"n": results.n_examples, "threat": results.threat, "eps": results.eps,
-                    "clean": results.clean_accuracy, **results.robust_accuracy}
+    results_file = ModelFolder(located.folder).results
+    results = Results.load(results_file) if results_file.is_file() else entry.results if entry is not None else None
+    accuracy = None if results is None else {"n": results.n_examples, "threat": results.threat, "eps": results.eps,
+                                             "clean": results.clean_accuracy, **results.robust_accuracy}
     return {"name": public_text(cfg.backbone), "hub_id": hub_id, "sha256": located.sha256, "accuracy": accuracy}
+
+
+def has_robust_accuracy(record: dict[str, Any] | None) -> bool:
+    """Whether a `backbone_record` holds an accuracy under attack, beside the clean one."""
+    accuracy = (record or {}).get("accuracy") or {}
+    return any(key not in ("n", "threat", "eps", "clean") for key in accuracy)
 
 
 def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
@@ -191,8 +203,13 @@ def describe(model: nn.Module, recipe: Recipe, num_classes: int) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = recipe.finetune
-    return (f"finetune: {cfg.backbone} ({recipe.model.arch}), mode {cfg.mode}, {num_classes} classes; "
-            f"{trainable:,} of {total:,} parameters train")
+    start = f"finetune: {cfg.backbone} ({recipe.model.arch}), mode {cfg.mode}, {num_classes} classes; "
+    if cfg.mode == "lp_ft":
+        head = sum(p.numel() for p in _classifier(unwrap_timm(model), cfg.backbone).parameters())
+        return start + (f"{head:,} of {total:,} parameters train for the first {cfg.probe_share:.0%} of the run's "
+                        f"steps (a linear probe), then all of them, the backbone at {cfg.backbone_lr_scale:g} x the "
+                        "learning rate")
+    return start + f"{trainable:,} of {total:,} parameters train"
 
 
 def _classifier(model: nn.Module, name: str) -> nn.Module:
@@ -221,7 +238,7 @@ def trainable_parts(model: nn.Module, mode: str, unfreeze: int = 1) -> list[str]
     """Names (in `model`'s own naming) of the parameters that train in `mode`."""
     inner = unwrap_timm(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    if mode == "full":
+    if mode in ("full", "lp_ft"):  # lp_ft's probe holds the backbone without freezing it (sglr_zoo.lp_ft)
         return list(names.values())
     head = {id(p) for p in _classifier(inner, type(inner).__name__).parameters()}
     keep = set(head)
@@ -237,7 +254,7 @@ def trainable_parts(model: nn.Module, mode: str, unfreeze: int = 1) -> list[str]
         last = max((i for i, p in enumerate(order) if p in in_last), default=-1)
         keep |= set(order[last + 1:])  # layers after the last stage (final norm): they see only trained features
     elif mode != "linear_probe":
-        raise UserError(f"finetune.mode {mode!r}: choose linear_probe, full or partial")
+        raise UserError(f"finetune.mode {mode!r}: choose linear_probe, full, partial or lp_ft")
     return [n for i, n in names.items() if i in keep]
 
 
@@ -248,22 +265,25 @@ def freeze(model: nn.Module, mode: str, unfreeze: int = 1) -> None:
         parameter.requires_grad_(name in keep)
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """`model.train()`, except modules whose parameters are all frozen: they stay in eval mode, so that a frozen
-    backbone keeps its BatchNorm statistics and runs without dropout. Call it where a loop calls `model.train()`."""
+def set_train_mode(model: nn.Module, held: Iterable[nn.Parameter] = ()) -> None:
+    """`model.train()`, except modules whose parameters are all frozen or `held` (trainable, but not updated for
+    now: lp_ft's backbone while the head probes): they stay in eval mode, so that a frozen backbone keeps its
+    BatchNorm statistics and runs without dropout. Call it where a loop calls `model.train()`."""
+    still = {id(p) for p in held}
     model.train()
     for module in model.modules():
         parameters = list(module.parameters())
-        if parameters and not any(p.requires_grad for p in parameters):
+        if parameters and not any(p.requires_grad and id(p) not in still for p in parameters):
             module.eval()
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: trainable parameters only; the head at `optim.lr`, the backbone at
-    `finetune.backbone_lr_scale` times it. Each group carries timm's `lr_scale` for the schedule to apply."""
+    `finetune.backbone_lr_scale` times it (two groups named `head` and `backbone`, always for lp_ft, whose probe
+    holds the backbone's). Each group carries timm's `lr_scale` for the schedule to apply."""
     lr, scale = recipe.optim.lr, recipe.finetune.backbone_lr_scale
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if recipe.finetune.backbone is None or scale == 1:
+    if recipe.finetune.backbone is None or (scale == 1 and recipe.finetune.mode != "lp_ft"):
         return [{"params": trainable, "lr": lr, "lr_scale": 1.0}]
     head = {id(p) for p in _classifier(unwrap_timm(model), recipe.finetune.backbone).parameters()}
     groups = [{"name": "head", "params": [p for p in trainable if id(p) in head], "lr": lr, "lr_scale": 1.0},
@@ -275,7 +295,8 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
 def finetune_recipe(target: str, *, data: str | None = None, mode: str | None = None,
                     overrides: list[str] = ()) -> Recipe:
     """The recipe `sglr-zoo finetune` runs: a YAML recipe with a `finetune:` section, or MODEL + `--data` on
-    `DEFAULT_RECIPE`. `data` and `mode` are shorthands for `data.dataset=...` and `finetune.mode=...`."""
+    `DEFAULT_RECIPE`, with `NOT_ROBUST_DEFAULTS` for a backbone without robust accuracy on record (said in one
+    printed line; `overrides` win). `data` and `mode` are shorthands for `data.dataset=...` and `finetune.mode=...`."""
     extra = ([f"data.dataset={data}"] if data else []) + ([f"finetune.mode={mode}"] if mode else [])
     if target.endswith((".yaml", ".yml")):
         recipe = load_recipe(target, [*extra, *overrides])
@@ -290,4 +311,28 @@ def finetune_recipe(target: str, *, data: str | None = None, mode: str | None = 
     tree = json.loads(json.dumps(DEFAULT_RECIPE))
     tree["finetune"]["backbone"] = target
     tree["run"] = {"name": name}
-    return from_dict(tree, [*extra, *overrides], source="sglr-zoo finetune defaults")
+    recipe = from_dict(tree, [*extra, *overrides], source="sglr-zoo finetune defaults")
+    # No ramp without an attack, no backbone learning rate for a frozen backbone.
+    unused = {"attack.warmup": recipe.attack.eps == 0,
+              "finetune.backbone_lr_scale": recipe.finetune.mode == "linear_probe"}
+    wanted = {key: value for key, value in NOT_ROBUST_DEFAULTS.items() if not unused[key]}
+    if not wanted or has_robust_accuracy(backbone_record(recipe)):
+        return recipe
+    for key, value in wanted.items():
+        section, leaf = key.split(".")
+        tree.setdefault(section, {})[leaf] = value
+    tuned = from_dict(tree, [*extra, *overrides], source="sglr-zoo finetune defaults")
+    undo = {key: _value(recipe, key) for key in wanted if _value(tuned, key) != _value(recipe, key)}
+    if undo:
+        said = {"attack.warmup": f"eps warm-up over the first {tuned.attack.warmup:.0%} of the run",
+                "finetune.backbone_lr_scale": f"the backbone at {tuned.finetune.backbone_lr_scale:g} x the head's "
+                                              "learning rate"}
+        print(f"finetune: {target} has no robust accuracy on record: {' and '.join(said[key] for key in undo)} "
+              f"(override with {' '.join(f'{key}={value:g}' for key, value in undo.items())})")
+    return tuned
+
+
+def _value(recipe: Recipe, key: str) -> Any:
+    """The recipe's value at a `section.field` key."""
+    section, leaf = key.split(".")
+    return getattr(getattr(recipe, section), leaf)

@@ -78,7 +78,7 @@ class OverfittingGuard(Callback):
                 correct = int(attack_correct(parts.unwrapped, self.images, self.labels, attack=f"pgd{self.cfg.steps}",
                                              threat=recipe.attack.threat, eps=recipe.eval_eps,
                                              batch_size=recipe.eval.batch_size, device=device).sum())
-        finetune.set_train_mode(parts.model)
+        finetune.set_train_mode(parts.model, parts.held_parameters())
         total = parts.accelerator.reduce(torch.tensor(correct, device=device), reduction="sum")
         return 100 * total.item() / self.n
 

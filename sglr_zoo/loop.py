@@ -41,7 +41,10 @@ class StepParts:
     `unwrapped` holds the same weights without DDP or autocast wrapper: the attack runs through it and all-reduces
     nothing. `recipe` gives the data's image size and augmentation and the gradient clipping; `attack` is the
     training attack in force: the recipe's unless a callback changed it (the guard's fallback, sglr_zoo.guard), at
-    `eps_scale` times its eps and step size (an eps warm-up, sglr_zoo.warmup)."""
+    `eps_scale` times its eps and step size (an eps warm-up, sglr_zoo.warmup). `held` names the optimizer's parameter
+    groups that a callback holds still without freezing them (DDP syncs the parameters that require grad at prepare
+    time): their learning rate is 0, their gradients stay out of the clipped norm, and the modules made of their
+    parameters stay in eval mode (lp_ft's probe, sglr_zoo.lp_ft)."""
 
     model: nn.Module
     unwrapped: nn.Module
@@ -52,9 +55,14 @@ class StepParts:
     memory_format: torch.memory_format = torch.contiguous_format
     attack: AttackConfig | None = None  # None: the recipe's
     eps_scale: float = 1.0
+    held: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.attack = self.attack or self.recipe.attack
+
+    def held_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the `held` groups."""
+        return [p for group in self.optimizer.param_groups if group.get("name") in self.held for p in group["params"]]
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class StepResult:
 
     loss: torch.Tensor  # the mean loss times the batch size
     adv_correct: torch.Tensor  # adversarial examples classified correctly
-    grad_norm: torch.Tensor  # the global gradient norm before clipping: the same on every process
+    grad_norm: torch.Tensor  # the global gradient norm (held groups' aside) before clipping: the same on every process
     examples: int
     attack_s: float
 
@@ -87,14 +95,15 @@ class Callback:
 def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, *, epoch: int,
                lr: float, step: int = 0, freeze: bool = True) -> StepResult:
     """One optimiser step on a batch of uint8 `images` (indices `index` into the training data) at learning rate
-    `lr` (a fine-tuned backbone's group at its `lr_scale` of it), in `epoch` (the objective's schedule).
+    `lr` (a fine-tuned backbone's group at its `lr_scale` of it, a `held` group at 0), in `epoch` (the objective's
+    schedule).
 
     `step` numbers the step in its epoch for the divergence error; `freeze` is the attack's (`attacks.pgd`).
     Raises TrainingDiverged before the update when the loss is not finite (fp16's loss scaler skips such steps).
     """
     accelerator, recipe = parts.accelerator, parts.recipe
-    for group in parts.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # finetune.param_groups: the backbone's own rate
+    for group in parts.optimizer.param_groups:  # finetune.param_groups: the backbone's own rate
+        group["lr"] = 0.0 if group.get("name") in parts.held else lr * group.get("lr_scale", 1.0)
     started = time.perf_counter()
     x = to_float(images, recipe.data.image_size)
     x = augment(x) if recipe.data.augment else x
@@ -113,7 +122,9 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
         raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}; nothing was saved for this "
                                "epoch. Lower optim.lr or set optim.grad_clip, then resume")
     accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), recipe.optim.grad_clip or float("inf"))
+    held = set(map(id, parts.held_parameters()))  # neither counted in the norm nor scaled: they do not train now
+    grad_norm = accelerator.clip_grad_norm_([p for p in parts.model.parameters() if id(p) not in held],
+                                            recipe.optim.grad_clip or float("inf"))
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.objective.after_step(out, parts.unwrapped, accelerator.gather_for_metrics)
@@ -139,7 +150,7 @@ def train_one_epoch(epoch: int, parts: StepParts, loader: torch.utils.data.DataL
     `state` where it stopped; an epoch that run.max_steps stopped inside (`state.epoch_step`) goes on after the
     steps done, with their sums."""
     accelerator, recipe = parts.accelerator, parts.recipe
-    finetune.set_train_mode(parts.model)  # model.train(), but a frozen backbone stays in eval mode
+    finetune.set_train_mode(parts.model, parts.held_parameters())  # a frozen or held backbone stays in eval mode
     done = state.epoch_step if state.epoch == epoch else 0
     before = state.epoch_sums if done else {}  # the reduced sums: carried by one process
     sums = {name: torch.tensor(before.get(name, 0.0) if accelerator.is_main_process else 0.0,

@@ -180,8 +180,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         ensure(self.epochs >= 1, "epochs", "must be >= 1")
         ensure(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
-        ensure(not isinstance(self.plans, str) or self.plans.strip() != "", "plans",
-               "give a run's plans.json, or null")
+        ensure(not isinstance(self.plans, str) or self.plans.strip() != "", "plans", "give a run's plans.json, or null")
         if isinstance(self.plans, list):
             starts = [plan[0] for plan in self.plans if len(plan) == 2]
             ensure(len(starts) == len(self.plans) > 0 and starts[0] == 0 and self.plans[-1][1] == self.steps
@@ -274,13 +273,15 @@ class FinetuneConfig:
     backbone: str | None = None  # zoo name, hf-hub:ORG/NAME[@rev], local-dir:PATH, run dir, or timm name.tag
     backbone_sha256: str | None = None  # of its model.safetensors: checked when given, recorded when null
     backbone_revision: str | None = None  # Hub commit of an hf-hub backbone: used when given, recorded when null
-    mode: Literal["linear_probe", "full", "partial"] = "full"
+    mode: Literal["linear_probe", "full", "partial", "lp_ft"] = "full"  # lp_ft: a linear probe, then full fine-tuning
+    probe_share: float = 0.5  # lp_ft: the share of the run's optimiser steps that only the head trains
     unfreeze: int = 1  # partial: the last N stages of the model's feature_info train, with all layers after them
     backbone_lr_scale: float = 1.0  # learning rate of the trainable backbone parameters, relative to optim.lr
     head: Literal["auto", "reset", "keep"] = "auto"  # auto: reset unless the label names match the backbone's
 
     def __post_init__(self) -> None:
         ensure(self.unfreeze >= 1, "unfreeze", "must be >= 1 (the number of last stages that train)")
+        ensure(0 < self.probe_share < 1, "probe_share", "must be in (0, 1): the share of the run that probes (lp_ft)")
         ensure(self.backbone_lr_scale > 0, "backbone_lr_scale", "must be > 0 (use mode: linear_probe to freeze)")
         ensure(self.backbone is not None or (self.mode == "full" and self.head == "auto"), "backbone",
                "name the backbone to fine-tune (a zoo name, hf-hub:ORG/NAME, local-dir:PATH or a run directory)")

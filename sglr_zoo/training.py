@@ -50,6 +50,7 @@ from sglr_zoo.evaluate import evaluate, for_evaluation
 from sglr_zoo.files import WriteFailed, refuse_link, write_atomic
 from sglr_zoo.guard import OverfittingGuard
 from sglr_zoo.loop import StepParts, TrainingDiverged, max_steps_reached, train_one_epoch  # noqa: F401 (re-exported)
+from sglr_zoo.lp_ft import ProbeThenTune
 from sglr_zoo.models import load_pretrained, save_pretrained
 from sglr_zoo.monitoring import (
     flat_scalars,
@@ -265,6 +266,8 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
         if recipe.schedule.budget is not None or recipe.schedule.plans is not None:
             plans.save(run.plans)
     callbacks.append(ThreadSharing(claims))  # shares the CPU threads with other runs that start meanwhile
+    if recipe.finetune.mode == "lp_ft":  # before the guard, whose snapshots then hold none of the probe's momentum
+        callbacks.append(ProbeThenTune(parts, plans, state))
     held_out = splits.val if splits.val is not None else splits.test
     protected = [plain, optimizer, objective, *([average] if average else [])]  # what a rollback restores
     guard = OverfittingGuard(parts, held_out, protected, state) if recipe.guarded else None
