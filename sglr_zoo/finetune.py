@@ -29,6 +29,7 @@ from sglr_zoo.models import (
     create_model,
     input_normalization,
     load_pretrained,
+    record_input_size,
     sha256_of,
     unwrap_timm,
 )
@@ -175,8 +176,8 @@ def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None 
     """
     model_cfg, cfg = recipe.model, recipe.finetune
     if cfg.backbone is None and model_cfg.pretrained is None:
-        return create_model(model_cfg.arch, num_classes, mean=model_cfg.mean, std=model_cfg.std,
-                            drop_rate=model_cfg.drop_rate, **model_cfg.kwargs)
+        return record_input_size(create_model(model_cfg.arch, num_classes, mean=model_cfg.mean, std=model_cfg.std,
+                                              drop_rate=model_cfg.drop_rate, **model_cfg.kwargs), recipe.data.image_size)
     if num_classes < 2:
         raise UserError(f"data: {num_classes} class(es) found; fine-tuning a classifier needs at least 2")
     if cfg.mode != "full" and recipe.attack.model_mode == "train":

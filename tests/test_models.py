@@ -97,6 +97,26 @@ def test_create_model_wraps_a_stock_timm_model():
     assert not isinstance(create_model("test_resnet", 10), Normalized)  # no mean/std: no wrapper
 
 
+def test_a_new_stock_model_records_the_size_it_trains_at(tmp_path):
+    """timm's test_resnet defaults to 160 px: a recipe training it at 64 px exports input_size 64, which loading,
+    fine-tuning (`finetune.resolve`) and `sglr-zoo eval` read back."""
+    from sglr_zoo.finetune import build_model
+    from sglr_zoo.recipe import Recipe
+
+    assert timm.create_model("test_resnet").pretrained_cfg["input_size"][-1] != 64
+    recipe = Recipe()
+    recipe.model.arch, recipe.model.mean, recipe.model.std, recipe.data.image_size = "test_resnet", MEAN, STD, 64
+    model = build_model(recipe, 5)
+    assert isinstance(model, Normalized) and unwrap_timm(model).pretrained_cfg["input_size"] == (3, 64, 64)
+    save_pretrained(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    loaded = load_pretrained(f"local-dir:{tmp_path / 'm'}")
+    assert timm.data.resolve_data_config({}, model=unwrap_timm(loaded))["input_size"] == (3, 64, 64)
+    recipe.model.arch = "preactresnet_tiny_cifar"  # ours at their own size: the config is as before
+    assert unwrap_timm(build_model(recipe, 5)).pretrained_cfg["input_size"] == (3, 64, 64)
+
+
 def test_vit_at_32px():
     model = create_model("vit_tiny_patch16_224", 10, mean=MEAN, std=STD, img_size=32)
     assert isinstance(model, Normalized)

@@ -44,8 +44,8 @@ from sglr_zoo.rundir import ModelFolder
 
 __all__ = ["IDENTITY_MEAN", "IDENTITY_STD", "WEIGHTS_LIMIT", "InputNormalization", "Normalized", "check_model_folder",
            "check_normalization", "check_regular", "check_weights_file", "create_model", "input_normalization",
-           "is_sglr_arch", "load_pretrained", "load_weights", "read_config", "register_locator", "save_pretrained",
-           "sha256_of", "taking_pixels", "unwrap_timm", "weights_fingerprint"]
+           "is_sglr_arch", "load_pretrained", "load_weights", "read_config", "record_input_size", "register_locator",
+           "save_pretrained", "sha256_of", "taking_pixels", "unwrap_timm", "weights_fingerprint"]
 _locators: list[Callable[[str], str]] = []  # sglr_zoo.zoo.locate, once the zoo is imported
 
 
@@ -86,6 +86,17 @@ def create_model(
     except TypeError as error:
         raise UserError(f"model.kwargs {kwargs}: {arch} does not take them ({error})") from None
     return taking_pixels(model, arch, None if mean is None else (mean, std))
+
+
+def record_input_size(model: nn.Module, image_size: int) -> nn.Module:
+    """Writes the square size a new model trains at into its timm pretrained_cfg (config.json's `input_size`), so
+    that loading, fine-tuning and evaluating it use that size, not the architecture's default (timm's resnet18:
+    224)."""
+    inner = unwrap_timm(model)
+    cfg = dict(getattr(inner, "pretrained_cfg", None) or {})
+    channels = tuple(cfg.get("input_size", (3,)))[0]
+    inner.pretrained_cfg = {**cfg, "input_size": (channels, image_size, image_size)}
+    return model
 
 
 def taking_pixels(model: nn.Module, arch: str, normalization: tuple[Sequence[float], Sequence[float] | None] | None
