@@ -200,3 +200,17 @@ def test_probe_share_is_checked(share):
 def test_the_cli_offers_lp_ft():
     args = build_parser().parse_args(["finetune", "model", "--data", "folder", "--mode", "lp_ft"])
     assert args.mode == "lp_ft"
+
+
+def test_the_transfer_experiment_measures_the_not_robust_defaults():
+    """experiments/transfer/clean_warmup.yaml is what `sglr-zoo finetune` gives a clean backbone: its numbers in
+    docs/transfer.md are the defaults' numbers."""
+    from sglr_zoo.finetune import NOT_ROBUST_DEFAULTS
+    from sglr_zoo.recipe import load_recipe
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
+    for name in ("clean_warmup.yaml", "timm_clean_warmup.yaml"):
+        recipe = load_recipe(experiments / name)
+        for key, value in NOT_ROBUST_DEFAULTS.items():
+            section, field = key.split(".")
+            assert getattr(getattr(recipe, section), field) == value, (name, key)

@@ -4,9 +4,12 @@
 
 1. data: parquet subsets of CIFAR-10 ($SGLR_ZOO_DATA/cifar10): classes 0-4 (all 25,000 training and 5,000 test
    images) and classes 5-9 (the first 500 training images of each class, all 5,000 test images), labels 0-4;
-2. two backbones on classes 0-4: SGLR (robust) and clean (backbone_*.yaml);
+2. three backbones on classes 0-4: SGLR (robust), clean, and a clean stock timm resnet18 (backbone_*.yaml);
 3. on classes 5-9: robust backbone + linear probe, robust backbone + full fine-tune, clean backbone + full
-   fine-tune (all adversarial: SGLR on PGD-3), and the same model from scratch with the same budget;
+   fine-tune (all adversarial: SGLR on PGD-3), and the same model from scratch with the same budget; then (issue
+   30) the clean backbone with an eps warm-up and the backbone at the head's rate, the robust backbone with a
+   linear probe then full fine-tuning (lp_ft), and a stock timm resnet18 at 64 px, clean-trained on classes 0-4
+   like our clean backbone, fine-tuned with the warm-up;
 4. evaluation of every model: clean, PGD-20 and AutoAttack (standard, Linf 8/255) on the first 500 test images of
    classes 5-9; the backbones also clean and PGD-20 on their own classes;
 5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
@@ -43,7 +46,6 @@ TOY_TEST_PER_CLASS = 20
 TOY_TRAIN = ["schedule.epochs=2", "attack.steps=1", "eval.n=20", "eval.steps=2", "eval.every=1", "eval.final_n=20",
              "run.batch_size=32"]
 TOY_EVAL = ["--autoattack-version", "custom", "--autoattack-attacks", "apgd-ce,apgd-t"]  # no FAB-T, Square: minutes
-TOY_MODEL = ["model.arch=preactresnet_tiny_cifar"]  # for the runs that build a model (fine-tunes take the backbone's)
 SGLR_ZOO = [sys.executable, "-m", "sglr_zoo.cli"]  # `sglr-zoo` of this interpreter
 
 
@@ -55,6 +57,7 @@ class Run:
     backbone: str | None = None  # run name of the backbone this one fine-tunes
     data: str = "c10_5to9_500"
     overrides: list[str] = field(default_factory=list)
+    toy_arch: str = "preactresnet_tiny_cifar"  # what --toy builds instead (when the run builds a model)
 
 
 RUNS = [
@@ -64,6 +67,15 @@ RUNS = [
     Run("robust_full", "robust_full.yaml", "robust backbone + adversarial full fine-tune", backbone="backbone_sglr"),
     Run("clean_full", "clean_full.yaml", "clean backbone + adversarial full fine-tune", backbone="backbone_clean"),
     Run("scratch", "scratch.yaml", "from scratch, same budget"),
+    # Issue 30: the remedies for a clean backbone, LP-FT for a robust one, and a stock timm backbone.
+    Run("clean_warmup", "clean_warmup.yaml", "clean backbone + eps warm-up, backbone at the head's rate",
+        backbone="backbone_clean"),
+    Run("robust_lp_ft", "robust_lp_ft.yaml", "robust backbone (SGLR) + linear probe, then full fine-tune (lp_ft)",
+        backbone="backbone_sglr"),
+    Run("backbone_timm", "backbone_timm.yaml", "clean timm resnet18 at 64 px, classes 0-4", data="c10_0to4",
+        toy_arch="test_resnet"),
+    Run("timm_clean_warmup", "timm_clean_warmup.yaml", "timm resnet18 (clean, 64 px) + eps warm-up, backbone at the "
+        "head's rate", backbone="backbone_timm"),
 ]
 
 
@@ -124,7 +136,7 @@ class Driver:
         if run.backbone:
             overrides.append(f"finetune.backbone={self.out / run.backbone}")
         if self.toy:
-            overrides += TOY_TRAIN + ([] if run.backbone else TOY_MODEL)
+            overrides += TOY_TRAIN + ([] if run.backbone else [f"model.arch={run.toy_arch}"])  # fine-tunes: the backbone's
         command = "finetune" if run.backbone else "train"
         self.run(f"train/{run.name}", [*SGLR_ZOO, command, str(HERE / run.recipe), *overrides])
 
