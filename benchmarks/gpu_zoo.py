@@ -556,20 +556,19 @@ def receive(files_at: Path, repo: Path = Path("."), aa_n: int = 500) -> list[dic
             _extract(folder / "zoo_run.tgz", repo, name)
         index = read_index(work.shards)
         if index is None:
-            reports.append({"name": name, "status": _status(work)})
+            reports.append({"name": name, **_status(work)})
             continue
         files = index["metadata"]["sglr_zoo"]["files"]
         for shard in sorted(folder.glob("model-*.safetensors")):
             if shard.name not in files or _sha256(shard) != files[shard.name]["sha256"]:
                 raise UserError(f"{shard}: not a shard of {work.shards / INDEX} (or not as recorded there)")
             shutil.copyfile(shard, work.shards / shard.name)
-        report: dict[str, Any] = {"name": name, "status": _status(work), **shard_problems(work.shards, index)}
+        report: dict[str, Any] = {"name": name, **_status(work), **shard_problems(work.shards, index)}
         if not report["missing"] and not report["corrupt"]:
             report["join"] = join_shards(work.shards, work.model)
             run = RunDir(repo / RUNS / name)
-            for which in run.exports():
-                if _sha256(run.export(which) / CONFIG) == _sha256(work.model / CONFIG) and not (
-                        run.export(which) / "model.safetensors").exists() and _matches(run, which, index):
+            for which in run.exports():  # the export whose results (the trainer's) belong to these weights
+                if not (run.export(which) / "model.safetensors").exists() and _matches(run, which, index):
                     shutil.copyfile(work.model / "model.safetensors", run.export(which) / "model.safetensors")
                     report["restored"] = str(run.export(which))
             if _results_summary(work.results, index["metadata"]["sglr_zoo"]["weights_fingerprint"]) is None:
@@ -584,8 +583,10 @@ def _matches(run: RunDir, which: str, index: dict[str, Any]) -> bool:
     return summary is not None
 
 
-def _status(work: Work) -> dict[str, Any] | None:
-    return json.loads(work.status.read_text()) if work.status.is_file() else None
+def _status(work: Work) -> dict[str, Any]:
+    """What the last call said: its stage, the next step, the results."""
+    status = json.loads(work.status.read_text()) if work.status.is_file() else {}
+    return {key: status.get(key) for key in ("stage", "next", "results_trainer", "results")}
 
 
 def resume_plan(work: Work, repo: Path = Path("."), data_root: Path = DATA_ROOT,
@@ -595,6 +596,9 @@ def resume_plan(work: Work, repo: Path = Path("."), data_root: Path = DATA_ROOT,
     shards, as many a call as fit in `room` (default: beside the repository's own files)."""
     room = travel_room(repo) if room is None else room
     data_dir = data_root / DATASET
+    if not (repo / staged_manifest(data_dir)).is_file():
+        raise UserError(f"no {staged_manifest(data_dir)} here: run `gpu_zoo.py stage-data` first (a later session "
+                        "carries its test rows)")
     manifest = json.loads((repo / staged_manifest(data_dir)).read_text())
     first = [*manifest["first_carry"], str(staged_manifest(data_dir))]
     first += [str(data_dir / n) for n, e in manifest["files"].items() if e["split"] == "test" or n == manifest["head"]]
