@@ -7,15 +7,32 @@
 #          200-epoch projection (weights not brought back)
 #   pack:  the run's small files as one tar and its weights split into raw byte parts under 16 MiB (the device tool
 #          brings back at most 8 files of 16 MiB); `cat parts > model.safetensors` restores the file, same sha256.
+#   zoo:   a GPU preset (recipes/*_fast.yaml) on all of CIFAR-10, one call's share at a time, resumable: checks the
+#          staged data, trains (resuming from its checkpoint), brings the export back as safetensors shards,
+#          AutoAttack (standard, first AA_N test images) with a state file (benchmarks/gpu_zoo.py). The limits make it
+#          several calls: the 114 MB training parquet travels in parts beside the 35 MB of tracked files (64 MiB a
+#          call), 4 back-to-back calls today, the last of which trains; a checkpoint (136 MB for PreActResNet-18,
+#          556 MB for WRN-34-10) can neither come back nor be carried, so training resumes only on the warm machine
+#          (given back after 30 s idle) and a preset's training is sized to one call; the weights come back as 4
+#          shards (PreActResNet-18) or 14 (WRN-34-10, 4 calls); carried in with the AutoAttack state file, they let a
+#          later session finish AutoAttack on the same weights. Plan and numbers: docs/zoo.md, "GPU presets".
+#            python benchmarks/gpu_zoo.py stage-data --source ../shared/datasets/cifar10   # here: parts, carry lists
+#            bash benchmarks/gpu_session.sh zoo                                            # there, call after call
+#            python benchmarks/gpu_zoo.py receive FILES_AT                                 # here: tar, shards, join
 # It runs where the GPU is, in a copy of the repository with these carried (ignored) folders:
 #   .whl/              wheels missing on the device image: datasets, dill, multiprocess, fsspec, pyautoattack (the
 #                      last repacked without its 42 MB examples folder)
 #   .gpu_data/cifar10/ uoft-cs/cifar10's parquet layout, train rows 0 to N_TRAIN-1 and 49000-49999 (so that
 #                      data.n_train=N_TRAIN data.val_size=1000 selects the same images as on the full set), test
 #                      rows 0-999
-#     bash benchmarks/gpu_session.sh [check] [train] [wrn] [pack]      # default: check train pack
+#   .gpu_data/zoo/     the zoo stage's data: CIFAR-10 in parts that fit one call each, and their manifest
+#     bash benchmarks/gpu_session.sh [check] [train] [wrn] [pack] [zoo]      # default: check train pack
 # Environment: N_TRAIN (default 12000), CHECK_BUDGET (s, default 150), TRAIN_BUDGET and WRN_BUDGET (default 120s),
-# AA_TIMEOUT (s, default 120), CHECK_JSON (an earlier check's results).
+# AA_TIMEOUT (s, default 120; zoo: the call's budget), CHECK_JSON (an earlier check's results). The zoo stage:
+# ZOO_RECIPE (default recipes/prn18_cifar10_fast.yaml), ZOO_NAME (the run's name, default the recipe's stem),
+# ZOO_SET (recipe overrides, space-separated key=value), ZOO_BUDGET (s the whole call may take, default 540 of the
+# command's 600), AA_N (default 500), SHARD_MIB (tensor bytes a shard, default 14), ZOO_RETURN_MIB,
+# ZOO_RETURN_FILES and ZOO_FILE_MIB (what may come back, default 64, 8 and 16), ZOO_DATA (default .gpu_data/zoo).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 SGLR_ZOO_DATA=$PWD/.gpu_data
 OUT=${OUT:-runs/gpu_out}
@@ -26,6 +43,7 @@ TRAIN_BUDGET=${TRAIN_BUDGET:-120s}
 WRN_BUDGET=${WRN_BUDGET:-120s}
 N_TRAIN=${N_TRAIN:-12000}  # 12,000 + 1,000 rows keep the carried files under 64 MiB with the bundled zoo weights
 CHECK_BUDGET=${CHECK_BUDGET:-150}
+ZOO_AA_TIMEOUT=${AA_TIMEOUT:-0}  # read before the train stage's default: 0 = what the zoo call's budget leaves
 AA_TIMEOUT=${AA_TIMEOUT:-120}
 
 if [ -d .whl ]; then
@@ -87,9 +105,21 @@ if [[ $stages == *wrn* ]]; then
   tar czf "$OUT/wrn_run.tgz" --exclude=checkpoints --exclude='*.safetensors' runs/gpu/wrn34_c10sub_sglr
 fi
 
+if [[ $stages == *zoo* ]]; then
+  # One call's share of training and evaluating a GPU preset; each step an earlier call did is skipped.
+  # shellcheck disable=SC2086  # ZOO_SET: one recipe override a word
+  python3 benchmarks/gpu_zoo.py device "${ZOO_RECIPE:-recipes/prn18_cifar10_fast.yaml}" \
+    ${ZOO_NAME:+--name "$ZOO_NAME"} --out "$OUT" --budget $((${ZOO_BUDGET:-540} - SECONDS)) --aa-n "${AA_N:-500}" \
+    --aa-timeout "$ZOO_AA_TIMEOUT" --shard-mib "${SHARD_MIB:-14}" --return-mib "${ZOO_RETURN_MIB:-64}" \
+    --return-files "${ZOO_RETURN_FILES:-8}" --file-mib "${ZOO_FILE_MIB:-16}" --data-root "${ZOO_DATA:-.gpu_data/zoo}" \
+    ${ZOO_SET:+--set $ZOO_SET} 2>&1 | tee -a "$OUT/zoo.log"
+  zoo_rc=${PIPESTATUS[0]}
+fi
+
 if [[ $stages == *pack* ]] && [ -f "$RUN/last/model.safetensors" ]; then
   sha256sum "$RUN/last/model.safetensors" | tee "$OUT/last.sha256"
   split -b 15m -d "$RUN/last/model.safetensors" "$OUT/last.safetensors.part"
   tar czf "$OUT/run.tgz" --exclude=checkpoints --exclude='*.safetensors' "$RUN"
 fi
 ls -la "$OUT"
+exit "${zoo_rc:-0}"
