@@ -7,7 +7,7 @@ that the issues compare against, each with its source; their training times are 
 why the figure's axis is marked by hardware. Nothing is typed in twice: rerun this after a zoo entry changes.
 
     python benchmarks/zoo_report.py                     # prints the Markdown table, draws docs/zoo.png
-    python benchmarks/zoo_report.py --table docs/zoo_table.md --figure /tmp/zoo.png
+    python benchmarks/zoo_report.py --table zoo_table.md --figure zoo.png   # elsewhere
 """
 
 from __future__ import annotations
