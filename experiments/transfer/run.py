@@ -14,6 +14,7 @@
    classes 5-9; the backbones also clean and PGD-20 on their own classes;
 5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
 
+`--runs NAME ...` trains and evaluates only those runs (and the backbones they fine-tune), in the order given.
 Every step is skipped when its output exists; a killed training run resumes from its last epoch checkpoint and a
 killed AutoAttack from its state file: rerun the same command. `--toy` runs the whole pipeline in a few minutes
 (tiny model, a few images, 2 epochs): it checks the plumbing, its numbers mean nothing.
@@ -170,7 +171,7 @@ class Driver:
             robust = result["robust_accuracy"]
             lines.append(f"| {run.label} | {result['clean_accuracy']:.2f} | {cell(robust, 'pgd20')} | "
                          f"{cell(robust, 'autoattack')} | {train_minutes(run)} | {result['wall_time_s'] / 60:.1f} |")
-        n = json.loads(next(iter(results.values())).read_text())["n_examples"]
+        n = 20 if self.toy else EVAL_N
         lines += ["", f"First {n} test images of CIFAR-10 classes 5-9 (dog, frog, horse, ship, truck), Linf 8/255."
                   + (" Toy run: AutoAttack is APGD-CE + APGD-T only; the numbers mean nothing." if self.toy else ""),
                   "", "The backbones on their own task (classes 0-4):", "",
@@ -183,19 +184,34 @@ class Driver:
         return "\n".join(lines) + "\n"
 
 
+def selected(names: list[str] | None) -> list[Run]:
+    """The runs named (all when None), each preceded by the backbone it fine-tunes, in the order given."""
+    by_name = {run.name: run for run in RUNS}
+    chosen: list[Run] = []
+    for name in names or list(by_name):
+        run = by_name[name]
+        for needed in ([by_name[run.backbone]] if run.backbone else []) + [run]:
+            if needed not in chosen:
+                chosen.append(needed)
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"), help="where data, runs and the table go")
     parser.add_argument("--toy", action="store_true", help="a few images, a tiny model, 2 epochs: plumbing only")
+    parser.add_argument("--runs", nargs="+", choices=[run.name for run in RUNS], metavar="NAME",
+                        help="only these runs and their backbones, in this order (default: all)")
     args = parser.parse_args()
+    runs = selected(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
     driver = Driver(args.out.resolve(), args.toy)
     driver.data()
-    for run in RUNS:
+    for run in runs:
         driver.train(run)
-    results = {run.name: driver.evaluate(run, "c10_5to9_500", "clean,pgd20,autoattack", "transfer") for run in RUNS
+    results = {run.name: driver.evaluate(run, "c10_5to9_500", "clean,pgd20,autoattack", "transfer") for run in runs
                if run.data == "c10_5to9_500"}
-    own = {run.name: driver.evaluate(run, "c10_0to4", "clean,pgd20", "own") for run in RUNS if run.data == "c10_0to4"}
+    own = {run.name: driver.evaluate(run, "c10_0to4", "clean,pgd20", "own") for run in runs if run.data == "c10_0to4"}
     table = driver.table(results, own)
     (args.out / "table.md").write_text(table)
     print(f"\n{table}\nwrote {args.out / 'table.md'}")
