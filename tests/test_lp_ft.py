@@ -214,3 +214,16 @@ def test_the_transfer_experiment_measures_the_not_robust_defaults():
         for key, value in NOT_ROBUST_DEFAULTS.items():
             section, field = key.split(".")
             assert getattr(getattr(recipe, section), field) == value, (name, key)
+
+
+def test_the_transfer_ablations_each_keep_one_of_the_not_robust_defaults():
+    """clean_warmup_only.yaml and clean_lr_only.yaml are clean_full.yaml with one of the two levers each."""
+    from sglr_zoo.recipe import load_recipe
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
+    base = load_recipe(experiments / "clean_full.yaml")
+    warmup_only = load_recipe(experiments / "clean_warmup_only.yaml")
+    lr_only = load_recipe(experiments / "clean_lr_only.yaml")
+    assert (base.attack.warmup, base.finetune.backbone_lr_scale) == (0.0, 0.1)
+    assert (warmup_only.attack.warmup, warmup_only.finetune.backbone_lr_scale) == (0.3, 0.1)
+    assert (lr_only.attack.warmup, lr_only.finetune.backbone_lr_scale) == (0.0, 1.0)
