@@ -63,6 +63,7 @@ PRESETS: dict[str, list[str]] = {
     "sglr-nfgsm": NFGSM,
     "sglr-nfgsm-ema": [*NFGSM, *AVERAGE],
     "sglr-fgsmrs-ema": [*FGSM_RS, *AVERAGE],
+    "sglr-nfgsm-ls": [*LABEL_SMOOTHING, *NFGSM],
 }
 
 
