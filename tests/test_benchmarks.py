@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,15 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
 @pytest.fixture(scope="module")
 def train_throughput():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "train_throughput")
 
 
 def test_op_shares_split_a_step_by_kind_of_operation(train_throughput):
@@ -79,11 +77,7 @@ RETURN_FILES = 5  # of them zoo.log and zoo_run.tgz: 3 shards a call
 
 @pytest.fixture(scope="module")
 def gpu_zoo():
-    spec = importlib.util.spec_from_file_location("gpu_zoo", REPO / "benchmarks" / "gpu_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_zoo"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script(REPO / "benchmarks" / "gpu_zoo.py", "gpu_zoo")
     del sys.modules["gpu_zoo"]
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 import shutil
-import sys
 import time
 
 import pytest
@@ -15,19 +13,12 @@ import pytest
 from sglr_zoo.errors import UserError
 from sglr_zoo.recipe import load_recipe
 from sglr_zoo.results import Provenance, Results
-from tests.conftest import REPO, write_parquet_dataset
+from tests.conftest import REPO, load_script, write_parquet_dataset
 
 EXPERIMENT = REPO / "experiments" / "overfitting"
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"overfitting_{name}", EXPERIMENT / f"{name}.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-driver, report = _module("run"), _module("report")
+driver, report = (load_script(EXPERIMENT / f"{name}.py", f"overfitting_{name}") for name in ("run", "report"))
 
 
 def _rows(markdown: str) -> dict[tuple[str, str], list[str]]:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from sglr_zoo.zoo import ZOO
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_report.py"
 
 
 @pytest.fixture(scope="module")
 def zoo_report():
-    spec = importlib.util.spec_from_file_location("zoo_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "zoo_report")
 
 
 def test_every_bundled_entry_is_a_row_with_its_evaluated_numbers(zoo_report, tmp_path, capsys):
