@@ -13,8 +13,9 @@ alone (nothing else of ours runs beside a training), measuring its wall time and
         --state-path OUT/NAME/ttr_eval_n500.autoattack_state.json --dataset DATASET
 
 (AutoAttack standard on the first 500 test images; --eval-jobs of them at a time, once every training is done).
-NAME is PRESET-sSEED, with -BUDGET added for a budget other than the recipe's. The grid runs in priority order,
-seed 0 of every preset before seed 1, so a partial grid is informative. It resumes: a finished training
+NAME is PRESET-sSEED, with -BUDGET added for a budget other than the recipe's and -avx2 for trainings limited to
+AVX2 kernels (--emulate-avx2: an AVX2-only CPU emulated on this one, as in benchmarks/RESULTS.md). The grid runs in
+priority order, seed 0 of every preset before seed 1, so a partial grid is informative. It resumes: a finished training
 (RUN/finished.json) is not rerun (an unfinished one is moved to OUT/.killed/ and trained afresh, as its wall time
 would be wrong), a finished evaluation is not redone, a killed one resumes from its AutoAttack state file. The
 record (--record) is rebuilt from the run directories after every step; --report reads only the record.
@@ -81,21 +82,23 @@ class Job:
     eval: list[str]
     results: Path
     state: Path
+    emulate_avx2: bool = False  # the training limited to AVX2 kernels (hardware.AVX2_ONLY_ENV)
 
 
-def cpu_info() -> dict:
-    """The CPU model, its count and whether it computes bf16 natively (AVX512-BF16, AMX)."""
+def cpu_info(emulate_avx2: bool) -> dict:
+    """The CPU model, its count, whether it computes bf16 natively (AVX512-BF16, AMX) and whether the training ran
+    limited to AVX2 on it."""
     from sglr_zoo.hardware import cpu_model
 
     model, flags = cpu_model()
     return {"model": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
+            "amx_bf16": "amx_bf16" in flags, "emulated_avx2": emulate_avx2}
 
 
 def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir: Path, recipe: Path,
-              aa_n: int, extra: list[str]) -> list[Job]:
+              aa_n: int, extra: list[str], emulate_avx2: bool = False) -> list[Job]:
     """The jobs in the order they run: seed by seed, budget by budget, presets in priority order. `extra`
-    overrides follow every preset's (toy runs)."""
+    overrides follow every preset's (toy runs); `emulate_avx2` limits the trainings to AVX2 kernels (NAME-avx2)."""
     from sglr_zoo.recipe import load_recipe
     from sglr_zoo.schedule import parse_budget
 
@@ -108,7 +111,7 @@ def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir:
                 dataset = load_recipe(recipe, overrides).data.dataset
                 fixed = budget.endswith("ep")  # a fixed compute: the epochs a budget buys on an idle machine
                 same = not fixed and nominal is not None and parse_budget(budget) == parse_budget(nominal)
-                name = f"{preset}-s{seed}" + ("" if same else f"-{budget}")
+                name = f"{preset}-s{seed}" + ("" if same else f"-{budget}") + ("-avx2" if emulate_avx2 else "")
                 schedule = ["schedule.budget=null", f"schedule.epochs={budget[:-2]}"] if fixed else [
                     f"schedule.budget={budget}"]
                 run = out_dir / name
@@ -118,7 +121,8 @@ def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir:
                          *schedule, *overrides]
                 evaluate = ["eval", str(run / "last"), "--attacks", ATTACKS, "--n", str(aa_n), "--out", str(results),
                             "--state-path", str(state), "--dataset", dataset]
-                jobs.append(Job(preset, seed, budget, name, overrides, run, train, evaluate, results, state))
+                jobs.append(Job(preset, seed, budget, name, overrides, run, train, evaluate, results, state,
+                                emulate_avx2))
     return jobs
 
 
@@ -161,6 +165,7 @@ def failed(what: str, log: Path) -> SystemExit:
 def train(job: Job, logs: Path) -> None:
     """Trains one job unless its run finished; an unfinished run directory is set aside and trained afresh."""
     from sglr_zoo.files import write_atomic
+    from sglr_zoo.hardware import AVX2_ONLY_ENV
     from sglr_zoo.rundir import RunDir, RunLock
 
     run = RunDir(job.run)
@@ -175,11 +180,13 @@ def train(job: Job, logs: Path) -> None:
         shutil.move(job.run, aside)
         print(f"  an unfinished {job.run} moved to {aside}")
     print(f"train {job.name}: {shown(job.train)}", flush=True)
-    code, wall, rss = run_logged(job.train, logs / f"{job.name}.train.log", child_env())
+    env = {**child_env(), **(AVX2_ONLY_ENV if job.emulate_avx2 else {})}
+    code, wall, rss = run_logged(job.train, logs / f"{job.name}.train.log", env)
     if code or not run.finished.is_file():
         raise failed(f"training {job.name} (exit status {code})", logs / f"{job.name}.train.log")
     measured = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss, 1), "command": shown(job.train),
-                "cpu": cpu_info(), "torch": version("torch"), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "cpu": cpu_info(job.emulate_avx2), "torch": version("torch"),
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(job.run / TRAIN_FILE, (json.dumps(measured, indent=1) + "\n").encode())
     print(f"  {wall / 60:.1f} min, peak {rss:.0f} MiB", flush=True)
 
@@ -268,15 +275,15 @@ def load_record(path: Path) -> dict[str, dict]:
 # ---- the report ------------------------------------------------------------------------------------------------
 
 def aggregate(runs: dict[str, dict]) -> list[dict]:
-    """One row per (preset, budget) with evaluated runs, presets in priority order: seeds, per-seed and mean
+    """One row per (preset, budget, CPU) with evaluated runs, presets in priority order: seeds, per-seed and mean
     accuracies, mean wall minutes, the largest peak memory and the CPUs."""
     order = {name: i for i, name in enumerate(PRESETS)}
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for entry in sorted(runs.values(), key=lambda e: (order.get(e["preset"], len(order)), e["budget"], e["seed"])):
         if entry.get("eval") and "autoattack" in entry["eval"]:
-            groups.setdefault((entry["preset"], entry["budget"]), []).append(entry)
+            groups.setdefault((entry["preset"], entry["budget"], cpu_name(entry["cpu"])), []).append(entry)
     rows = []
-    for (preset, budget), entries in groups.items():
+    for (preset, budget, _), entries in groups.items():
         per_seed = {key: [e["eval"][key] for e in entries] for key in ("autoattack", "clean", "pgd20")}
         rows.append({"preset": preset, "budget": budget, "seeds": [e["seed"] for e in entries],
                      **{key: statistics.mean(values) for key, values in per_seed.items()},
@@ -286,13 +293,15 @@ def aggregate(runs: dict[str, dict]) -> list[dict]:
                      "wall_min_per_seed": [e["wall_s"] / 60 for e in entries],
                      "peak_rss_mib": max(e["peak_rss_mib"] for e in entries),
                      "sanity_passed": all(e["sanity_passed"] for e in entries),
-                     "cpus": sorted({cpu_name(e["cpu"]) for e in entries})})
+                     "cpus": sorted({cpu_name(e["cpu"]) for e in entries}),
+                     "emulated_avx2": entries[0]["cpu"].get("emulated_avx2", False)})
     return rows
 
 
 def cpu_name(cpu: dict) -> str:
     native = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if cpu.get(flag)]
-    return f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
+    name = f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
+    return f"emulated AVX2-only on {name}" if cpu.get("emulated_avx2") else name
 
 
 def markdown(rows: list[dict]) -> str:
@@ -324,7 +333,8 @@ def plot(rows: list[dict], path: Path) -> None:
         axes.scatter(row["wall_min_per_seed"], row["autoattack_per_seed"], color=color, alpha=0.5, s=20)
         seeds = len(row["seeds"])
         axes.scatter([row["wall_min"]], [row["autoattack"]], color=color, marker="D", s=50,
-                     label=f"{row['preset']} ({row['budget']}, {seeds} seed{'s' * (seeds > 1)})")
+                     label=f"{row['preset']} ({row['budget']}{', emulated AVX2' * row['emulated_avx2']}, {seeds} "
+                           f"seed{'s' * (seeds > 1)})")
         axes.annotate(row["preset"], (row["wall_min"], row["autoattack"]), xytext=(6, 4),
                       textcoords="offset points", fontsize=8, color=color)
     cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
@@ -358,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", type=Path, default=Path("benchmarks/time_to_robustness.json"))
     parser.add_argument("--report", action="store_true", help="print the markdown table and write --plot; no runs")
     parser.add_argument("--plot", type=Path, default=Path("docs/time_to_robustness.png"))
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="train limited to AVX2 kernels, as on an AVX2-only CPU (bf16 emulated, so fp32); runs "
+                             "are named NAME-avx2; the evaluations run unlimited")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the stage; run nothing")
     args = parser.parse_args(argv)
 
@@ -370,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nplot: {args.plot}")
         return
     presets = [name for name in PRESETS if name in args.presets]
-    jobs = plan_grid(presets, args.seeds, args.budget, args.out_dir, args.recipe, args.aa_n, args.set)
+    jobs = plan_grid(presets, args.seeds, args.budget, args.out_dir, args.recipe, args.aa_n, args.set,
+                     args.emulate_avx2)
     if args.dry_run:
         for stage in ("train", "eval"):
             if args.stage in (stage, "all"):

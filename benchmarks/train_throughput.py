@@ -59,7 +59,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "ref_pgd_at.py"
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # Issue 8's targets: our step over the target reference (bf16 + channels_last on native bf16, fp32 otherwise).
 TARGET_RATIO = {"bf16_cl": 1.25, "fp32": 1.5}
 LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_memory", "cudnn_benchmark")
@@ -67,12 +66,12 @@ LEVERS = ("mixed_precision", "channels_last", "compile", "threads", "keep_freed_
 
 def cpu_label() -> str:
     """The CPU model, its bf16-relevant flags, and whether this process is limited to AVX2 (emulation)."""
-    from sglr_zoo.hardware import cpu_model
+    from sglr_zoo.hardware import cpu_model, emulating_avx2
 
     model, flags = cpu_model()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     label = f"{model} ({os.cpu_count()} CPUs; flags: {' '.join(shown)})"
-    if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
+    if emulating_avx2():
         label = f"emulated AVX2 on {label}"
     return label
 
@@ -355,10 +354,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if args.emulate_avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **AVX2_ENV})
-
     from sglr_zoo import hardware
+
+    if args.emulate_avx2 and not hardware.emulating_avx2():
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **hardware.AVX2_ONLY_ENV})
     from sglr_zoo.recipe import RunConfig, load_recipe
 
     ref = load_reference(REFERENCE)

@@ -46,6 +46,9 @@ MEASURED_DEFAULTS = {
         "cudnn_benchmark": (False, "not measured yet: plain path"),
     },
 }
+# An approximation of an AVX2-only CPU on a newer one: oneDNN, ATen and MKL use AVX2 kernels only, so bf16 is
+# emulated (benchmarks/RESULTS.md, "Which environment variables emulate an AVX2-only CPU").
+AVX2_ONLY_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PLAIN_DEFAULTS = {"channels_last": False, "compile": False, "keep_freed_memory": False, "cudnn_benchmark": False}
 
 MOVED = {"ThreadClaims", "ThreadSharing", "claims_folder", "CLAIM_MAX_AGE_S"}  # to sglr_zoo.threads
@@ -386,11 +389,17 @@ def cpu_model() -> tuple[str, set[str]]:
     return model, flags
 
 
+def emulating_avx2() -> bool:
+    """Whether this process runs under AVX2_ONLY_ENV's oneDNN limit (an emulated AVX2-only CPU)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
+
+
 def machine(device: torch.device) -> str:
     """The machine a run used, in words for run.json and model cards: the GPU's name, or the CPU's model, its
-    count and whether it computes bf16 natively."""
+    count and whether it computes bf16 natively (and whether an AVX2-only CPU was emulated on it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model, flags = cpu_model()
     native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    return f"{model}, {os.cpu_count()} CPUs ({', '.join(native) if native else 'no native bf16'})"
+    described = f"{model}, {os.cpu_count()} CPUs ({', '.join(native) if native else 'no native bf16'})"
+    return f"emulated AVX2-only on {described}" if emulating_avx2() else described

@@ -635,3 +635,12 @@ def test_cpu_times_count_the_cpus_this_process_may_use(monkeypatch, affinity, ti
 def test_thread_claims_moved_to_threads_with_a_warning():
     with pytest.warns(DeprecationWarning, match="import it from sglr_zoo.threads"):
         assert hardware.ThreadClaims is ThreadClaims
+
+
+def test_machine_says_when_an_avx2_only_cpu_is_emulated(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    native = hardware.machine(torch.device("cpu"))
+    assert not hardware.emulating_avx2() and not native.startswith("emulated")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", hardware.AVX2_ONLY_ENV["ONEDNN_MAX_CPU_ISA"])
+    assert hardware.emulating_avx2()
+    assert hardware.machine(torch.device("cpu")) == f"emulated AVX2-only on {native}"

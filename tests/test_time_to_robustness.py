@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from sglr_zoo.recipe import load_recipe
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_robustness.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("time_to_robustness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +18,7 @@ def ttr():
     return TTR
 
 
-TTR = load_script()
+TTR = load_script(SCRIPT, "time_to_robustness")
 
 
 @pytest.mark.parametrize("preset", list(TTR.PRESETS))
@@ -53,24 +44,54 @@ def test_dry_run_prints_one_train_command_per_preset_and_seed_in_priority_order(
         assert line.endswith(" ".join(["schedule.budget=9m", *ttr.PRESETS[preset]]))
 
 
-def fabricated_run(preset: str, seed: int, autoattack: float | None, wall_s: float = 540.0) -> dict:
+def test_emulated_avx2_trainings_are_named_and_run_limited_to_avx2_kernels(ttr, tmp_path, monkeypatch):
+    from sglr_zoo.hardware import AVX2_ONLY_ENV
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    [job] = ttr.plan_grid(["sglr-nfgsm"], [0], ["9m"], tmp_path, ttr.RECIPE, 500, [], emulate_avx2=True)
+    assert job.name == "sglr-nfgsm-s0-avx2" and job.eval[1] == str(tmp_path / "sglr-nfgsm-s0-avx2" / "last")
+    envs = []
+
+    def stopped_training(args, log, env):
+        envs.append(env)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("stopped\n")
+        return 1, 0.0, 0.0
+
+    monkeypatch.setattr(ttr, "run_logged", stopped_training)
+    with pytest.raises(SystemExit, match="training sglr-nfgsm-s0-avx2"):
+        ttr.train(job, tmp_path / "logs")
+    [env] = envs
+    assert AVX2_ONLY_ENV.items() <= env.items()
+    [native] = ttr.plan_grid(["sglr-nfgsm"], [0], ["9m"], tmp_path, ttr.RECIPE, 500, [])
+    with pytest.raises(SystemExit):
+        ttr.train(native, tmp_path / "logs")
+    assert "ONEDNN_MAX_CPU_ISA" not in envs[1]
+
+
+def fabricated_run(preset: str, seed: int, autoattack: float | None, wall_s: float = 540.0,
+                   emulated_avx2: bool = False) -> dict:
     evaluation = None if autoattack is None else {"n": 500, "clean": 60.0 + seed, "pgd20": 35.0 + seed,
                                                   "autoattack": autoattack, "sanity_passed": True}
-    return {"name": f"{preset}-s{seed}", "preset": preset, "seed": seed, "budget": "9m", "wall_s": wall_s,
-            "peak_rss_mib": 1500.0 + seed, "cpu": {"model": "Test CPU", "cpus": 2, "avx512_bf16": True,
-                                                   "amx_bf16": False},
+    return {"name": f"{preset}-s{seed}" + "-avx2" * emulated_avx2, "preset": preset, "seed": seed, "budget": "9m",
+            "wall_s": wall_s, "peak_rss_mib": 1500.0 + seed,
+            "cpu": {"model": "Test CPU", "cpus": 2, "avx512_bf16": True, "amx_bf16": False,
+                    "emulated_avx2": emulated_avx2},
             "eval": evaluation, "sanity_passed": True}
 
 
 def test_report_counts_seeds_and_averages_per_preset(ttr, tmp_path, capsys):
     runs = [fabricated_run("sglr-nfgsm", 0, 30.0, 530.0), fabricated_run("sglr-nfgsm", 1, 32.0, 550.0),
-            fabricated_run("sglr-fgsmrs", 0, 31.0), fabricated_run("sglr-fgsmrs", 1, None)]  # seed 1: not evaluated
+            fabricated_run("sglr-fgsmrs", 0, 31.0), fabricated_run("sglr-fgsmrs", 1, None),  # seed 1: not evaluated
+            fabricated_run("sglr-nfgsm", 0, 25.0, emulated_avx2=True)]
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"schema": ttr.SCHEMA, "runs": {run["name"]: run for run in runs}}))
 
     rows = ttr.aggregate(ttr.load_record(record))
-    assert [row["preset"] for row in rows] == ["sglr-fgsmrs", "sglr-nfgsm"]  # priority order
-    baseline, nfgsm = rows
+    assert [row["preset"] for row in rows] == ["sglr-fgsmrs", "sglr-nfgsm", "sglr-nfgsm"]  # priority order
+    baseline, nfgsm, emulated = rows
+    assert emulated["autoattack"] == 25.0 and emulated["emulated_avx2"] and not nfgsm["emulated_avx2"]
+    assert emulated["cpus"] == ["emulated AVX2-only on Test CPU, 2 CPUs, AVX512-BF16"]
     assert baseline["seeds"] == [0] and baseline["autoattack"] == 31.0
     assert nfgsm["seeds"] == [0, 1] and nfgsm["autoattack_per_seed"] == [30.0, 32.0]
     assert (nfgsm["autoattack"], nfgsm["clean"], nfgsm["pgd20"]) == (31.0, 60.5, 35.5)
