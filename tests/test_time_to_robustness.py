@@ -30,6 +30,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
     assert recipe.average.decay == (0.999 if "ema" in parts else 0.0)
     assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
+    assert recipe.model.arch == ("preactresnet10_slim_cifar" if "slim" in parts else "preactresnet10_quarter_cifar")
 
 
 def test_dry_run_prints_one_train_command_per_preset_and_seed_in_priority_order(ttr, tmp_path, capsys):
