@@ -1,8 +1,9 @@
 """Time to robustness: our presets trained for the same wall-clock budget, then AutoAttack (issue 28, item 4).
 
 The FastAT Benchmark's reporting format (arXiv 2604.22853: CIFAR-10, L-inf 8/255, AutoAttack, hours, seeds) for the
-presets below on this machine. Every preset is a list of overrides on recipes/quickstart_cifar10.yaml (SGLR, FGSM-RS,
-onecycle, the trainer sizes the run to `schedule.budget`). For each (preset, seed, budget) the grid runs
+presets below on this machine. Every preset is a list of overrides on recipes/quickstart_cifar10.yaml (SGLR, N-FGSM,
+onecycle, the trainer sizes the run to `schedule.budget` and picks its width); `quickstart` is the recipe as it is,
+the others name their architecture. For each (preset, seed, budget) the grid runs
 
     sglr-zoo train recipes/quickstart_cifar10.yaml run.output_dir=OUT run.name=NAME run.seed=SEED \\
         schedule.budget=BUDGET OVERRIDES...
@@ -55,17 +56,20 @@ TRAIN_FILE = "ttr_train.json"  # this script's measurement of a training, in its
 NFGSM = ["attack.step_size=8/255", "attack.noise=2", "attack.project=false"]  # de Jorge et al. 2022
 FGSM_RS = ["attack.step_size=10/255", "attack.noise=1", "attack.project=true"]  # Wong et al. 2020: the quickstart before
 AVERAGE = ["average.decay=0.999", "average.start=0.5"]
+QUARTER = "model.arch=preactresnet10_quarter_cifar"  # 0.31M parameters
+SLIM = "model.arch=preactresnet10_slim_cifar"  # 1.23M parameters
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
 # Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
 PRESETS: dict[str, list[str]] = {
-    "sglr-fgsmrs": FGSM_RS,
-    "pgdat-nfgsm-ema-ls": ["method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
-    "sglr-nfgsm-ema-ls": [*LABEL_SMOOTHING, *NFGSM, *AVERAGE],
-    "sglr-nfgsm": NFGSM,
-    "sglr-nfgsm-ema": [*NFGSM, *AVERAGE],
-    "sglr-fgsmrs-ema": [*FGSM_RS, *AVERAGE],
-    "sglr-nfgsm-ls": [*LABEL_SMOOTHING, *NFGSM],
-    "sglr-nfgsm-slim": ["model.arch=preactresnet10_slim_cifar", *NFGSM],  # 4x the parameters, about half the steps
+    "sglr-fgsmrs": [QUARTER, *FGSM_RS],
+    "pgdat-nfgsm-ema-ls": [QUARTER, "method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm-ema-ls": [QUARTER, *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm": [QUARTER, *NFGSM],
+    "sglr-nfgsm-ema": [QUARTER, *NFGSM, *AVERAGE],
+    "sglr-fgsmrs-ema": [QUARTER, *FGSM_RS, *AVERAGE],
+    "sglr-nfgsm-ls": [QUARTER, *LABEL_SMOOTHING, *NFGSM],
+    "sglr-nfgsm-slim": [SLIM, *NFGSM],  # 4x the parameters, about a third of the steps
+    "quickstart": [],  # the README's command: the budget picks the slim or the quarter width
 }
 
 

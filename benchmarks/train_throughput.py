@@ -331,7 +331,7 @@ def run_child(config: dict) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="quickstart,preactresnet18_cifar",
-                        help="timm names of our architectures; `quickstart` = the quickstart recipe's")
+                        help="timm names of our architectures; `quickstart` = the quickstart recipe's (each of a list)")
     parser.add_argument("--ours", default="auto", help="comma list: auto, trainer, or lever=value+lever=value")
     parser.add_argument("--ref-variants", default="auto",
                         help="comma list of ref_pgd_at.py variants; auto = the target; empty = none")
@@ -375,12 +375,13 @@ def main() -> None:
           flush=True)
     target = "bf16_cl" if native_bf16 else "fp32"
     ref_variants = [target if v == "auto" else v for v in args.ref_variants.split(",") if v]
-    quickstart = load_recipe(REPO / "recipes" / "quickstart_cifar10.yaml").model.arch
+    quickstart = load_recipe(REPO / "recipes" / "quickstart_cifar10.yaml").model.arch  # one, or the budget's choices
+    quickstart = quickstart if isinstance(quickstart, list) else [quickstart]
     print(f"\n{'model':<30}{'who':<5}{'variant':<48}{'img/s':>8}{'ratio':>7}{'img/cpu-s':>10}{'ratio':>7}"
           f"{'atk%':>6}{'%peak':>7}{'mem':>7}"
           f"{'1st_s':>7}{'cpu%':>6}", flush=True)
-    for name in args.models.split(","):
-        arch = quickstart if name == "quickstart" else name
+    archs = [arch for name in args.models.split(",") for arch in (quickstart if name == "quickstart" else [name])]
+    for arch in archs:
         if args.paired:
             paired_table(arch, args, target, ref_variants, peaks)
             continue

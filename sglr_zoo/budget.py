@@ -139,19 +139,26 @@ class Replanner(Callback):
                        f"{plan.describe(step_s, steps_per_epoch)}")
 
 
-def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: SpeedSettings, run: RunDir,
-                  started: float) -> tuple[Plans, list[Callback]]:
-    """The first plan of a run that `schedule.budget` sizes (the whole train() call, from `started`), and the
-    `Replanner` that revises it every REPLAN_EVERY of the run (none when the plan is too short to revise).
+def with_arch(recipe: Recipe, arch: str) -> Recipe:
+    """The recipe with `model.arch` set to one architecture (a copy; the given recipe is unchanged)."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, arch=arch))
 
-    The training step and the monitoring attack are timed on a throwaway model, objective and optimizer with the
-    random number generators restored afterwards, so the run itself is the one its plans describe. The
-    evaluations are costed as if every image were attacked (the evaluator attacks the clean-correct ones only), so
-    the plan errs on the short side.
-    """
-    if "autoattack" in recipe.eval.final_attacks:
-        raise UserError("schedule.budget: AutoAttack's time cannot be predicted; drop it from eval.final_attacks "
-                        "and run `sglr-zoo eval` on the export afterwards")
+
+def picked(recipe: Recipe, plans: Plans) -> Recipe:
+    """The recipe the run trains: a `model.arch` list resolved to the architecture its plans picked."""
+    if not isinstance(recipe.model.arch, list):
+        return recipe
+    if plans.arch not in recipe.model.arch:
+        raise UserError(f"model.arch: the plans give {plans.arch!r}, which is not one of {recipe.model.arch}; give "
+                        "the recipe those plans were made with, or train anew under another run.name")
+    return with_arch(recipe, plans.arch)
+
+
+def time_training(recipe: Recipe, splits: Splits, accelerator: Accelerator,
+                  speed: SpeedSettings) -> tuple[float, float]:
+    """The seconds of one training step and of one evaluation "pass" (a forward and backward of one image in fp32,
+    eval mode, as the evaluator's attacks run) of `recipe.model.arch`, on a throwaway model, objective and optimizer
+    with the random number generators restored afterwards; the slowest process's."""
     probe_n = min(recipe.eval.batch_size, len(splits.test), 64)
     memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
     device = accelerator.device
@@ -174,16 +181,30 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
         batch = [t.to(device) for t in next(iter(batches))]  # every timed step trains on this one batch
         finetune.set_train_mode(trained)
         step_s = median_step_seconds(lambda: train_step(parts, *batch, epoch=1, lr=recipe.optim.lr), device)
-        # One "pass": a forward and backward of one image in fp32, eval mode, as the evaluator's attacks run.
         x = to_float(splits.test.images[:probe_n], recipe.data.image_size).to(device, memory_format=memory_format)
         y = splits.test.labels[:probe_n].to(device)
         attack_s = median_step_seconds(lambda: pgd(trained, x, y, threat=recipe.attack.threat,
                                                    eps=float(recipe.eval_eps), steps=recipe.eval.steps),
                                        device, timed=1)  # a warm-up, then one timed (and on a GPU, waited for)
-        pass_s = attack_s / (probe_n * recipe.eval.steps)
-    # Every process sizes the run from the slowest one's times.
-    step_s, pass_s, elapsed = accelerator.gather(torch.tensor(
-        [[step_s, pass_s, time.perf_counter() - started]], device=device, dtype=torch.float64)).amax(0).tolist()
+    step_s, pass_s = accelerator.gather(torch.tensor([[step_s, attack_s / (probe_n * recipe.eval.steps)]],
+                                                     device=device, dtype=torch.float64)).amax(0).tolist()
+    return step_s, pass_s
+
+
+def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, speed: SpeedSettings, run: RunDir,
+                  started: float) -> tuple[Plans, list[Callback]]:
+    """The first plan of a run that `schedule.budget` sizes (the whole train() call, from `started`), and the
+    `Replanner` that revises it every REPLAN_EVERY of the run (none when the plan is too short to revise).
+
+    The training step and the monitoring attack are timed (`time_training`) so that the run itself is the one its
+    plans describe. The evaluations are costed as if every image were attacked (the evaluator attacks the
+    clean-correct ones only), so the plan errs on the short side. Given a list of architectures (`model.arch`,
+    largest first), the budget trains the first whose plan has `model.arch_min_epochs` epochs, else the last: on a
+    fast CPU a bigger model in fewer epochs is the more robust, on a slow one the smaller (docs/time_to_robustness.md).
+    """
+    if "autoattack" in recipe.eval.final_attacks:
+        raise UserError("schedule.budget: AutoAttack's time cannot be predicted; drop it from eval.final_attacks "
+                        "and run `sglr-zoo eval` on the export afterwards")
     # A monitoring pass per epoch: eval.n images of each split, a clean forward and eval.steps attack steps (+1).
     monitored = sum(min(len(data), recipe.eval.n) for data in (splits.train, splits.val, splits.test)
                     if data is not None)
@@ -193,10 +214,23 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     exports = 2 if splits.val is not None else 1
     budget_s = parse_budget(recipe.schedule.budget)
     steps_per_epoch = math.ceil(len(splits.train) / recipe.run.batch_size)
-    monitor_s = pass_s * monitored * (recipe.eval.steps + 2)
-    final_s = exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES)
-    plan = plan_budget(budget_s, elapsed, step_s=step_s, steps_per_epoch=steps_per_epoch, monitor_s=monitor_s,
-                       monitor_every=recipe.eval.every, final_s=final_s)
+    candidates = recipe.model.arch if isinstance(recipe.model.arch, list) else [recipe.model.arch]
+    considered = []
+    for arch in candidates:
+        step_s, pass_s = time_training(with_arch(recipe, arch), splits, accelerator, speed)
+        elapsed = accelerator.gather(torch.tensor([time.perf_counter() - started], device=accelerator.device,
+                                                  dtype=torch.float64)).amax().item()
+        monitor_s = pass_s * monitored * (recipe.eval.steps + 2)
+        final_s = exports * pass_s * (final_n * final_passes + FINAL_SANITY_PASSES)
+        plan = plan_budget(budget_s, elapsed, step_s=step_s, steps_per_epoch=steps_per_epoch, monitor_s=monitor_s,
+                           monitor_every=recipe.eval.every, final_s=final_s)
+        considered.append(f"{arch} {plan.steps / steps_per_epoch:.1f}")
+        if plan.steps >= recipe.model.arch_min_epochs * steps_per_epoch:
+            break
+    if len(candidates) > 1:
+        accelerator.print(f"model.arch: {arch}, the first of {', '.join(candidates)} that the budget trains for "
+                          f"{recipe.model.arch_min_epochs:g} epochs or more (else the last); epochs it would get: "
+                          f"{'; '.join(considered)}")
     summary = (f"budget {budget_s:.0f} s: {elapsed:.0f} s spent before training (data, calibration); "
                f"{plan.describe(step_s, steps_per_epoch)}")
     if plan.steps < 1:
@@ -204,7 +238,7 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
                         "or lower eval.n, eval.final_n or data.n_test")
     start = recipe.method.start_epoch
     first = Plan(made_at=0, epochs=plan.epochs, steps=plan.steps, start_epoch=resolve_start(start, plan.epochs))
-    plans = Plans([first], steps_per_epoch)
+    plans = Plans([first], steps_per_epoch, arch if isinstance(recipe.model.arch, list) else None)
     every = math.ceil(REPLAN_EVERY * plan.steps)
     replanner = Replanner(accelerator, plans, run.plans if accelerator.is_main_process else None, budget_s, started,
                           every, step_s, monitor_s, final_s, recipe.eval.every,

@@ -69,9 +69,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Any timm architecture; ours are `wrn34_10_cifar`, `preactresnet18_cifar`, `resnet18_cifar`, ..."""
+    """Any timm architecture; ours are `wrn34_10_cifar`, `preactresnet18_cifar`, `resnet18_cifar`, ...
 
-    arch: str = "preactresnet18_cifar"
+    A list of architectures, largest first, lets `schedule.budget` pick the capacity: the run trains the first that
+    the budget gives at least `arch_min_epochs` epochs on this machine, else the last (sglr_zoo.budget)."""
+
+    arch: str | list[str] = "preactresnet18_cifar"
+    arch_min_epochs: float = 3.0
     pretrained: str | None = None  # a local-dir:/hf-hub: id, zoo name or run directory to start from
     mean: list[float] | None = None  # normalisation applied inside the model; None = none (inputs in [0, 1])
     std: list[float] | None = None
@@ -81,7 +85,11 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to timm.create_model
 
     def __post_init__(self) -> None:
-        ensure(bool(self.arch), "arch", "must name a timm architecture (see `timm.list_models('*cifar*')`)")
+        names = self.arch if isinstance(self.arch, list) else [self.arch]
+        ensure(bool(names) and all(names) and len(set(names)) == len(names), "arch",
+               "must name a timm architecture (see `timm.list_models('*cifar*')`), or list different ones, largest "
+               "first, for schedule.budget to pick from")
+        ensure(self.arch_min_epochs > 0, "arch_min_epochs", "must be > 0 (epochs the budget must give an arch)")
         ensure((self.mean is None) == (self.std is None), "mean", "mean and std must be given together")
         if self.std is not None:
             ensure(len(self.std) == len(self.mean or []) and all(s > 0 for s in self.std), "std",
@@ -350,6 +358,11 @@ class Recipe:
         if self.method.start_epoch >= 1:
             ensure(self.method.start_epoch <= self.schedule.epochs + 1, "method.start_epoch",
                    f"must be <= epochs + 1 = {self.schedule.epochs + 1} (or a fraction < 1)")
+        if isinstance(self.model.arch, list):
+            ensure(self.schedule.budget is not None or isinstance(self.schedule.plans, str), "model.arch",
+                   "a list of architectures needs schedule.budget, which picks one; name one architecture")
+            ensure(self.finetune.backbone is None and self.model.pretrained is None, "model.arch",
+                   "a fine-tuned backbone fixes the architecture; name one (or none) instead of a list")
         ensure(self.guard.enabled is not True or self.attack.eps > 0, "guard.enabled",
                "needs adversarial training (attack.eps > 0): clean training has no attack to fall back from")
 

@@ -174,10 +174,11 @@ class Plan:
 
 class Plans:
     """A run's plans in the order made; the one in force at a step is the last made at or before it. The loop
-    reads the plan from here, never from the recipe; a budget's re-planning adds to it (`add`)."""
+    reads the plan from here, never from the recipe; a budget's re-planning adds to it (`add`). `arch` is the
+    architecture a budget picked from the recipe's list (`model.arch`), None when the recipe names one."""
 
-    def __init__(self, plans: list[Plan], steps_per_epoch: int):
-        self.all, self.steps_per_epoch = list(plans), steps_per_epoch
+    def __init__(self, plans: list[Plan], steps_per_epoch: int, arch: str | None = None):
+        self.all, self.steps_per_epoch, self.arch = list(plans), steps_per_epoch, arch
         problem = _plans_problem(self.all)
         if problem:
             raise ValueError(problem)
@@ -221,7 +222,8 @@ class Plans:
 
     def save(self, path: Path) -> None:
         """Writes the plans file (atomically): what `schedule.plans: PATH` repeats."""
-        data = {"steps_per_epoch": self.steps_per_epoch, "plans": self.to_list()}
+        data = {"steps_per_epoch": self.steps_per_epoch, "plans": self.to_list(),
+                **({"arch": self.arch} if self.arch else {})}
         write_atomic(path, json.dumps(data, indent=1).encode())
 
     @classmethod
@@ -232,7 +234,10 @@ class Plans:
             if data["steps_per_epoch"] != steps_per_epoch:
                 raise UserError(f"{path}: these plans are for {data['steps_per_epoch']} steps per epoch, this run has "
                                 f"{steps_per_epoch}: they repeat a run on the same data and run.batch_size only")
-            return cls(list(map(Plan.from_dict, data["plans"])), steps_per_epoch)
+            arch = data.get("arch")
+            if arch is not None and not (isinstance(arch, str) and arch):
+                raise ValueError(f"arch is an architecture's name, not {arch!r:.80}")
+            return cls(list(map(Plan.from_dict, data["plans"])), steps_per_epoch, arch)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserError(f"{path}: not a plans file written by a run ({error}); give schedule.plans the "
                             "plans.json of a run directory") from None

@@ -42,7 +42,7 @@ from torch import nn
 import sglr_zoo
 from sglr_zoo import finetune, hardware
 from sglr_zoo.averaging import Averaging, WeightAverage
-from sglr_zoo.budget import FINAL_SANITY_PASSES, plan_run  # noqa: F401  (experiments/ read FINAL_SANITY_PASSES here)
+from sglr_zoo.budget import FINAL_SANITY_PASSES, picked, plan_run  # noqa: F401  (experiments/ read the first here)
 from sglr_zoo.checkpoint import Checkpointer
 from sglr_zoo.data import IndexedDataset, Splits, load_splits, to_float
 from sglr_zoo.errors import UserError
@@ -200,6 +200,7 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     finetune.resolve(recipe)  # a fine-tuning backbone fixes the architecture and the input size
     splits = load_splits(recipe.data)
     plans, callbacks = plan_run(recipe, splits, accelerator, speed, run, started)  # the recipe's, or a budget's
+    recipe = picked(recipe, plans)  # a list of architectures: the one the budget picked
     per_process_batch = recipe.run.batch_size // accelerator.num_processes
     # Its own generator: starting an epoch's iteration (or continuing one) draws no number from the global one.
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,

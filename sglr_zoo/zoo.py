@@ -114,7 +114,8 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("resnet18-pgdat", "resnet18_cifar", "pgd_at", "recipes/resnet18_cifar10_pgdat.yaml"),
     _entry("resnet18-trades", "resnet18_cifar", "trades", "recipes/resnet18_cifar10_trades.yaml"),
     # CPU scale, bundled (sglr_zoo/bundled/): the quickstart's model of 2026-11-28 (FGSM-RS, as its bundled recipe.yaml
-    # says; the quickstart trains with N-FGSM since 2026-12-05), trained in 8 min 46 s on 2 CPU cores.
+    # says; the quickstart trains with N-FGSM since 2026-12-05, and lets its budget pick the width since 2026-12-05),
+    # trained in 8 min 46 s on 2 CPU cores.
     _entry("prn10q-c10-sglr-cpu", "preactresnet10_quarter_cifar", "sglr", "recipes/quickstart_cifar10.yaml",
            scale="cpu", bundle="prn10q-c10-sglr-cpu",
            sha256="e2418a96687b79226899aa3c783f019588c93e1ec5913a3df395807813967ac0",

@@ -355,6 +355,68 @@ def test_a_resumed_run_refuses_plans_other_than_its_checkpoints(tmp_path, tiny_d
         train(recipe)
 
 
+def timed_by_arch(step_s: dict[str, float], timed: list[str]):
+    """budget.time_training for a test: each architecture's step time from `step_s`, the pass time tiny."""
+    def time_training(recipe, splits, accelerator, speed) -> tuple[float, float]:
+        timed.append(recipe.model.arch)
+        return step_s[recipe.model.arch], 1e-6
+    return time_training
+
+
+@pytest.mark.parametrize("wrn_step_s, trained", [(0.05, "wrn_tiny_cifar"), (5.0, "preactresnet_tiny_cifar")])
+def test_a_budget_picks_the_first_architecture_it_trains_long_enough(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                     monkeypatch, capsys, wrn_step_s, trained):
+    """A 60 s budget gives the first architecture about 300 steps at 0.05 s (75 epochs of 4 steps: it is trained)
+    and 12 at 5 s (3 epochs, under arch_min_epochs 10: the last is trained). The pick is recorded in plans.json;
+    RUN/recipe.yaml and the export name the architecture trained; a resumed run keeps it without timing again;
+    `schedule.plans` repeats it."""
+    timed = []
+    monkeypatch.setattr(budget, "time_training", timed_by_arch(
+        {"wrn_tiny_cifar": wrn_step_s, "preactresnet_tiny_cifar": 0.05}, timed))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
+    candidates = ["model.arch=[wrn_tiny_cifar, preactresnet_tiny_cifar]", "model.arch_min_epochs=10"]
+    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=2", *candidates)
+    run_dir = train(recipe)
+    assert timed == ["wrn_tiny_cifar", *([] if trained == "wrn_tiny_cifar" else ["preactresnet_tiny_cifar"])]
+    assert f"model.arch: {trained}, the first of wrn_tiny_cifar, preactresnet_tiny_cifar" in capsys.readouterr().out
+    assert json.loads((run_dir / "plans.json").read_text())["arch"] == trained
+    assert load_recipe(run_dir / "recipe.yaml").model.arch == trained
+    assert json.loads((run_dir / "last" / "config.json").read_text())["architecture"] == trained
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    timed.clear()
+    train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2: the same architecture
+    assert timed == [] and json.loads((run_dir / "plans.json").read_text())["arch"] == trained
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    repeated = train(from_dict(recipe.to_dict(), [f"schedule.plans={run_dir / 'plans.json'}", "run.name=again"]))
+    assert timed == [] and load_recipe(repeated / "recipe.yaml").model.arch == trained
+
+
+def test_plans_of_another_architecture_list_are_refused(tmp_path, tiny_dataset, fresh_accelerate):
+    Plans([Plan(made_at=0, epochs=2, steps=6, start_epoch=1)], 4, "resnet_tiny_cifar").save(tmp_path / "plans.json")
+    with pytest.raises(UserError, match="model.arch: the plans give 'resnet_tiny_cifar', which is not one of"):
+        train(budget_recipe(tiny_dataset, tmp_path, f"schedule.plans={tmp_path / 'plans.json'}",
+                            "model.arch=[wrn_tiny_cifar, preactresnet_tiny_cifar]"))
+
+
+@pytest.mark.parametrize("model, schedule, message", [
+    ({"arch": ["a", "b"]}, {"budget": "8m", "name": "onecycle"}, None),
+    ({"arch": ["a", "b"]}, {}, "model.arch: a list of architectures needs schedule.budget"),
+    ({"arch": ["a", "a"]}, {"budget": "8m", "name": "onecycle"}, "model.arch: must name a timm architecture"),
+    ({"arch": []}, {"budget": "8m", "name": "onecycle"}, "model.arch: must name a timm architecture"),
+    ({"arch": ["a", "b"], "pretrained": "x"}, {"budget": "8m", "name": "onecycle"},
+     "model.arch: a fine-tuned backbone fixes the architecture"),
+    ({"arch": "a", "arch_min_epochs": 0}, {}, "model.arch_min_epochs: must be > 0"),
+])
+def test_recipe_architecture_lists(model, schedule, message):
+    if message is None:
+        assert from_dict({"model": model, "schedule": schedule}).model.arch == model["arch"]
+    else:
+        with pytest.raises(UserError, match=message):
+            from_dict({"model": model, "schedule": schedule})
+
+
 def test_plans_of_other_data_are_refused(tmp_path, tiny_dataset, fresh_accelerate):
     Plans([Plan(made_at=0, epochs=2, steps=6, start_epoch=1)], 3).save(tmp_path / "plans.json")
     with pytest.raises(UserError, match="plans are for 3 steps per epoch, this run has 4"):
