@@ -14,8 +14,9 @@ alone (nothing else of ours runs beside a training), measuring its wall time and
         --state-path OUT/NAME/ttr_eval_n500.autoattack_state.json --dataset DATASET
 
 (AutoAttack standard on the first 500 test images; --eval-jobs of them at a time, once every training is done).
-NAME is PRESET-sSEED, with -BUDGET added for a budget other than the recipe's and -avx2 for trainings limited to
-AVX2 kernels (--emulate-avx2: an AVX2-only CPU emulated on this one, as in benchmarks/RESULTS.md). The grid runs in
+NAME is PRESET-sSEED, with -BUDGET added for a budget other than the recipe's, -avx2 for trainings limited to AVX2
+kernels (--emulate-avx2: an AVX2-only CPU emulated on this one, as in benchmarks/RESULTS.md) and -tN for trainings on
+N threads (--threads; limited to AVX2, one Zen 4 thread stands for an older 2-core AVX2-only CPU). The grid runs in
 priority order, seed 0 of every preset before seed 1, so a partial grid is informative. It resumes: a finished training
 (RUN/finished.json) is not rerun (an unfinished one is moved to OUT/.killed/ and trained afresh, as its wall time
 would be wrong), a finished evaluation is not redone, a killed one resumes from its AutoAttack state file. The
@@ -88,22 +89,24 @@ class Job:
     results: Path
     state: Path
     emulate_avx2: bool = False  # the training limited to AVX2 kernels (hardware.AVX2_ONLY_ENV)
+    threads: int | None = None  # the training's run.threads, when limited
 
 
-def cpu_info(emulate_avx2: bool) -> dict:
-    """The CPU model, its count, whether it computes bf16 natively (AVX512-BF16, AMX) and whether the training ran
-    limited to AVX2 on it."""
+def cpu_info(emulate_avx2: bool, threads: int | None = None) -> dict:
+    """The CPU model, its count, whether it computes bf16 natively (AVX512-BF16, AMX), whether the training ran
+    limited to AVX2 on it, and to how many threads (None: the trainer's choice)."""
     from sglr_zoo.hardware import cpu_model
 
     model, flags = cpu_model()
     return {"model": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "emulated_avx2": emulate_avx2}
+            "amx_bf16": "amx_bf16" in flags, "emulated_avx2": emulate_avx2, "train_threads": threads}
 
 
 def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir: Path, recipe: Path,
-              aa_n: int, extra: list[str], emulate_avx2: bool = False) -> list[Job]:
+              aa_n: int, extra: list[str], emulate_avx2: bool = False, threads: int | None = None) -> list[Job]:
     """The jobs in the order they run: seed by seed, budget by budget, presets in priority order. `extra`
-    overrides follow every preset's (toy runs); `emulate_avx2` limits the trainings to AVX2 kernels (NAME-avx2)."""
+    overrides follow every preset's (toy runs); `emulate_avx2` limits the trainings to AVX2 kernels (NAME-avx2),
+    `threads` to that many threads (NAME-tN)."""
     from sglr_zoo.recipe import load_recipe
     from sglr_zoo.schedule import parse_budget
 
@@ -116,18 +119,19 @@ def plan_grid(presets: list[str], seeds: list[int], budgets: list[str], out_dir:
                 dataset = load_recipe(recipe, overrides).data.dataset
                 fixed = budget.endswith("ep")  # a fixed compute: the epochs a budget buys on an idle machine
                 same = not fixed and nominal is not None and parse_budget(budget) == parse_budget(nominal)
-                name = f"{preset}-s{seed}" + ("" if same else f"-{budget}") + ("-avx2" if emulate_avx2 else "")
+                name = (f"{preset}-s{seed}" + ("" if same else f"-{budget}") + ("-avx2" if emulate_avx2 else "")
+                        + (f"-t{threads}" if threads else ""))
                 schedule = ["schedule.budget=null", f"schedule.epochs={budget[:-2]}"] if fixed else [
                     f"schedule.budget={budget}"]
                 run = out_dir / name
                 results = run / f"ttr_eval_n{aa_n}.json"
                 state = run / f"ttr_eval_n{aa_n}.autoattack_state.json"
                 train = ["train", str(recipe), f"run.output_dir={out_dir}", f"run.name={name}", f"run.seed={seed}",
-                         *schedule, *overrides]
+                         *schedule, *overrides, *([f"run.threads={threads}"] if threads else [])]
                 evaluate = ["eval", str(run / "last"), "--attacks", ATTACKS, "--n", str(aa_n), "--out", str(results),
                             "--state-path", str(state), "--dataset", dataset]
                 jobs.append(Job(preset, seed, budget, name, overrides, run, train, evaluate, results, state,
-                                emulate_avx2))
+                                emulate_avx2, threads))
     return jobs
 
 
@@ -190,7 +194,7 @@ def train(job: Job, logs: Path) -> None:
     if code or not run.finished.is_file():
         raise failed(f"training {job.name} (exit status {code})", logs / f"{job.name}.train.log")
     measured = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss, 1), "command": shown(job.train),
-                "cpu": cpu_info(job.emulate_avx2), "torch": version("torch"),
+                "cpu": cpu_info(job.emulate_avx2, job.threads), "torch": version("torch"),
                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(job.run / TRAIN_FILE, (json.dumps(measured, indent=1) + "\n").encode())
     print(f"  {wall / 60:.1f} min, peak {rss:.0f} MiB", flush=True)
@@ -299,14 +303,17 @@ def aggregate(runs: dict[str, dict]) -> list[dict]:
                      "peak_rss_mib": max(e["peak_rss_mib"] for e in entries),
                      "sanity_passed": all(e["sanity_passed"] for e in entries),
                      "cpus": sorted({cpu_name(e["cpu"]) for e in entries}),
-                     "emulated_avx2": entries[0]["cpu"].get("emulated_avx2", False)})
+                     "emulated_avx2": entries[0]["cpu"].get("emulated_avx2", False),
+                     "train_threads": entries[0]["cpu"].get("train_threads")})
     return rows
 
 
 def cpu_name(cpu: dict) -> str:
     native = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if cpu.get(flag)]
     name = f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
-    return f"emulated AVX2-only on {name}" if cpu.get("emulated_avx2") else name
+    name = f"emulated AVX2-only on {name}" if cpu.get("emulated_avx2") else name
+    threads = cpu.get("train_threads")
+    return f"{name}, training on {threads} thread{'s' * (threads > 1)}" if threads else name
 
 
 def markdown(rows: list[dict]) -> str:
@@ -337,9 +344,10 @@ def plot(rows: list[dict], path: Path) -> None:
         color = f"C{i % 10}"
         axes.scatter(row["wall_min_per_seed"], row["autoattack_per_seed"], color=color, alpha=0.5, s=20)
         seeds = len(row["seeds"])
+        threads = f", {row['train_threads']} thread" if row["train_threads"] else ""
         axes.scatter([row["wall_min"]], [row["autoattack"]], color=color, marker="D", s=50,
-                     label=f"{row['preset']} ({row['budget']}{', emulated AVX2' * row['emulated_avx2']}, {seeds} "
-                           f"seed{'s' * (seeds > 1)})")
+                     label=f"{row['preset']} ({row['budget']}{', emulated AVX2' * row['emulated_avx2']}{threads}, "
+                           f"{seeds} seed{'s' * (seeds > 1)})")
         axes.annotate(row["preset"], (row["wall_min"], row["autoattack"]), xytext=(6, 4),
                       textcoords="offset points", fontsize=8, color=color)
     cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
@@ -376,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="train limited to AVX2 kernels, as on an AVX2-only CPU (bf16 emulated, so fp32); runs "
                              "are named NAME-avx2; the evaluations run unlimited")
+    parser.add_argument("--threads", type=int, help="train on this many threads (run.threads; runs are named "
+                        "NAME-tN); with --emulate-avx2, 1 stands for an older 2-core AVX2-only CPU (docs/speed.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the stage; run nothing")
     args = parser.parse_args(argv)
 
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     presets = [name for name in PRESETS if name in args.presets]
     jobs = plan_grid(presets, args.seeds, args.budget, args.out_dir, args.recipe, args.aa_n, args.set,
-                     args.emulate_avx2)
+                     args.emulate_avx2, args.threads)
     if args.dry_run:
         for stage in ("train", "eval"):
             if args.stage in (stage, "all"):

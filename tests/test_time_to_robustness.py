@@ -71,31 +71,37 @@ def test_emulated_avx2_trainings_are_named_and_run_limited_to_avx2_kernels(ttr, 
     with pytest.raises(SystemExit):
         ttr.train(native, tmp_path / "logs")
     assert "ONEDNN_MAX_CPU_ISA" not in envs[1]
+    [older] = ttr.plan_grid(["sglr-nfgsm"], [0], ["9m"], tmp_path, ttr.RECIPE, 500, [], emulate_avx2=True, threads=1)
+    assert older.name == "sglr-nfgsm-s0-avx2-t1" and older.train[-1] == "run.threads=1"
+    assert ttr.cpu_info(True, 1)["train_threads"] == 1
 
 
 def fabricated_run(preset: str, seed: int, autoattack: float | None, wall_s: float = 540.0,
-                   emulated_avx2: bool = False) -> dict:
+                   emulated_avx2: bool = False, threads: int | None = None) -> dict:
     evaluation = None if autoattack is None else {"n": 500, "clean": 60.0 + seed, "pgd20": 35.0 + seed,
                                                   "autoattack": autoattack, "sanity_passed": True}
-    return {"name": f"{preset}-s{seed}" + "-avx2" * emulated_avx2, "preset": preset, "seed": seed, "budget": "9m",
-            "wall_s": wall_s, "peak_rss_mib": 1500.0 + seed,
+    return {"name": f"{preset}-s{seed}" + "-avx2" * emulated_avx2 + (f"-t{threads}" if threads else ""),
+            "preset": preset, "seed": seed, "budget": "9m", "wall_s": wall_s, "peak_rss_mib": 1500.0 + seed,
             "cpu": {"model": "Test CPU", "cpus": 2, "avx512_bf16": True, "amx_bf16": False,
-                    "emulated_avx2": emulated_avx2},
+                    "emulated_avx2": emulated_avx2, "train_threads": threads},
             "eval": evaluation, "sanity_passed": True}
 
 
 def test_report_counts_seeds_and_averages_per_preset(ttr, tmp_path, capsys):
     runs = [fabricated_run("sglr-nfgsm", 0, 30.0, 530.0), fabricated_run("sglr-nfgsm", 1, 32.0, 550.0),
             fabricated_run("sglr-fgsmrs", 0, 31.0), fabricated_run("sglr-fgsmrs", 1, None),  # seed 1: not evaluated
-            fabricated_run("sglr-nfgsm", 0, 25.0, emulated_avx2=True)]
+            fabricated_run("sglr-nfgsm", 0, 25.0, emulated_avx2=True),
+            fabricated_run("sglr-nfgsm", 0, 20.0, emulated_avx2=True, threads=1)]
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"schema": ttr.SCHEMA, "runs": {run["name"]: run for run in runs}}))
 
     rows = ttr.aggregate(ttr.load_record(record))
-    assert [row["preset"] for row in rows] == ["sglr-fgsmrs", "sglr-nfgsm", "sglr-nfgsm"]  # priority order
-    baseline, nfgsm, emulated = rows
+    assert [row["preset"] for row in rows] == ["sglr-fgsmrs", *["sglr-nfgsm"] * 3]  # priority order
+    baseline, nfgsm, emulated, one_thread = sorted(rows, key=lambda row: (row["preset"], row["cpus"]))
     assert emulated["autoattack"] == 25.0 and emulated["emulated_avx2"] and not nfgsm["emulated_avx2"]
     assert emulated["cpus"] == ["emulated AVX2-only on Test CPU, 2 CPUs, AVX512-BF16"]
+    assert one_thread["autoattack"] == 20.0 and one_thread["train_threads"] == 1 and one_thread["cpus"] == [
+        "emulated AVX2-only on Test CPU, 2 CPUs, AVX512-BF16, training on 1 thread"]
     assert baseline["seeds"] == [0] and baseline["autoattack"] == 31.0
     assert nfgsm["seeds"] == [0, 1] and nfgsm["autoattack_per_seed"] == [30.0, 32.0]
     assert (nfgsm["autoattack"], nfgsm["clean"], nfgsm["pgd20"]) == (31.0, 60.5, 35.5)
