@@ -42,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -336,12 +337,13 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """AutoAttack accuracy against wall-clock minutes: a dot per run, a labelled diamond per preset's mean."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     axes = fig.subplots()
     for i, row in enumerate(rows):
-        color = f"C{i % 10}"
+        color = colormaps["tab20"](i % 20)
         axes.scatter(row["wall_min_per_seed"], row["autoattack_per_seed"], color=color, alpha=0.5, s=20)
         seeds = len(row["seeds"])
         threads = f", {row['train_threads']} thread" if row["train_threads"] else ""
@@ -353,7 +355,7 @@ def plot(rows: list[dict], path: Path) -> None:
     cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
     n = "/".join(str(k) for k in sorted({k for row in rows for k in row["n"]}))
     axes.set(xlabel="wall clock of the training (min)", ylabel=f"AutoAttack accuracy (%, first {n} test images)",
-             title=f"Time to robustness on {'; '.join(cpus)}")
+             title="\n".join(textwrap.wrap(f"Time to robustness on {'; '.join(cpus)}", 95)))
     axes.title.set_fontsize(9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
