@@ -71,6 +71,7 @@ PRESETS: dict[str, list[str]] = {
     "sglr-fgsmrs-ema": [QUARTER, *FGSM_RS, *AVERAGE],
     "sglr-nfgsm-ls": [QUARTER, *LABEL_SMOOTHING, *NFGSM],
     "sglr-nfgsm-slim": [SLIM, *NFGSM],  # 4x the parameters, about a third of the steps
+    "sglr-nfgsm-slim-aug": [SLIM, *NFGSM, "data.augment=true"],  # crops and flips: for budgets past robust overfitting
     "quickstart": [],  # the README's command: the budget picks the slim or the quarter width
 }
 
