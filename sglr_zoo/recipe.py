@@ -53,7 +53,10 @@ class DataConfig:
     n_test: int | None = None
     val_size: int = 0  # held out from the end of train for model selection
     image_size: int = 32
-    augment: bool = True  # random crop (pad 4) and horizontal flip
+    # Random crop (pad 4) and horizontal flip; auto: on when schedule.budget's plan trains for augment_min_epochs
+    # or more (a short run underfits, a long one overfits without them: docs/time_to_robustness.md)
+    augment: Literal["auto"] | bool = True
+    augment_min_epochs: float = 10.0
     num_classes: int | None = None  # read from the dataset when None
     holdout_fraction: float = 0.1  # of train, held out (stratified, fixed seed) as the test split when there is none
 
@@ -65,6 +68,7 @@ class DataConfig:
         ensure(8 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
                f"must be in [8, {MAX_IMAGE_SIZE}] (pixels a side)")
         ensure(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2 or null")
+        ensure(self.augment_min_epochs > 0, "augment_min_epochs", "must be > 0 (epochs from which auto augments)")
 
 
 @dataclass
@@ -363,6 +367,8 @@ class Recipe:
                    "a list of architectures needs schedule.budget, which picks one; name one architecture")
             ensure(self.finetune.backbone is None and self.model.pretrained is None, "model.arch",
                    "a fine-tuned backbone fixes the architecture; name one (or none) instead of a list")
+        ensure(self.data.augment != "auto" or self.schedule.budget is not None or isinstance(self.schedule.plans, str),
+               "data.augment", "auto needs schedule.budget, whose plan decides it; give true or false")
         ensure(self.guard.enabled is not True or self.attack.eps > 0, "guard.enabled",
                "needs adversarial training (attack.eps > 0): clean training has no attack to fall back from")
 
