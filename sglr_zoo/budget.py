@@ -144,19 +144,21 @@ def with_arch(recipe: Recipe, arch: str) -> Recipe:
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, arch=arch))
 
 
-def picked(recipe: Recipe, plans: Plans) -> Recipe:
+def picked(recipe: Recipe, plans: Plans, log: Callable[[str], object]) -> Recipe:
     """The recipe the run trains: a `model.arch` list resolved to the architecture its plans picked, and
-    `data.augment: auto` to what they chose."""
+    `data.augment: auto` to whether the first plan trains `data.augment_min_epochs` epochs or more (a resumed or
+    repeated run has the same first plan, so the same answer); says what `auto` chose through `log`."""
     if isinstance(recipe.model.arch, list):
         if plans.arch not in recipe.model.arch:
             raise UserError(f"model.arch: the plans give {plans.arch!r}, which is not one of {recipe.model.arch}; "
                             "give the recipe those plans were made with, or train anew under another run.name")
         recipe = with_arch(recipe, plans.arch)
     if recipe.data.augment == "auto":
-        if plans.augment is None:
-            raise UserError("data.augment: auto, but the plans do not say whether the budget chose augmentation; "
-                            "give the recipe those plans were made with, or true or false")
-        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment=plans.augment))
+        augment = plans.first_epochs >= recipe.data.augment_min_epochs
+        log(f"data.augment: auto, so {'crops and flips' if augment else 'no augmentation'}: the run was planned for "
+            f"{plans.first_epochs:.1f} epochs ({'>=' if augment else '<'} data.augment_min_epochs "
+            f"{recipe.data.augment_min_epochs:g})")
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment=augment))
     return recipe
 
 
@@ -207,7 +209,6 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     clean-correct ones only), so the plan errs on the short side. Given a list of architectures (`model.arch`,
     largest first), the budget trains the first whose plan has `model.arch_min_epochs` epochs, else the last: on a
     fast CPU a bigger model in fewer epochs is the more robust, on a slow one the smaller (docs/time_to_robustness.md).
-    With `data.augment: auto` the plan augments when it trains `data.augment_min_epochs` epochs or more.
     """
     if "autoattack" in recipe.eval.final_attacks:
         raise UserError("schedule.budget: AutoAttack's time cannot be predicted; drop it from eval.final_attacks "
@@ -243,15 +244,9 @@ def fit_to_budget(recipe: Recipe, splits: Splits, accelerator: Accelerator, spee
     if plan.steps < 1:
         raise UserError(f"schedule.budget: {recipe.schedule.budget} leaves no time to train ({summary}); raise it, "
                         "or lower eval.n, eval.final_n or data.n_test")
-    augment = None
-    if recipe.data.augment == "auto":
-        augment = plan.steps >= recipe.data.augment_min_epochs * steps_per_epoch
-        accelerator.print(f"data.augment: auto, so {'crops and flips' if augment else 'no augmentation'}: the "
-                          f"budget trains {plan.steps / steps_per_epoch:.1f} epochs "
-                          f"({'>=' if augment else '<'} data.augment_min_epochs {recipe.data.augment_min_epochs:g})")
     start = recipe.method.start_epoch
     first = Plan(made_at=0, epochs=plan.epochs, steps=plan.steps, start_epoch=resolve_start(start, plan.epochs))
-    plans = Plans([first], steps_per_epoch, arch if isinstance(recipe.model.arch, list) else None, augment)
+    plans = Plans([first], steps_per_epoch, arch if isinstance(recipe.model.arch, list) else None)
     every = math.ceil(REPLAN_EVERY * plan.steps)
     replanner = Replanner(accelerator, plans, run.plans if accelerator.is_main_process else None, budget_s, started,
                           every, step_s, monitor_s, final_s, recipe.eval.every,

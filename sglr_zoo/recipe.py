@@ -53,8 +53,9 @@ class DataConfig:
     n_test: int | None = None
     val_size: int = 0  # held out from the end of train for model selection
     image_size: int = 32
-    # Random crop (pad 4) and horizontal flip; auto: on when schedule.budget's plan trains for augment_min_epochs
-    # or more (a short run underfits, a long one overfits without them: docs/time_to_robustness.md)
+    # Random crop (pad 4) and horizontal flip; auto: on when the run is planned for augment_min_epochs or more
+    # (schedule.budget's first plan, else the recipe's epochs): a short run underfits with them, a long one
+    # overfits without them (docs/time_to_robustness.md)
     augment: Literal["auto"] | bool = True
     augment_min_epochs: float = 10.0
     num_classes: int | None = None  # read from the dataset when None
@@ -367,8 +368,6 @@ class Recipe:
                    "a list of architectures needs schedule.budget, which picks one; name one architecture")
             ensure(self.finetune.backbone is None and self.model.pretrained is None, "model.arch",
                    "a fine-tuned backbone fixes the architecture; name one (or none) instead of a list")
-        ensure(self.data.augment != "auto" or self.schedule.budget is not None or isinstance(self.schedule.plans, str),
-               "data.augment", "auto needs schedule.budget, whose plan decides it; give true or false")
         ensure(self.guard.enabled is not True or self.attack.eps > 0, "guard.enabled",
                "needs adversarial training (attack.eps > 0): clean training has no attack to fall back from")
 

@@ -175,12 +175,10 @@ class Plan:
 class Plans:
     """A run's plans in the order made; the one in force at a step is the last made at or before it. The loop
     reads the plan from here, never from the recipe; a budget's re-planning adds to it (`add`). `arch` is the
-    architecture a budget picked from the recipe's list (`model.arch`), None when the recipe names one; `augment`
-    whether it chose crops and flips (`data.augment: auto`), None when the recipe decides."""
+    architecture a budget picked from the recipe's list (`model.arch`), None when the recipe names one."""
 
-    def __init__(self, plans: list[Plan], steps_per_epoch: int, arch: str | None = None,
-                 augment: bool | None = None):
-        self.all, self.steps_per_epoch, self.arch, self.augment = list(plans), steps_per_epoch, arch, augment
+    def __init__(self, plans: list[Plan], steps_per_epoch: int, arch: str | None = None):
+        self.all, self.steps_per_epoch, self.arch = list(plans), steps_per_epoch, arch
         problem = _plans_problem(self.all)
         if problem:
             raise ValueError(problem)
@@ -197,6 +195,12 @@ class Plans:
     @property
     def last(self) -> Plan:
         return self.all[-1]
+
+    @property
+    def first_epochs(self) -> float:
+        """The length of the run as planned before its first step, in epochs."""
+        first = self.all[0]
+        return first.epochs if first.steps is None else first.steps / self.steps_per_epoch
 
     def in_force(self, global_step: int) -> Plan:
         """The plan for the step after `global_step` steps."""
@@ -225,8 +229,7 @@ class Plans:
     def save(self, path: Path) -> None:
         """Writes the plans file (atomically): what `schedule.plans: PATH` repeats."""
         data = {"steps_per_epoch": self.steps_per_epoch, "plans": self.to_list(),
-                **({"arch": self.arch} if self.arch else {}),
-                **({"augment": self.augment} if self.augment is not None else {})}
+                **({"arch": self.arch} if self.arch else {})}
         write_atomic(path, json.dumps(data, indent=1).encode())
 
     @classmethod
@@ -240,10 +243,7 @@ class Plans:
             arch = data.get("arch")
             if arch is not None and not (isinstance(arch, str) and arch):
                 raise ValueError(f"arch is an architecture's name, not {arch!r:.80}")
-            augment = data.get("augment")
-            if augment is not None and not isinstance(augment, bool):
-                raise ValueError(f"augment is true or false, not {augment!r:.80}")
-            return cls(list(map(Plan.from_dict, data["plans"])), steps_per_epoch, arch, augment)
+            return cls(list(map(Plan.from_dict, data["plans"])), steps_per_epoch, arch)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserError(f"{path}: not a plans file written by a run ({error}); give schedule.plans the "
                             "plans.json of a run directory") from None

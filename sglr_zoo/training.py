@@ -200,7 +200,7 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     finetune.resolve(recipe)  # a fine-tuning backbone fixes the architecture and the input size
     splits = load_splits(recipe.data)
     plans, callbacks = plan_run(recipe, splits, accelerator, speed, run, started)  # the recipe's, or a budget's
-    recipe = picked(recipe, plans)  # a list of architectures: the one the budget picked
+    recipe = picked(recipe, plans, accelerator.print)  # the architecture the budget picked; augment: auto
     per_process_batch = recipe.run.batch_size // accelerator.num_processes
     # Its own generator: starting an epoch's iteration (or continuing one) draws no number from the global one.
     train_loader = torch.utils.data.DataLoader(IndexedDataset(splits.train), batch_size=per_process_batch, shuffle=True,

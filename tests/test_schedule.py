@@ -396,20 +396,19 @@ def test_a_budget_picks_the_first_architecture_it_trains_long_enough(tmp_path, t
 @pytest.mark.parametrize("step_s, augmented", [(0.05, True), (5.0, False)])
 def test_a_budget_augments_when_it_trains_long_enough(tmp_path, tiny_dataset, fresh_accelerate, monkeypatch,
                                                       capsys, step_s, augmented):
-    """`data.augment: auto`: a 60 s budget trains about 75 epochs of 4 steps at 0.05 s a step (>= 10: crops and
-    flips) and 3 at 5 s (no augmentation). The choice is recorded in plans.json and RUN/recipe.yaml, and kept by a
-    resumed run and by `schedule.plans`."""
+    """`data.augment: auto`: a 60 s budget plans about 75 epochs of 4 steps at 0.05 s a step (>= 10: crops and
+    flips) and 3 at 5 s (no augmentation). RUN/recipe.yaml records the choice; a resumed run and `schedule.plans`
+    keep it (the same first plan) without timing anything."""
     monkeypatch.setattr(budget, "time_training", timed_by_arch({"preactresnet_tiny_cifar": step_s}, []))
     monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
     recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=2", "data.augment=auto",
                            "data.augment_min_epochs=10")
     run_dir = train(recipe)
     assert f"data.augment: auto, so {'crops and flips' if augmented else 'no augmentation'}" in capsys.readouterr().out
-    assert json.loads((run_dir / "plans.json").read_text())["augment"] is augmented
     assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
+    monkeypatch.setattr(budget, "time_training", None)  # neither run below may time anything
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    monkeypatch.setattr(budget, "time_training", None)  # neither run below may time anything
     train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2
     assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
     AcceleratorState._reset_state(True)
@@ -418,17 +417,15 @@ def test_a_budget_augments_when_it_trains_long_enough(tmp_path, tiny_dataset, fr
     assert load_recipe(repeated / "recipe.yaml").data.augment is augmented
 
 
-def test_augment_auto_refuses_plans_that_do_not_say(tmp_path, tiny_dataset, fresh_accelerate):
-    Plans([Plan(made_at=0, epochs=2, steps=6, start_epoch=1)], 4).save(tmp_path / "plans.json")
-    with pytest.raises(UserError, match="data.augment: auto, but the plans do not say"):
-        train(budget_recipe(tiny_dataset, tmp_path, f"schedule.plans={tmp_path / 'plans.json'}", "data.augment=auto"))
+@pytest.mark.parametrize("min_epochs, augmented", [(2, True), (2.5, False)])
+def test_augment_auto_without_a_budget_follows_the_recipes_epochs(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                  min_epochs, augmented):
+    run_dir = train(budget_recipe(tiny_dataset, tmp_path, "schedule.budget=null", "schedule.epochs=2",
+                                  "data.augment=auto", f"data.augment_min_epochs={min_epochs}"))
+    assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
 
 
-def test_recipe_augment_auto_needs_a_budget():
-    budgeted = {"budget": "8m", "name": "onecycle"}
-    assert from_dict({"data": {"augment": "auto"}, "schedule": budgeted}).data.augment == "auto"
-    with pytest.raises(UserError, match="data.augment: auto needs schedule.budget"):
-        from_dict({"data": {"augment": "auto"}})
+def test_augment_min_epochs_must_be_positive():
     with pytest.raises(UserError, match="data.augment_min_epochs: must be > 0"):
         from_dict({"data": {"augment_min_epochs": 0}})
 
