@@ -2,8 +2,8 @@
 
 The FastAT Benchmark's reporting format (arXiv 2604.22853: CIFAR-10, L-inf 8/255, AutoAttack, hours, seeds) for the
 presets below on this machine. Every preset is a list of overrides on recipes/quickstart_cifar10.yaml (SGLR, N-FGSM,
-onecycle, the trainer sizes the run to `schedule.budget` and picks its width); `quickstart` is the recipe as it is,
-the others name their architecture. For each (preset, seed, budget) the grid runs
+onecycle, the trainer sizes the run to `schedule.budget` and picks its width and whether to augment); `quickstart` is
+the recipe as it is, the others name their architecture and fix the augmentation. For each (preset, seed, budget) the grid runs
 
     sglr-zoo train recipes/quickstart_cifar10.yaml run.output_dir=OUT run.name=NAME run.seed=SEED \\
         schedule.budget=BUDGET OVERRIDES...
@@ -61,18 +61,19 @@ AVERAGE = ["average.decay=0.999", "average.start=0.5"]
 QUARTER = "model.arch=preactresnet10_quarter_cifar"  # 0.31M parameters
 SLIM = "model.arch=preactresnet10_slim_cifar"  # 1.23M parameters
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
+NO_AUGMENT, AUGMENT = "data.augment=false", "data.augment=true"  # the presets fix it; the quickstart's budget decides
 # Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
 PRESETS: dict[str, list[str]] = {
-    "sglr-fgsmrs": [QUARTER, *FGSM_RS],
-    "pgdat-nfgsm-ema-ls": [QUARTER, "method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
-    "sglr-nfgsm-ema-ls": [QUARTER, *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
-    "sglr-nfgsm": [QUARTER, *NFGSM],
-    "sglr-nfgsm-ema": [QUARTER, *NFGSM, *AVERAGE],
-    "sglr-fgsmrs-ema": [QUARTER, *FGSM_RS, *AVERAGE],
-    "sglr-nfgsm-ls": [QUARTER, *LABEL_SMOOTHING, *NFGSM],
-    "sglr-nfgsm-slim": [SLIM, *NFGSM],  # 4x the parameters, about a third of the steps
-    "sglr-nfgsm-slim-aug": [SLIM, *NFGSM, "data.augment=true"],  # crops and flips: for budgets past robust overfitting
-    "quickstart": [],  # the README's command: the budget picks the slim or the quarter width
+    "sglr-fgsmrs": [QUARTER, NO_AUGMENT, *FGSM_RS],
+    "pgdat-nfgsm-ema-ls": [QUARTER, NO_AUGMENT, "method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm-ema-ls": [QUARTER, NO_AUGMENT, *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
+    "sglr-nfgsm": [QUARTER, NO_AUGMENT, *NFGSM],
+    "sglr-nfgsm-ema": [QUARTER, NO_AUGMENT, *NFGSM, *AVERAGE],
+    "sglr-fgsmrs-ema": [QUARTER, NO_AUGMENT, *FGSM_RS, *AVERAGE],
+    "sglr-nfgsm-ls": [QUARTER, NO_AUGMENT, *LABEL_SMOOTHING, *NFGSM],
+    "sglr-nfgsm-slim": [SLIM, NO_AUGMENT, *NFGSM],  # 4x the parameters, about a third of the steps
+    "sglr-nfgsm-slim-aug": [SLIM, AUGMENT, *NFGSM],  # crops and flips: for budgets past robust overfitting
+    "quickstart": [],  # the README's command: the budget picks the width and whether to augment
 }
 
 

@@ -32,7 +32,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
     assert recipe.average.decay == (0.999 if "ema" in parts else 0.0)
     assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
-    assert recipe.data.augment == ("aug" in parts)
+    assert recipe.data.augment == ("auto" if preset == "quickstart" else "aug" in parts)
     slim, quarter = "preactresnet10_slim_cifar", "preactresnet10_quarter_cifar"
     assert recipe.model.arch == ([slim, quarter] if preset == "quickstart" else slim if "slim" in parts else quarter)
 

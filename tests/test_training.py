@@ -902,14 +902,16 @@ def test_monitoring_is_the_evaluators_measurement(tiny_dataset):
 
 def test_quickstart_recipe_runs(tmp_path, tiny_dataset):
     """A smoke test of the quickstart's settings (auto precision, onecycle, nesterov, its budget picking the
-    architecture) for two steps (tests/test_schedule.py covers the budget)."""
+    architecture and, planning thousands of one-step epochs here, crops and flips) for two steps
+    (tests/test_schedule.py covers the budget)."""
     recipe = load_recipe(REPO / "recipes" / "quickstart_cifar10.yaml")
     assert recipe.run.mixed_precision == "auto" and recipe.schedule.budget and recipe.schedule.name == "onecycle"
     recipe = load_recipe(REPO / "recipes" / "quickstart_cifar10.yaml",
                          [f"data.dataset={tiny_dataset}", "run.max_steps=2", "eval.n=8", f"run.output_dir={tmp_path}"])
     run_dir = run_train(recipe)
     picked = json.loads((run_dir / "plans.json").read_text())["arch"]
-    assert picked in recipe.model.arch and load_recipe(run_dir / "recipe.yaml").model.arch == picked
+    trained = load_recipe(run_dir / "recipe.yaml")
+    assert picked in recipe.model.arch and trained.model.arch == picked and trained.data.augment is True
     info = json.loads((run_dir / "run.json").read_text())
     assert info["speed"]["mixed_precision"]["value"] in ("bf16", "no") and info["last_epoch"] == 2
     _, rows = read_metrics(run_dir)
