@@ -342,7 +342,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(11, 4.8))
     axes = fig.subplots()
     for i, row in enumerate(rows):
         color = colormaps["tab20"](i % 20)
@@ -357,10 +357,10 @@ def plot(rows: list[dict], path: Path) -> None:
     cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
     n = "/".join(str(k) for k in sorted({k for row in rows for k in row["n"]}))
     axes.set(xlabel="wall clock of the training (min)", ylabel=f"AutoAttack accuracy (%, first {n} test images)",
-             title="\n".join(textwrap.wrap(f"Time to robustness on {'; '.join(cpus)}", 95)))
+             title="\n".join(textwrap.wrap(f"Time to robustness on {'; '.join(cpus)}", 80)))
     axes.title.set_fontsize(9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the points, never over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
