@@ -168,6 +168,9 @@ def time_training(recipe: Recipe, splits: Splits, accelerator: Accelerator,
     eval mode, as the evaluator's attacks run) of `recipe.model.arch`, on a throwaway model, objective and optimizer
     with the random number generators restored afterwards; the slowest process's."""
     probe_n = min(recipe.eval.batch_size, len(splits.test), 64)
+    # `data.augment: auto` is decided from the plan this timing makes: time the augmented step, the costlier.
+    augmented = dataclasses.replace(recipe.data, augment=recipe.data.augment is not False)
+    recipe = dataclasses.replace(recipe, data=augmented)
     memory_format = torch.channels_last if speed.channels_last.value else torch.contiguous_format
     device = accelerator.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sglr_zoo import budget, training
 from sglr_zoo.errors import UserError
-from sglr_zoo.loop import epoch_steps
+from sglr_zoo.loop import epoch_steps, train_step
 from sglr_zoo.recipe import from_dict, load_recipe, save_recipe
 from sglr_zoo.schedule import BudgetPlan, Plan, Plans, epoch_progress, parse_budget, plan_budget
 from sglr_zoo.training import train
@@ -415,6 +415,21 @@ def test_a_budget_augments_when_it_trains_long_enough(tmp_path, tiny_dataset, fr
     GradientState._reset_state()
     repeated = train(from_dict(recipe.to_dict(), [f"schedule.plans={run_dir / 'plans.json'}", "run.name=again"]))
     assert load_recipe(repeated / "recipe.yaml").data.augment is augmented
+
+
+def test_with_augment_auto_the_budget_times_an_augmented_step(tmp_path, tiny_dataset, fresh_accelerate,
+                                                             monkeypatch):
+    """`data.augment: auto` is decided from the plan that the timed steps make, so they time the costlier step:
+    with crops and flips."""
+    timed = []
+
+    def recorded(parts, *batch, **kwargs):
+        timed.append(parts.recipe.data.augment)
+        return train_step(parts, *batch, **kwargs)
+
+    monkeypatch.setattr(budget, "train_step", recorded)
+    train(budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=1", "data.augment=auto"))
+    assert len(timed) == 6 and set(timed) == {True}  # a warm-up and five timed steps
 
 
 @pytest.mark.parametrize("min_epochs, augmented", [(2, True), (2.5, False)])
