@@ -8,8 +8,9 @@
 3. on classes 5-9: robust backbone + linear probe, robust backbone + full fine-tune, clean backbone + full
    fine-tune (all adversarial: SGLR on PGD-3), and the same model from scratch with the same budget; then (issue
    30) the clean backbone with an eps warm-up and the backbone at the head's rate (and each of the two alone), the
-   robust backbone with a linear probe then full fine-tuning (lp_ft), and a stock timm resnet18 at 64 px,
-   clean-trained on classes 0-4 like our clean backbone, fine-tuned with the warm-up;
+   robust backbone with a linear probe then full fine-tuning (lp_ft; the probe in half or a fifth of the steps),
+   and a stock timm resnet18 at 64 px, clean-trained on classes 0-4 like our clean backbone, fine-tuned with the
+   warm-up;
 4. evaluation of every model: clean, PGD-20 and AutoAttack (standard, Linf 8/255) on the first 500 test images of
    classes 5-9; the backbones also clean and PGD-20 on their own classes;
 5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
@@ -76,6 +77,8 @@ RUNS = [
     Run("clean_lr_only", "clean_lr_only.yaml", "clean backbone at the head's rate, no warm-up", backbone="backbone_clean"),
     Run("robust_lp_ft", "robust_lp_ft.yaml", "robust backbone (SGLR) + linear probe, then full fine-tune (lp_ft)",
         backbone="backbone_sglr"),
+    Run("robust_lp_ft_short", "robust_lp_ft_short.yaml", "robust backbone (SGLR) + linear probe (first 20 % of the "
+        "steps), then full fine-tune", backbone="backbone_sglr"),
     Run("backbone_timm", "backbone_timm.yaml", "clean timm resnet18 at 64 px, classes 0-4", data="c10_0to4",
         toy_arch="test_resnet"),
     Run("timm_clean_warmup", "timm_clean_warmup.yaml", "timm resnet18 (clean, 64 px) + eps warm-up, backbone at the "
