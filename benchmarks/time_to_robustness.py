@@ -73,6 +73,7 @@ PRESETS: dict[str, list[str]] = {
     "sglr-nfgsm-ls": [QUARTER, NO_AUGMENT, *LABEL_SMOOTHING, *NFGSM],
     "sglr-nfgsm-slim": [SLIM, NO_AUGMENT, *NFGSM],  # 4x the parameters, about a third of the steps
     "sglr-nfgsm-slim-aug": [SLIM, AUGMENT, *NFGSM],  # crops and flips: for budgets past robust overfitting
+    "sglr-nfgsm-slim-aug-ema": [SLIM, AUGMENT, *NFGSM, *AVERAGE],  # the FastAT Benchmark's averaging, with crops
     "quickstart": [],  # the README's command: the budget picks the width and whether to augment
 }
 
