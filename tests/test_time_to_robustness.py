@@ -30,7 +30,8 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     nfgsm = "nfgsm" in parts or preset == "quickstart"
     assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if nfgsm else (1.0, True))
     assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
-    assert recipe.average.decay == (0.999 if "ema" in parts else 0.0)
+    decays = {"ema": 0.999, "ema998": 0.998}
+    assert recipe.average.decay == next((decays[part] for part in parts if part in decays), 0.0)
     assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
     assert recipe.data.augment == ("auto" if preset == "quickstart" else "aug" in parts)
     slim, quarter = "preactresnet10_slim_cifar", "preactresnet10_quarter_cifar"
