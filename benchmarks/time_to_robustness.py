@@ -57,26 +57,28 @@ TRAIN_FILE = "ttr_train.json"  # this script's measurement of a training, in its
 
 NFGSM = ["attack.step_size=8/255", "attack.noise=2", "attack.project=false"]  # de Jorge et al. 2022
 FGSM_RS = ["attack.step_size=10/255", "attack.noise=1", "attack.project=true"]  # Wong et al. 2020: the quickstart before
-AVERAGE = ["average.decay=0.999", "average.start=0.5"]
-AVERAGE_RECENT = ["average.decay=0.998", "average.start=0.5"]  # half the lag: for one-cycle runs of ~5,000 steps
+# The presets fix the average too (the quickstart averages from average.min_epochs planned epochs on).
+AVERAGE = ["average.decay=0.999", "average.start=0.5", "average.min_epochs=0"]
+AVERAGE_RECENT = ["average.decay=0.998", "average.start=0.5", "average.min_epochs=0"]  # half the lag (5,000 steps)
+NO_AVERAGE = "average.decay=0"
 QUARTER = "model.arch=preactresnet10_quarter_cifar"  # 0.31M parameters
 SLIM = "model.arch=preactresnet10_slim_cifar"  # 1.23M parameters
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
 NO_AUGMENT, AUGMENT = "data.augment=false", "data.augment=true"  # the presets fix it; the quickstart's budget decides
 # Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
 PRESETS: dict[str, list[str]] = {
-    "sglr-fgsmrs": [QUARTER, NO_AUGMENT, *FGSM_RS],
+    "sglr-fgsmrs": [QUARTER, NO_AUGMENT, NO_AVERAGE, *FGSM_RS],
     "pgdat-nfgsm-ema-ls": [QUARTER, NO_AUGMENT, "method.name=pgd_at", *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
     "sglr-nfgsm-ema-ls": [QUARTER, NO_AUGMENT, *LABEL_SMOOTHING, *NFGSM, *AVERAGE],
-    "sglr-nfgsm": [QUARTER, NO_AUGMENT, *NFGSM],
+    "sglr-nfgsm": [QUARTER, NO_AUGMENT, NO_AVERAGE, *NFGSM],
     "sglr-nfgsm-ema": [QUARTER, NO_AUGMENT, *NFGSM, *AVERAGE],
     "sglr-fgsmrs-ema": [QUARTER, NO_AUGMENT, *FGSM_RS, *AVERAGE],
-    "sglr-nfgsm-ls": [QUARTER, NO_AUGMENT, *LABEL_SMOOTHING, *NFGSM],
-    "sglr-nfgsm-slim": [SLIM, NO_AUGMENT, *NFGSM],  # 4x the parameters, about a third of the steps
-    "sglr-nfgsm-slim-aug": [SLIM, AUGMENT, *NFGSM],  # crops and flips: for budgets past robust overfitting
+    "sglr-nfgsm-ls": [QUARTER, NO_AUGMENT, NO_AVERAGE, *LABEL_SMOOTHING, *NFGSM],
+    "sglr-nfgsm-slim": [SLIM, NO_AUGMENT, NO_AVERAGE, *NFGSM],  # 4x the parameters, about a third of the steps
+    "sglr-nfgsm-slim-aug": [SLIM, AUGMENT, NO_AVERAGE, *NFGSM],  # crops and flips: for budgets past robust overfitting
     "sglr-nfgsm-slim-aug-ema": [SLIM, AUGMENT, *NFGSM, *AVERAGE],  # the FastAT Benchmark's averaging, with crops
     "sglr-nfgsm-slim-aug-ema998": [SLIM, AUGMENT, *NFGSM, *AVERAGE_RECENT],
-    "quickstart": [],  # the README's command: the budget picks the width and whether to augment
+    "quickstart": [],  # the README's command: the budget picks the width and whether to augment and to average
 }
 
 

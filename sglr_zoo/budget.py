@@ -146,8 +146,9 @@ def with_arch(recipe: Recipe, arch: str) -> Recipe:
 
 def picked(recipe: Recipe, plans: Plans, log: Callable[[str], object]) -> Recipe:
     """The recipe the run trains: a `model.arch` list resolved to the architecture its plans picked, and
-    `data.augment: auto` to whether the first plan trains `data.augment_min_epochs` epochs or more (a resumed or
-    repeated run has the same first plan, so the same answer); says what `auto` chose through `log`."""
+    `data.augment: auto` to whether the first plan trains `data.augment_min_epochs` epochs or more, and the average
+    turned off when it trains fewer than `average.min_epochs` (a resumed or repeated run has the same first plan, so
+    the same answers); says what it chose through `log`."""
     if isinstance(recipe.model.arch, list):
         if plans.arch not in recipe.model.arch:
             raise UserError(f"model.arch: the plans give {plans.arch!r}, which is not one of {recipe.model.arch}; "
@@ -159,6 +160,12 @@ def picked(recipe: Recipe, plans: Plans, log: Callable[[str], object]) -> Recipe
             f"{plans.first_epochs:.1f} epochs ({'>=' if augment else '<'} data.augment_min_epochs "
             f"{recipe.data.augment_min_epochs:g})")
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment=augment))
+    if recipe.average.decay and recipe.average.min_epochs:
+        averaged = plans.first_epochs >= recipe.average.min_epochs
+        log(f"average: {'on' if averaged else 'off'}: the run was planned for {plans.first_epochs:.1f} epochs "
+            f"({'>=' if averaged else '<'} average.min_epochs {recipe.average.min_epochs:g})")
+        if not averaged:
+            recipe = dataclasses.replace(recipe, average=dataclasses.replace(recipe.average, decay=0.0))
     return recipe
 
 

@@ -309,10 +309,14 @@ class AverageConfig:
     decay: float = 0.0  # per optimiser step; 0 = off
     start: float = 0.0  # fraction of the run's steps before which the average copies the weights (decay 0)
     buffers: Literal["average", "copy"] = "average"  # BatchNorm running statistics: averaged like weights, or copied
+    # On only when the run is planned for min_epochs or more (schedule.budget's first plan, else the recipe's
+    # epochs), like data.augment_min_epochs; 0: always
+    min_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         ensure(0 <= self.decay < 1, "decay", "must be in [0, 1) (0: off; 0.999 averages about the last 1,000 steps)")
         ensure(0 <= self.start < 1, "start", "must be in [0, 1): the fraction of the run before averaging starts")
+        ensure(self.min_epochs >= 0, "min_epochs", "must be >= 0 (epochs from which the average is on; 0: always)")
 
 
 @dataclass

@@ -440,9 +440,31 @@ def test_augment_auto_without_a_budget_follows_the_recipes_epochs(tmp_path, tiny
     assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
 
 
-def test_augment_min_epochs_must_be_positive():
+@pytest.mark.parametrize("step_s, averaged", [(0.05, True), (5.0, False)])
+def test_a_budget_averages_the_weights_only_when_it_trains_long_enough(tmp_path, tiny_dataset, fresh_accelerate,
+                                                                       monkeypatch, capsys, step_s, averaged):
+    """`average.min_epochs`: the 60 s budget above plans about 75 epochs at 0.05 s a step (>= 10: averaged) and 3 at
+    5 s (the average off). RUN/recipe.yaml records the decay trained with; a resumed run keeps it without timing."""
+    monkeypatch.setattr(budget, "time_training", timed_by_arch({"preactresnet_tiny_cifar": step_s}, []))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
+    recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=2", "average.decay=0.9",
+                           "average.min_epochs=10")
+    run_dir = train(recipe)
+    assert f"average: {'on' if averaged else 'off'}: the run was planned for" in capsys.readouterr().out
+    assert load_recipe(run_dir / "recipe.yaml").average.decay == (0.9 if averaged else 0.0)
+    assert any((run_dir / "checkpoints").rglob("average.safetensors")) is averaged
+    monkeypatch.setattr(budget, "time_training", None)  # the resumed run may not time anything
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2
+    assert load_recipe(run_dir / "recipe.yaml").average.decay == (0.9 if averaged else 0.0)
+
+
+def test_min_epochs_out_of_range_are_refused():
     with pytest.raises(UserError, match="data.augment_min_epochs: must be > 0"):
         from_dict({"data": {"augment_min_epochs": 0}})
+    with pytest.raises(UserError, match="average.min_epochs: must be >= 0"):
+        from_dict({"average": {"min_epochs": -1}})
 
 
 def test_plans_of_another_architecture_list_are_refused(tmp_path, tiny_dataset, fresh_accelerate):

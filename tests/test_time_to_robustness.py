@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from sglr_zoo.budget import picked
 from sglr_zoo.recipe import load_recipe
+from sglr_zoo.schedule import Plan, Plans
 from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_robustness.py"
@@ -23,19 +26,37 @@ TTR = load_script(SCRIPT, "time_to_robustness")
 
 @pytest.mark.parametrize("preset", list(TTR.PRESETS))
 def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, preset):
-    """`quickstart` is the recipe as it is (SGLR, N-FGSM, the budget picking the width); the others name theirs."""
+    """`quickstart` is the recipe as it is (SGLR, N-FGSM, the budget picking the width, whether to augment and to
+    average); the others name theirs."""
     recipe = load_recipe(ttr.RECIPE, ttr.PRESETS[preset])
     parts = preset.split("-")
     assert recipe.method.name == ("pgd_at" if parts[0] == "pgdat" else "sglr")
     nfgsm = "nfgsm" in parts or preset == "quickstart"
     assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if nfgsm else (1.0, True))
     assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
-    decays = {"ema": 0.999, "ema998": 0.998}
+    decays = {"ema": 0.999, "ema998": 0.998, "quickstart": 0.998}  # the quickstart's from 10 planned epochs on
     assert recipe.average.decay == next((decays[part] for part in parts if part in decays), 0.0)
+    if recipe.average.decay:  # the presets' averages are on at any length of run
+        assert recipe.average.min_epochs == (10 if preset == "quickstart" else 0)
     assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
     assert recipe.data.augment == ("auto" if preset == "quickstart" else "aug" in parts)
     slim, quarter = "preactresnet10_slim_cifar", "preactresnet10_quarter_cifar"
     assert recipe.model.arch == ([slim, quarter] if preset == "quickstart" else slim if "slim" in parts else quarter)
+
+
+@pytest.mark.parametrize("budget, steps, preset", [("9m", 1368, "sglr-nfgsm-slim"),
+                                                   ("30m", 4692, "sglr-nfgsm-slim-aug-ema998")])
+def test_the_quickstart_trains_what_its_budgets_presets_measured(ttr, budget, steps, preset):
+    """The README's command planned as on the CPU of docs/time_to_robustness.md (the slim model, 3.5 epochs in 9
+    minutes, 12 in 30) is the preset measured there: no crops, flips or average at 9 minutes, all of them at 30."""
+    plans = Plans([Plan(made_at=0, epochs=-(-steps // 391), steps=steps, start_epoch=1)], steps_per_epoch=391,
+                  arch="preactresnet10_slim_cifar")
+    schedule = f"schedule.budget={budget}"
+    quickstart = picked(load_recipe(ttr.RECIPE, [schedule]), plans, print)
+    measured = picked(load_recipe(ttr.RECIPE, [schedule, *ttr.PRESETS[preset]]), plans, print)
+    assert quickstart.average.min_epochs == 10  # the one difference: a preset's average is on at any length
+    measured = dataclasses.replace(measured, average=dataclasses.replace(measured.average, min_epochs=10))
+    assert quickstart.to_dict() == measured.to_dict()
 
 
 def test_dry_run_prints_one_train_command_per_preset_and_seed_in_priority_order(ttr, tmp_path, capsys):
