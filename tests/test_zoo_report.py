@@ -39,7 +39,8 @@ def test_the_preset_names_the_training_attack_and_levers(zoo_report):
 
     root = SCRIPT.parents[1] / "recipes"
     assert zoo_report.preset(load_recipe(root / "prn18_cifar10.yaml"), 200) == "PGD-10, multistep 200 ep"
-    quickstart = load_recipe(root / "quickstart_cifar10.yaml", ["data.augment=false"])  # as a short run resolves auto
+    # as a short run resolves data.augment: auto and average.min_epochs
+    quickstart = load_recipe(root / "quickstart_cifar10.yaml", ["data.augment=false", "average.decay=0"])
     assert zoo_report.preset(quickstart, 8) == "N-FGSM, onecycle 8 ep, no augmentation"
     assert zoo_report.preset(load_recipe(root / "prn18_cifar10_cpu.yaml"), 4) == (
         "N-FGSM, weight averaging 0.999, label smoothing 0.4, onecycle 4 ep, no augmentation")
