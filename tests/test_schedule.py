@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from sglr_zoo import budget, training
 from sglr_zoo.errors import UserError
 from sglr_zoo.loop import epoch_steps, train_step
-from sglr_zoo.recipe import from_dict, load_recipe, save_recipe
+from sglr_zoo.recipe import Recipe, from_dict, load_recipe, save_recipe
 from sglr_zoo.schedule import BudgetPlan, Plan, Plans, epoch_progress, parse_budget, plan_budget
 from sglr_zoo.training import train
 
@@ -363,6 +364,19 @@ def timed_by_arch(step_s: dict[str, float], timed: list[str]):
     return time_training
 
 
+def one_plan_timed_at(step_s: float, monkeypatch) -> None:
+    """Budgets plan once, from a training step of the tiny model timed at `step_s`."""
+    monkeypatch.setattr(budget, "time_training", timed_by_arch({"preactresnet_tiny_cifar": step_s}, []))
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)
+
+
+def train_again(recipe: Recipe, *overrides: str) -> Path:
+    """`recipe` trained again in this process with `overrides` (resumed, or repeated under another name)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train(from_dict(recipe.to_dict(), list(overrides)))
+
+
 @pytest.mark.parametrize("wrn_step_s, trained", [(0.05, "wrn_tiny_cifar"), (5.0, "preactresnet_tiny_cifar")])
 def test_a_budget_picks_the_first_architecture_it_trains_long_enough(tmp_path, tiny_dataset, fresh_accelerate,
                                                                      monkeypatch, capsys, wrn_step_s, trained):
@@ -382,14 +396,10 @@ def test_a_budget_picks_the_first_architecture_it_trains_long_enough(tmp_path, t
     assert json.loads((run_dir / "plans.json").read_text())["arch"] == trained
     assert load_recipe(run_dir / "recipe.yaml").model.arch == trained
     assert json.loads((run_dir / "last" / "config.json").read_text())["architecture"] == trained
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     timed.clear()
-    train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2: the same architecture
+    train_again(recipe, "run.max_steps=3")  # resumed from step 2: the same architecture
     assert timed == [] and json.loads((run_dir / "plans.json").read_text())["arch"] == trained
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    repeated = train(from_dict(recipe.to_dict(), [f"schedule.plans={run_dir / 'plans.json'}", "run.name=again"]))
+    repeated = train_again(recipe, f"schedule.plans={run_dir / 'plans.json'}", "run.name=again")
     assert timed == [] and load_recipe(repeated / "recipe.yaml").model.arch == trained
 
 
@@ -399,21 +409,16 @@ def test_a_budget_augments_when_it_trains_long_enough(tmp_path, tiny_dataset, fr
     """`data.augment: auto`: a 60 s budget plans about 75 epochs of 4 steps at 0.05 s a step (>= 10: crops and
     flips) and 3 at 5 s (no augmentation). RUN/recipe.yaml records the choice; a resumed run and `schedule.plans`
     keep it (the same first plan) without timing anything."""
-    monkeypatch.setattr(budget, "time_training", timed_by_arch({"preactresnet_tiny_cifar": step_s}, []))
-    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
+    one_plan_timed_at(step_s, monkeypatch)
     recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=2", "data.augment=auto",
                            "data.augment_min_epochs=10")
     run_dir = train(recipe)
     assert f"data.augment: auto, so {'crops and flips' if augmented else 'no augmentation'}" in capsys.readouterr().out
     assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
     monkeypatch.setattr(budget, "time_training", None)  # neither run below may time anything
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2
+    train_again(recipe, "run.max_steps=3")  # resumed from step 2
     assert load_recipe(run_dir / "recipe.yaml").data.augment is augmented
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    repeated = train(from_dict(recipe.to_dict(), [f"schedule.plans={run_dir / 'plans.json'}", "run.name=again"]))
+    repeated = train_again(recipe, f"schedule.plans={run_dir / 'plans.json'}", "run.name=again")
     assert load_recipe(repeated / "recipe.yaml").data.augment is augmented
 
 
@@ -445,8 +450,7 @@ def test_a_budget_averages_the_weights_only_when_it_trains_long_enough(tmp_path,
                                                                        monkeypatch, capsys, step_s, averaged):
     """`average.min_epochs`: the 60 s budget above plans about 75 epochs at 0.05 s a step (>= 10: averaged) and 3 at
     5 s (the average off). RUN/recipe.yaml records the decay trained with; a resumed run keeps it without timing."""
-    monkeypatch.setattr(budget, "time_training", timed_by_arch({"preactresnet_tiny_cifar": step_s}, []))
-    monkeypatch.setattr(budget, "REPLAN_EVERY", 1.0)  # one plan
+    one_plan_timed_at(step_s, monkeypatch)
     recipe = budget_recipe(tiny_dataset, tmp_path, "schedule.budget=60s", "run.max_steps=2", "average.decay=0.9",
                            "average.min_epochs=10")
     run_dir = train(recipe)
@@ -454,9 +458,7 @@ def test_a_budget_averages_the_weights_only_when_it_trains_long_enough(tmp_path,
     assert load_recipe(run_dir / "recipe.yaml").average.decay == (0.9 if averaged else 0.0)
     assert any((run_dir / "checkpoints").rglob("average.safetensors")) is averaged
     monkeypatch.setattr(budget, "time_training", None)  # the resumed run may not time anything
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    train(from_dict(recipe.to_dict(), ["run.max_steps=3"]))  # resumed from step 2
+    train_again(recipe, "run.max_steps=3")  # resumed from step 2
     assert load_recipe(run_dir / "recipe.yaml").average.decay == (0.9 if averaged else 0.0)
 
 
