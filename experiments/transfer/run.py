@@ -8,14 +8,17 @@
 3. on classes 5-9: robust backbone + linear probe, robust backbone + full fine-tune, clean backbone + full
    fine-tune (all adversarial: SGLR on PGD-3), and the same model from scratch with the same budget; then (issue
    30) the clean backbone with an eps warm-up and the backbone at the head's rate (and each of the two alone), the
-   robust backbone with a linear probe then full fine-tuning (lp_ft; the probe in half or a fifth of the steps),
-   and a stock timm resnet18 at 64 px, clean-trained on classes 0-4 like our clean backbone, fine-tuned with the
-   warm-up;
+   robust backbone with a linear probe then full fine-tuning (lp_ft; the probe in half or a fifth of the steps), the
+   clean backbone the same way (a robust linear initialisation, RoLI), and a stock timm resnet18 at 64 px,
+   clean-trained on classes 0-4 like our clean backbone, fine-tuned with the warm-up;
 4. evaluation of every model: clean, PGD-20 and AutoAttack (standard, Linf 8/255) on the first 500 test images of
    classes 5-9; the backbones also clean and PGD-20 on their own classes;
 5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
 
 `--runs NAME ...` trains and evaluates only those runs (and the backbones they fine-tune), in the order given.
+`--seeds 0 1 2` repeats every run on classes 5-9 with each seed (`NAME-sS` for seeds other than 0; the backbones
+stay seed 0) and adds the mean over seeds to the table. `--no-autoattack` takes clean and PGD-20 from the trainer's
+final evaluation (the same 500 images and attack) and runs no evaluation: minutes instead of an hour a model.
 Every step is skipped when its output exists; a killed training run resumes from its last epoch checkpoint and a
 killed AutoAttack from its state file: rerun the same command. `--toy` runs the whole pipeline in a few minutes
 (tiny model, a few images, 2 epochs): it checks the plumbing, its numbers mean nothing.
@@ -31,7 +34,9 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from statistics import mean
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,6 +65,13 @@ class Run:
     data: str = "c10_5to9_500"
     overrides: list[str] = field(default_factory=list)
     toy_arch: str = "preactresnet_tiny_cifar"  # what --toy builds instead (when the run builds a model)
+    seed: int = 0
+
+    def with_seed(self, seed: int) -> Run:
+        """This run with another `run.seed`, under its own name (`NAME-sS`; seed 0 keeps the name)."""
+        if seed == self.seed:
+            return self
+        return replace(self, name=f"{self.name}-s{seed}", overrides=[*self.overrides, f"run.seed={seed}"], seed=seed)
 
 
 RUNS = [
@@ -79,6 +91,8 @@ RUNS = [
         backbone="backbone_sglr"),
     Run("robust_lp_ft_short", "robust_lp_ft_short.yaml", "robust backbone (SGLR) + linear probe (first 20 % of the "
         "steps), then full fine-tune", backbone="backbone_sglr"),
+    Run("clean_lp_ft", "clean_lp_ft.yaml", "clean backbone at the head's rate, linear probe (first 20 % of the "
+        "steps), then full fine-tune", backbone="backbone_clean"),
     Run("backbone_timm", "backbone_timm.yaml", "clean timm resnet18 at 64 px, classes 0-4", data="c10_0to4",
         toy_arch="test_resnet"),
     Run("timm_clean_warmup", "timm_clean_warmup.yaml", "timm resnet18 (clean, 64 px) + eps warm-up, backbone at the "
@@ -160,23 +174,31 @@ class Driver:
             *(TOY_EVAL if self.toy and "autoattack" in attacks else [])])
         return results
 
-    def table(self, results: dict[str, Path], own: dict[str, Path]) -> str:
-        def train_minutes(run: Run) -> str:
+    def table(self, results: list[tuple[Run, Path]], own: dict[str, Path]) -> str:
+        def train_minutes(run: Run) -> float:
             with (self.out / run.name / "metrics.csv").open() as f:
-                seconds = sum(float(row["epoch_s"]) for row in csv.DictReader(f))
-            return f"{seconds / 60:.1f}"
+                return sum(float(row["epoch_s"]) for row in csv.DictReader(f)) / 60
 
-        def cell(values: dict, key: str) -> str:
-            value = values.get(key)
+        def cell(value: float | None) -> str:
             return "-" if value is None else f"{value:.2f}"
 
-        lines = ["| model | clean % | PGD-20 % | AutoAttack % | training, min (sum of epochs) | "
-                 "evaluation, min |", "|---|---|---|---|---|---|"]
-        for run in (run for run in RUNS if run.name in results):
-            result = json.loads(results[run.name].read_text())
+        lines = ["| model | seed | clean % | PGD-20 % | AutoAttack % | training, min (sum of epochs) | "
+                 "evaluation, min |", "|---|---|---|---|---|---|---|"]
+        by_label: dict[str, list[tuple[float, float | None, float | None]]] = {}
+        for run, path in results:
+            result = json.loads(path.read_text())
             robust = result["robust_accuracy"]
-            lines.append(f"| {run.label} | {result['clean_accuracy']:.2f} | {cell(robust, 'pgd20')} | "
-                         f"{cell(robust, 'autoattack')} | {train_minutes(run)} | {result['wall_time_s'] / 60:.1f} |")
+            row = (result["clean_accuracy"], robust.get("pgd20"), robust.get("autoattack"))
+            by_label.setdefault(run.label, []).append(row)
+            lines.append(f"| {run.label} | {run.seed} | {row[0]:.2f} | {cell(row[1])} | {cell(row[2])} | "
+                         f"{train_minutes(run):.1f} | {result['wall_time_s'] / 60:.1f} |")
+        repeated = {label: rows for label, rows in by_label.items() if len(rows) > 1}
+        if repeated:
+            lines += ["", "Mean over seeds (- where a seed lacks the number):", "",
+                      "| model | seeds | clean % | PGD-20 % | AutoAttack % |", "|---|---|---|---|---|"]
+            for label, rows in repeated.items():
+                means = [None if None in column else mean(column) for column in zip(*rows)]
+                lines.append(f"| {label} | {len(rows)} | " + " | ".join(cell(m) for m in means) + " |")
         n = 20 if self.toy else EVAL_N
         lines += ["", f"First {n} test images of CIFAR-10 classes 5-9 (dog, frog, horse, ship, truck), Linf 8/255."
                   + (" Toy run: AutoAttack is APGD-CE + APGD-T only; the numbers mean nothing." if self.toy else ""),
@@ -184,19 +206,22 @@ class Driver:
                   "| backbone | clean % | PGD-20 % |", "|---|---|---|"]
         for name, path in own.items():
             result = json.loads(path.read_text())
-            lines.append(f"| {name} | {result['clean_accuracy']:.2f} | {cell(result['robust_accuracy'], 'pgd20')} |")
+            pgd20 = result["robust_accuracy"].get("pgd20")
+            lines.append(f"| {name} | {result['clean_accuracy']:.2f} | {cell(pgd20)} |")
         lines += ["", f"Step wall times (s, {self.timings_path.name}): " +
                   ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())]
         return "\n".join(lines) + "\n"
 
 
-def selected(names: list[str] | None) -> list[Run]:
-    """The runs named (all when None), each preceded by the backbone it fine-tunes, in the order given."""
+def selected(names: list[str] | None, seeds: Sequence[int] = (0,)) -> list[Run]:
+    """The runs named (all when None), each preceded by the backbone it fine-tunes, in the order given; every run on
+    classes 5-9 once per seed, the backbones once (seed 0)."""
     by_name = {run.name: run for run in RUNS}
     chosen: list[Run] = []
     for name in names or list(by_name):
         run = by_name[name]
-        for needed in ([by_name[run.backbone]] if run.backbone else []) + [run]:
+        repeats = [run] if run.data == "c10_0to4" else [run.with_seed(seed) for seed in seeds]
+        for needed in ([by_name[run.backbone]] if run.backbone else []) + repeats:
             if needed not in chosen:
                 chosen.append(needed)
     return chosen
@@ -208,15 +233,23 @@ def main() -> None:
     parser.add_argument("--toy", action="store_true", help="a few images, a tiny model, 2 epochs: plumbing only")
     parser.add_argument("--runs", nargs="+", choices=[run.name for run in RUNS], metavar="NAME",
                         help="only these runs and their backbones, in this order (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
+                        help="run every model on classes 5-9 with each of these seeds (default: 0)")
+    parser.add_argument("--no-autoattack", action="store_true",
+                        help="clean and PGD-20 from the trainer's final evaluation only, no AutoAttack")
     args = parser.parse_args()
-    runs = selected(args.runs)
+    runs = selected(args.runs, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     driver = Driver(args.out.resolve(), args.toy)
     driver.data()
     for run in runs:
         driver.train(run)
-    results = {run.name: driver.evaluate(run, "c10_5to9_500", "clean,pgd20,autoattack", "transfer") for run in runs
-               if run.data == "c10_5to9_500"}
+    fine_tunes = [run for run in runs if run.data == "c10_5to9_500"]
+    if args.no_autoattack:  # the trainer's final evaluation: eval.final_attacks [clean, pgd20] on the same images
+        results = [(run, args.out.resolve() / run.name / "last" / "results.json") for run in fine_tunes]
+    else:
+        results = [(run, driver.evaluate(run, "c10_5to9_500", "clean,pgd20,autoattack", "transfer"))
+                   for run in fine_tunes]
     own = {run.name: driver.evaluate(run, "c10_0to4", "clean,pgd20", "own") for run in runs if run.data == "c10_0to4"}
     table = driver.table(results, own)
     (args.out / "table.md").write_text(table)
