@@ -6,7 +6,8 @@ pickles and loads them with `weights_only=False`):
     checkpoints/epoch_NNNN/
       model.safetensors           the model's weights and buffers (the unwrapped, uncompiled model)
       objective.safetensors       the objective's state: SGLR's soft-label bank, a weight teacher
-      average.safetensors         the run's weight average, when `average.decay` is on
+      average.safetensors         the run's weight average, when `average.decay` is on: the model's keys,
+                                  so `sglr-zoo eval ARCH --weights` reads it as it reads model.safetensors
       optimizer.json/.safetensors the optimizer's state dict: its structure in JSON, its tensors in safetensors
       scaler.json                 fp16's gradient scaler, when there is one
       state.json                  epoch, global step, best epoch, metrics history
@@ -215,9 +216,9 @@ def _load_state(state: Stateful, reader: CheckpointReader) -> None:
         raise UserError(f"{reader.folder / STATE}: not this run's state ({error})") from None
 
 
-def _load_into(module: nn.Module, reader: CheckpointReader, name: str) -> None:
+def _load_into(module: nn.Module, reader: CheckpointReader, name: str, strip: str = "") -> None:
     try:
-        module.load_state_dict(reader.tensors(name))
+        module.load_state_dict({key.removeprefix(strip): value for key, value in reader.tensors(name).items()})
     except RuntimeError as error:  # missing, unexpected or mis-shaped keys
         first = str(error).strip().splitlines()[0]
         raise UserError(f"{reader.folder / name} does not fit this recipe's {name.split('.')[0]}: {first}") from None
@@ -237,7 +238,7 @@ class Checkpointer:
         optimizer: the optimizer.
         state: the run state (epoch, global step, ...), saved as JSON.
         recipe: the resolved recipe.
-        average: the run's weight average (sglr_zoo.averaging), when it keeps one.
+        average: the averaged copy of the model (sglr_zoo.averaging's `.module`), when the run keeps one.
     """
 
     def __init__(self, accelerator: Accelerator, run: RunDir, *, model: nn.Module, objective: nn.Module,
@@ -330,8 +331,8 @@ class Checkpointer:
                           stacklevel=2)
         _load_into(self.model, reader, MODEL)
         _load_into(self.objective, reader, OBJECTIVE)
-        if self.average is not None:
-            _load_into(self.average, reader, AVERAGE)
+        if self.average is not None:  # before 2026-12-06 saved with timm ModelEmaV3's "module." on every key
+            _load_into(self.average, reader, AVERAGE, strip="module.")
         try:
             self.optimizer.load_state_dict(reader.tree("optimizer"))
             if self.accelerator.scaler is not None and "scaler.json" in reader.files:

@@ -242,7 +242,7 @@ def _train(recipe: Recipe, command: str, claims: ThreadClaims, scope: contextlib
     state = RunState()
     state.data_sha256 = data_fingerprint(splits.train)
     checkpointer = Checkpointer(accelerator, run, model=plain, objective=objective, optimizer=optimizer, state=state,
-                                recipe=recipe, average=average)
+                                recipe=recipe, average=None if average is None else average.module)
 
     planned = copy.copy(recipe)  # what the finished-run marker and its check read: the plan's epochs
     planned.schedule = copy.copy(recipe.schedule)

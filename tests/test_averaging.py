@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+import sglr_zoo
 from sglr_zoo.averaging import Averaging, WeightAverage
 from sglr_zoo.cards import render_card
 from sglr_zoo.rundir import RunDir
@@ -66,6 +69,16 @@ def test_the_average_copies_the_weights_until_its_start():
         assert torch.allclose(average.module[0].weight, expected), step
 
 
+def in_old_layout(checkpoint: Path) -> None:
+    """Rewrites `checkpoint`'s average as sglr-zoo wrote it before 2026-12-06 (timm's ModelEmaV3 keys, "module.*"),
+    with its manifest entry."""
+    data = save({f"module.{name}": value for name, value in load_file(checkpoint / "average.safetensors").items()})
+    (checkpoint / "average.safetensors").write_bytes(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["average.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_run_monitors_exports_and_resumes_its_average(tmp_path, tiny_dataset):
     """With `average.decay` on, last/ and best/ hold the average (saved in each checkpoint, not the trained
     weights), run.json says so, and a run stopped by run.max_steps inside an epoch ends bit for bit as an
@@ -73,7 +86,9 @@ def test_a_run_monitors_exports_and_resumes_its_average(tmp_path, tiny_dataset):
     overrides = ["average.decay=0.9", "average.start=0.25", "data.val_size=16", "schedule.epochs=3"]
     reference = RunDir(run_train(make_recipe(TINY, tiny_dataset, tmp_path / "a", *overrides)))
     checkpoint = reference.checkpoint(3)
-    average = {name.removeprefix("module."): value for name, value in load_file(checkpoint / "average.safetensors").items()}
+    average = load_file(checkpoint / "average.safetensors")
+    loaded = sglr_zoo.load("preactresnet_tiny_cifar", weights=checkpoint / "average.safetensors", num_classes=10)
+    assert all(torch.equal(loaded.state_dict()[name], average[name]) for name in average)  # as `--weights` loads it
     exported, trained = load_file(reference.export("last") / "model.safetensors"), load_file(checkpoint / "model.safetensors")
     assert exported.keys() == average.keys() == trained.keys()
     assert all(torch.equal(exported[name], average[name]) for name in exported)
@@ -84,6 +99,7 @@ def test_a_run_monitors_exports_and_resumes_its_average(tmp_path, tiny_dataset):
 
     stopped = make_recipe(TINY, tiny_dataset, tmp_path / "b", *overrides, "run.max_steps=7")  # 3 steps an epoch
     run = RunDir(run_train(stopped))
+    in_old_layout(run.checkpoint(3))  # the stop's, in the layout before 2026-12-06: it still resumes
     run_train(make_recipe(TINY, tiny_dataset, tmp_path / "b", *overrides))
     for which in ("last", "best"):
         assert weights_equal(reference.export(which), run.export(which)), which
