@@ -110,8 +110,8 @@ def _list(args: argparse.Namespace) -> None:
         return "-" if value is None else f"{value:.2f}"
 
     def weights(row) -> str:
-        return " + ".join(where for where, present in (("bundled", row.bundled), ("Hub", row.published))
-                          if present) or "no"
+        where = " + ".join(where for where, present in (("bundled", row.bundled), ("Hub", row.published)) if present)
+        return where or (f"superseded by {row.superseded_by}" if row.superseded_by else "no")
 
     listed = list_models()
     header = ("name", "arch", "dataset", "threat", "eps", "clean %", "AA %", "n", "weights")
@@ -122,7 +122,7 @@ def _list(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print("\naccuracies: the evaluator's results committed with each entry, on its first n test images (AA: "
           "AutoAttack).\nweights: 'bundled' load offline from this install, 'Hub' download (sha256-checked); "
-          "for 'no', `sglr_zoo.load(NAME)` names the recipe that trains them.")
+          "for 'no', `sglr_zoo.load(NAME)` names the recipe that trains them; for 'superseded', where they are.")
     aliases = [f"  {alias} -> {r.name}" for r in listed for alias in r.aliases]
     if aliases:
         print("\naliases:\n" + "\n".join(aliases))

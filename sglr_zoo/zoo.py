@@ -79,6 +79,8 @@ class ZooEntry:
     config_sha256: str | None = None  # of config.json, checked alike
     bundle: str | None = None  # the folder under sglr_zoo/bundled/ holding the committed export, if bundled
     aliases: tuple[str, ...] = ()  # other names `load` accepts for this entry
+    superseded_by: str | None = None  # a bundled entry of the same architecture with more AutoAttack accuracy: this
+    last_bundled: str | None = None  # one's weights left the bundle after this commit, whose tree still holds them
 
     @property
     def folder(self) -> Path | None:
@@ -102,6 +104,9 @@ def _entry(name: str, arch: str, method: str, recipe: str, *, scale: str = "", *
     tag = "_".join(filter(None, [METHOD_TAGS[method], "linf8", "c10", scale]))
     return ZooEntry(name=name, arch=arch, repo_id=f"{HUB_ORG}/{arch}.{tag}", method=method, recipe=recipe, **fields)
 
+
+# Where the cpu1k entries went (ZooEntry.superseded_by) and the last commit that bundles them.
+RETIRED = dict(superseded_by="prn10s-c10-sglr-cpu30m", last_bundled="90c6aa3daa8f")
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("wrn34-sglr", "wrn34_10_cifar", "sglr", "recipes/wrn34_cifar10.yaml"),
@@ -133,22 +138,24 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
            scale="short", bundle="prn18-c10-sglr-short",
            sha256="1c94344a25a6d375205d4b3fc1edeb365557f22e158d9c1e6745954c4f29d234",
            config_sha256="2715fe440201f39641b994a97e2e182d865a2ff6631b55bae4d9557f7a3aa9a4"),
-    # CPU scale, 1,000 training images, bundled: the final models (seed 0) of the robust-overfitting experiment
-    # (docs/overfitting.md), 80 epochs of PGD-3 training with step decay, about 30 min each on one CPU core.
+    # CPU scale, 1,000 training images: the final models (seed 0) of the robust-overfitting experiment
+    # (docs/overfitting.md), 80 epochs of PGD-3 training with step decay, about 30 min each on one CPU core. Their
+    # weights left the bundle on 2026-12-06 for prn10s-c10-sglr-cpu30m (same architecture, more AutoAttack); their
+    # results stay in model_cards/.
     _entry("prn10s-c10-pgdat-cpu1k", "preactresnet10_slim_cifar", "pgd_at", "experiments/overfitting/pgd_at.yaml",
-           scale="cpu1k", bundle="prn10s-c10-pgdat-cpu1k",
+           scale="cpu1k", **RETIRED,
            sha256="ec0e3f756d15d9606be6a6d2aab19455c7f866b109f2416d2d2e181f39b08610",
            config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-sglr-cpu1k", "preactresnet10_slim_cifar", "sglr", "experiments/overfitting/sglr.yaml",
-           scale="cpu1k", bundle="prn10s-c10-sglr-cpu1k",
+           scale="cpu1k", **RETIRED,
            sha256="d67513342f85f2adae48fd7fd4603e113ec861adf54b169136ace5ffabf5d83c",
            config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-trades-cpu1k", "preactresnet10_slim_cifar", "trades", "experiments/overfitting/trades.yaml",
-           scale="cpu1k", bundle="prn10s-c10-trades-cpu1k",
+           scale="cpu1k", **RETIRED,
            sha256="2a8f223bd6c60792f775b9a8150b8914d9d7d4eaa1437d9ef7c89e13018fcb59",
            config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
     _entry("prn10s-c10-sglrtrades-cpu1k", "preactresnet10_slim_cifar", "sglr_trades",
-           "experiments/overfitting/sglr_trades.yaml", scale="cpu1k", bundle="prn10s-c10-sglrtrades-cpu1k",
+           "experiments/overfitting/sglr_trades.yaml", scale="cpu1k", **RETIRED,
            sha256="9e661d4c6f32d2562db6a419e55e79e2c5575bb2887dfa6d1a886e53da8551f9",
            config_sha256="47a024313ced69b87bb9e0c82de75523e296fb7cd04053c0ce17d35210563f03"),
 ]}
@@ -168,6 +175,7 @@ class ZooRow(NamedTuple):
     bundled: bool  # weights committed in the repository (sglr_zoo/bundled/)
     published: bool  # weights on the Hub
     aliases: tuple[str, ...] = ()
+    superseded_by: str | None = None  # the entry that replaced this one's weights
 
     @property
     def weights(self) -> bool:
@@ -184,7 +192,7 @@ def list_models() -> list[ZooRow]:
                            results.clean_accuracy if results else None,
                            results.robust_accuracy.get("autoattack") if results else None,
                            results.n_examples if results else None, entry.bundle is not None, entry.published,
-                           entry.aliases))
+                           entry.aliases, entry.superseded_by))
     return rows
 
 
@@ -267,9 +275,26 @@ def _entry_folder(entry: ZooEntry) -> Path:
                           f"{entry.folder} instead", stacklevel=2)
     if entry.bundle is not None:
         return bundle_folder(entry)
+    if entry.superseded_by is not None:
+        raise UserError(superseded_message(entry))
     raise UserError(f"{entry.name}: weights not published yet ({entry.repo_id} has not been uploaded). "
                     f"Train them with `sglr-zoo train {entry.recipe}` and load the run directory, "
                     f"e.g. sglr_zoo.load('runs/{Path(entry.recipe).stem}')")
+
+
+def superseded_message(entry: ZooEntry) -> str:
+    """Why a superseded entry loads nothing, what to load instead, and where its weights still are."""
+    successor = ZOO[entry.superseded_by]
+
+    def autoattack(of: ZooEntry) -> str:
+        results = of.results
+        return f"{results.robust_accuracy['autoattack']:.1f} %" if results else "not recorded"
+
+    return (f"{entry.name}: its weights left the bundle, superseded by {successor.name} (the same architecture; "
+            f"AutoAttack {autoattack(successor)} against {autoattack(entry)}): load that one. These weights "
+            f"(sha256 {entry.sha256}) are in the repository's history: `git archive {entry.last_bundled} "
+            f"sglr_zoo/bundled/{entry.name} | tar -x`, then load the folder by its path; or retrain them with "
+            f"`sglr-zoo train {entry.recipe}`")
 
 
 def bundle_folder(entry: ZooEntry) -> Path:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -407,10 +408,35 @@ def test_push_zoo_needs_bundled_entries(table, monkeypatch, capsys):
     assert "give no RUN_OR_FOLDER or --repo-id" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.bundle is None and not e.published])
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items()
+                                  if e.bundle is None and not e.published and e.superseded_by is None])
 def test_entries_without_weights_name_their_recipe(name):
     with pytest.raises(UserError, match=f"not published yet.*sglr-zoo train {ZOO[name].recipe}"):
         sglr_zoo.load(name)
+
+
+def test_the_bundle_keeps_one_entry_an_architecture_in_50_mb():
+    """Issue 29's rule: an entry that a bundled one supersedes (same architecture, lower AutoAttack) leaves the
+    bundle, and the bundled weights take at most 50 MB in all."""
+    bundled = [entry for entry in ZOO.values() if entry.bundle is not None]
+    assert len({entry.arch for entry in bundled}) == len(bundled)
+    assert sum((entry.folder / "model.safetensors").stat().st_size for entry in bundled) <= 50e6
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.superseded_by is not None])
+def test_a_superseded_entry_names_its_successor_and_where_its_weights_are(name):
+    entry = ZOO[name]
+    successor = ZOO[entry.superseded_by]
+    assert entry.bundle is None and successor.bundle is not None and successor.arch == entry.arch
+    assert successor.results.robust_accuracy["autoattack"] > entry.results.robust_accuracy["autoattack"]
+    with pytest.raises(UserError, match=rf"superseded by {successor.name} .*git archive {entry.last_bundled} "
+                                        rf"sglr_zoo/bundled/{name} \| tar -x.*sglr-zoo train {entry.recipe}"):
+        sglr_zoo.load(name)
+    stored = f"{entry.last_bundled}:sglr_zoo/bundled/{name}/model.safetensors"
+    kept = subprocess.run(["git", "-C", str(REPO), "show", stored], capture_output=True)
+    if kept.returncode != 0:
+        pytest.skip(f"no git history here to check {entry.last_bundled} ({kept.stderr.decode().strip()[:80]})")
+    assert hashlib.sha256(kept.stdout).hexdigest() == entry.sha256
 
 
 def test_names_and_aliases_are_unique():
