@@ -150,21 +150,19 @@ def robust_copy(backbone: Path, folder: Path) -> Path:
 NOTE = "finetune: {name} has no robust accuracy on record: "
 
 
-@pytest.mark.parametrize("overrides, warmup, scale, said", [
-    ([], 0.3, 1.0, "eps warm-up over the first 30% of the run and the backbone at 1 x the head's learning rate "
-                   "(override with attack.warmup=0 finetune.backbone_lr_scale=0.1)"),
-    (["attack.warmup=0.1"], 0.1, 1.0, "the backbone at 1 x the head's learning rate "
-                                      "(override with finetune.backbone_lr_scale=0.1)"),
-    (["finetune.backbone_lr_scale=0.5", "attack.warmup=0"], 0.0, 0.5, None),  # the command line wins
-    (["finetune.mode=linear_probe"], 0.3, 0.1, "eps warm-up over the first 30% of the run (override with "
-                                               "attack.warmup=0)"),  # a frozen backbone has no learning rate
-    (["attack.eps=0"], 0.0, 1.0, "the backbone at 1 x the head's learning rate "
-                                 "(override with finetune.backbone_lr_scale=0.1)"),  # clean: no eps to ramp
+LR_SAID = "the backbone at 1 x the head's learning rate (override with finetune.backbone_lr_scale=0.1)"
+
+
+@pytest.mark.parametrize("overrides, scale, said", [
+    ([], 1.0, LR_SAID),
+    (["finetune.backbone_lr_scale=0.5"], 0.5, None),  # the command line wins
+    (["finetune.mode=linear_probe"], 0.1, None),  # a frozen backbone has no learning rate
+    (["attack.eps=0"], 1.0, LR_SAID),  # clean fine-tuning too
 ])
-def test_a_backbone_without_robust_accuracy_gets_its_own_defaults(backbone, image_folder, overrides, warmup, scale,
-                                                                  said, capsys):
+def test_a_backbone_without_robust_accuracy_gets_its_own_defaults(backbone, image_folder, overrides, scale, said,
+                                                                  capsys):
     recipe = finetune_recipe(f"local-dir:{backbone}", data=str(image_folder), overrides=overrides)
-    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (warmup, scale)
+    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, scale)  # no eps warm-up (measured)
     out = capsys.readouterr().out
     assert out == ("" if said is None else NOTE.format(name=f"local-dir:{backbone}") + said + "\n")
 
@@ -182,7 +180,7 @@ def test_a_clean_timm_backbone_gets_them_and_a_robust_one_does_not(backbone, ima
     monkeypatch.setattr(finetune, "locate", lambda name: located.append(name) or f"local-dir:{clean}")
     recipe = finetune_recipe("test_resnet.r160_in1k", data=str(image_folder))
     assert located == ["hf-hub:timm/test_resnet.r160_in1k"]
-    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.3, 1.0)
+    assert recipe.finetune.backbone_lr_scale == 1.0
     assert capsys.readouterr().out.startswith(NOTE.format(name="test_resnet.r160_in1k"))
 
     entry = next(entry for entry in ZOO.values() if entry.results is not None and entry.results.robust_accuracy)
@@ -203,17 +201,20 @@ def test_the_cli_offers_lp_ft():
 
 
 def test_the_transfer_experiment_measures_the_not_robust_defaults():
-    """experiments/transfer/clean_warmup.yaml is what `sglr-zoo finetune` gives a clean backbone: its numbers in
-    docs/transfer.md are the defaults' numbers."""
+    """experiments/transfer/clean_lr_only.yaml is clean_full.yaml (the robust backbone's settings) with what
+    `sglr-zoo finetune` adds for a clean backbone: its numbers in docs/transfer.md are the defaults' numbers."""
     from sglr_zoo.finetune import NOT_ROBUST_DEFAULTS
     from sglr_zoo.recipe import load_recipe
 
     experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
-    for name in ("clean_warmup.yaml", "timm_clean_warmup.yaml"):
-        recipe = load_recipe(experiments / name)
-        for key, value in NOT_ROBUST_DEFAULTS.items():
-            section, field = key.split(".")
-            assert getattr(getattr(recipe, section), field) == value, (name, key)
+    base, defaults = load_recipe(experiments / "clean_full.yaml"), load_recipe(experiments / "clean_lr_only.yaml")
+    changed = {f"{section}.{field}" for section in ("attack", "finetune")
+               for field, value in vars(getattr(defaults, section)).items()
+               if getattr(getattr(base, section), field) != value}
+    assert changed == set(NOT_ROBUST_DEFAULTS)
+    for key, value in NOT_ROBUST_DEFAULTS.items():
+        section, field = key.split(".")
+        assert getattr(getattr(defaults, section), field) == value, key
 
 
 def test_the_transfer_ablations_each_keep_one_of_the_not_robust_defaults():
