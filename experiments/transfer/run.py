@@ -36,8 +36,8 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from statistics import mean
 from pathlib import Path
+from statistics import mean
 
 import pyarrow as pa
 import pyarrow.compute as pc
