@@ -61,3 +61,12 @@ def test_the_table_has_a_row_a_seed_and_their_mean(driver, tmp_path):
     table = driver.Driver(tmp_path, toy=False).table(results, own={})
     assert "| from scratch, same budget | 1 | 80.00 | 53.00 | - | 1.0 | 0.1 |" in table
     assert "| from scratch, same budget | 2 | 75.00 | 51.50 | - |" in table
+
+
+def test_drivers_side_by_side_keep_each_others_step_times(driver, tmp_path):
+    first, second = driver.Driver(tmp_path, toy=True), driver.Driver(tmp_path, toy=True)  # both started, no times
+    first.run("eval/a", ["true"])
+    second.run("eval/b", ["true"])
+    first.run("eval/a", ["true"])  # a resumed step adds up
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"eval/a", "eval/b"}
+    assert list(tmp_path.iterdir()) == [tmp_path / "timings.json"]

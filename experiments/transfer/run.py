@@ -132,15 +132,22 @@ class Driver:
     def __init__(self, out: Path, toy: bool):
         self.out, self.toy = out, toy
         self.timings_path = out / "timings.json"
-        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
 
     def run(self, key: str, command: list[str]) -> None:
-        """Runs one step, adding its wall time to OUT/timings.json (a resumed step adds up)."""
+        """Runs one step, adding its wall time to OUT/timings.json (a resumed step adds up; the file is read again
+        when the step ends, so drivers running other rows side by side keep each other's times)."""
         print(f"\n$ {shlex.join(command)}", flush=True)
         started = time.time()
         subprocess.run(command, check=True)
-        self.timings[key] = self.timings.get(key, 0.0) + time.time() - started
-        self.timings_path.write_text(json.dumps(self.timings, indent=2) + "\n")
+        timings = self.timings
+        timings[key] = timings.get(key, 0.0) + time.time() - started
+        partial = self.timings_path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(timings, indent=2) + "\n")
+        partial.replace(self.timings_path)
 
     def data(self) -> None:
         root = Path(os.environ.get("SGLR_ZOO_DATA", HERE.parents[2] / "shared" / "datasets")) / "cifar10"
