@@ -150,20 +150,25 @@ def robust_copy(backbone: Path, folder: Path) -> Path:
 NOTE = "finetune: {name} has no robust accuracy on record: "
 
 
-LR_SAID = "the backbone at 1 x the head's learning rate (override with finetune.backbone_lr_scale=0.1)"
+SAID = ("learning rate 0.1 (training from scratch's) and the backbone at 1 x the head's learning rate (override with "
+        "optim.lr=0.01 finetune.backbone_lr_scale=0.1)")
+LR_SAID = "learning rate 0.1 (training from scratch's) (override with optim.lr=0.01)"
+SCALE_SAID = "the backbone at 1 x the head's learning rate (override with finetune.backbone_lr_scale=0.1)"
 
 
-@pytest.mark.parametrize("overrides, scale, said", [
-    ([], 1.0, LR_SAID),
-    (["finetune.backbone_lr_scale=0.5"], 0.5, None),  # the command line wins
-    (["finetune.mode=linear_probe"], 0.1, None),  # a frozen backbone has no learning rate
-    (["attack.eps=0"], 1.0, LR_SAID),  # clean fine-tuning too
+@pytest.mark.parametrize("overrides, lr, scale, said", [
+    ([], 0.1, 1.0, SAID),
+    (["finetune.backbone_lr_scale=0.5"], 0.1, 0.5, LR_SAID),  # the command line wins
+    (["optim.lr=0.02"], 0.02, 1.0, SCALE_SAID),
+    (["optim.lr=0.02", "finetune.backbone_lr_scale=0.5"], 0.02, 0.5, None),
+    (["finetune.mode=linear_probe"], 0.01, 0.1, None),  # a frozen backbone: measured on fine-tuning it
+    (["attack.eps=0"], 0.1, 1.0, SAID),  # clean fine-tuning too
 ])
-def test_a_backbone_without_robust_accuracy_gets_its_own_defaults(backbone, image_folder, overrides, scale, said,
+def test_a_backbone_without_robust_accuracy_gets_its_own_defaults(backbone, image_folder, overrides, lr, scale, said,
                                                                   capsys):
     recipe = finetune_recipe(f"local-dir:{backbone}", data=str(image_folder), overrides=overrides)
-    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, scale)  # no eps warm-up (measured)
-    out = capsys.readouterr().out
+    assert (recipe.attack.warmup, recipe.optim.lr, recipe.finetune.backbone_lr_scale) == (0.0, lr, scale)
+    out = capsys.readouterr().out  # no eps warm-up (measured)
     assert out == ("" if said is None else NOTE.format(name=f"local-dir:{backbone}") + said + "\n")
 
 
@@ -173,14 +178,14 @@ def test_a_clean_timm_backbone_gets_them_and_a_robust_one_does_not(backbone, ima
     Hub copy has no results.json but whose committed results are robust, do not."""
     robust = robust_copy(backbone, tmp_path / "robust")
     recipe = finetune_recipe(str(robust), data=str(image_folder))
-    assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, 0.1) and capsys.readouterr().out == ""
+    assert (recipe.optim.lr, recipe.finetune.backbone_lr_scale) == (0.01, 0.1) and capsys.readouterr().out == ""
 
     clean = Path(shutil.copytree(backbone, tmp_path / "clean"))
     located = []
     monkeypatch.setattr(finetune, "locate", lambda name: located.append(name) or f"local-dir:{clean}")
     recipe = finetune_recipe("test_resnet.r160_in1k", data=str(image_folder))
     assert located == ["hf-hub:timm/test_resnet.r160_in1k"]
-    assert recipe.finetune.backbone_lr_scale == 1.0
+    assert (recipe.optim.lr, recipe.finetune.backbone_lr_scale) == (0.1, 1.0)
     assert capsys.readouterr().out.startswith(NOTE.format(name="test_resnet.r160_in1k"))
 
     entry = next(entry for entry in ZOO.values() if entry.results is not None and entry.results.robust_accuracy)
@@ -201,14 +206,14 @@ def test_the_cli_offers_lp_ft():
 
 
 def test_the_transfer_experiment_measures_the_not_robust_defaults():
-    """experiments/transfer/clean_lr_only.yaml is clean_full.yaml (the robust backbone's settings) with what
+    """experiments/transfer/clean_scratch_lr.yaml is clean_full.yaml (the robust backbone's settings) with what
     `sglr-zoo finetune` adds for a clean backbone: its numbers in docs/transfer.md are the defaults' numbers."""
     from sglr_zoo.finetune import NOT_ROBUST_DEFAULTS
     from sglr_zoo.recipe import load_recipe
 
     experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
-    base, defaults = load_recipe(experiments / "clean_full.yaml"), load_recipe(experiments / "clean_lr_only.yaml")
-    changed = {f"{section}.{field}" for section in ("attack", "finetune")
+    base, defaults = load_recipe(experiments / "clean_full.yaml"), load_recipe(experiments / "clean_scratch_lr.yaml")
+    changed = {f"{section}.{field}" for section in ("attack", "finetune", "optim", "schedule", "method")
                for field, value in vars(getattr(defaults, section)).items()
                if getattr(getattr(base, section), field) != value}
     assert changed == set(NOT_ROBUST_DEFAULTS)

@@ -93,8 +93,8 @@ RUNS = [
         "steps), then full fine-tune", backbone="backbone_sglr"),
     Run("clean_lp_ft", "clean_lp_ft.yaml", "clean backbone at the head's rate, linear probe (first 20 % of the "
         "steps), then full fine-tune", backbone="backbone_clean"),
-    Run("clean_scratch_lr", "clean_scratch_lr.yaml", "clean backbone, everything at scratch's rate (0.1)",
-        backbone="backbone_clean"),
+    Run("clean_scratch_lr", "clean_scratch_lr.yaml", "clean backbone, everything at scratch's rate (0.1): the "
+        "not-robust defaults", backbone="backbone_clean"),
     Run("backbone_timm", "backbone_timm.yaml", "clean timm resnet18 at 64 px, classes 0-4", data="c10_0to4",
         toy_arch="test_resnet"),
     Run("timm_clean_warmup", "timm_clean_warmup.yaml", "timm resnet18 (clean, 64 px) + eps warm-up, backbone at the "
