@@ -34,7 +34,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     nfgsm = "nfgsm" in parts or preset == "quickstart"
     assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if nfgsm else (1.0, True))
     assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
-    decays = {"ema": 0.999, "ema998": 0.998, "quickstart": 0.998}  # the quickstart's from 10 planned epochs on
+    decays = {"ema": 0.999, "ema998": 0.998, "ema993": 0.993, "quickstart": 0.998}  # the quickstart's: 10 epochs on
     assert recipe.average.decay == next((decays[part] for part in parts if part in decays), 0.0)
     if recipe.average.decay:  # the presets' averages are on at any length of run
         assert recipe.average.min_epochs == (10 if preset == "quickstart" else 0)
