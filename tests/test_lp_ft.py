@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,13 @@ def test_the_transfer_ablations_each_keep_one_of_the_not_robust_defaults():
     assert (base.attack.warmup, base.finetune.backbone_lr_scale) == (0.0, 0.1)
     assert (warmup_only.attack.warmup, warmup_only.finetune.backbone_lr_scale) == (0.3, 0.1)
     assert (lr_only.attack.warmup, lr_only.finetune.backbone_lr_scale) == (0.0, 1.0)
+
+
+def test_the_timm_row_fine_tunes_the_timm_backbone_as_the_clean_one():
+    """timm_scratch_lr.yaml is clean_scratch_lr.yaml (the not-robust defaults) with the timm backbone."""
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
+    ours, timm = load_recipe(experiments / "clean_scratch_lr.yaml"), load_recipe(experiments / "timm_scratch_lr.yaml")
+    assert timm.finetune.backbone.endswith("backbone_timm")
+    as_ours = replace(timm, finetune=replace(timm.finetune, backbone=ours.finetune.backbone),
+                      run=replace(timm.run, name=ours.run.name))
+    assert as_ours == ours

@@ -10,7 +10,7 @@
    30) the clean backbone with an eps warm-up and the backbone at the head's rate (and each of the two alone), the
    robust backbone with a linear probe then full fine-tuning (lp_ft; the probe in half or a fifth of the steps), the
    clean backbone the same way (a robust linear initialisation, RoLI), and a stock timm resnet18 at 64 px,
-   clean-trained on classes 0-4 like our clean backbone, fine-tuned with the warm-up;
+   clean-trained on classes 0-4 like our clean backbone, fine-tuned with the warm-up and with the defaults of now;
 4. evaluation of every model: clean, PGD-20 and AutoAttack (standard, Linf 8/255) on the first 500 test images of
    classes 5-9; the backbones also clean and PGD-20 on their own classes;
 5. OUT/table.md: the results and wall times, to paste into docs/transfer.md.
@@ -99,6 +99,8 @@ RUNS = [
         toy_arch="test_resnet"),
     Run("timm_clean_warmup", "timm_clean_warmup.yaml", "timm resnet18 (clean, 64 px) + eps warm-up, backbone at the "
         "head's rate", backbone="backbone_timm"),
+    Run("timm_scratch_lr", "timm_scratch_lr.yaml", "timm resnet18 (clean, 64 px), everything at scratch's rate (0.1): "
+        "the not-robust defaults", backbone="backbone_timm"),
 ]
 
 
