@@ -239,8 +239,8 @@ def test_the_transfer_ablations_each_keep_one_of_the_not_robust_defaults():
 def test_the_timm_row_fine_tunes_the_timm_backbone_as_the_clean_one():
     """timm_scratch_lr.yaml is clean_scratch_lr.yaml (the not-robust defaults) with the timm backbone."""
     experiments = Path(__file__).resolve().parents[1] / "experiments" / "transfer"
-    ours, timm = load_recipe(experiments / "clean_scratch_lr.yaml"), load_recipe(experiments / "timm_scratch_lr.yaml")
-    assert timm.finetune.backbone.endswith("backbone_timm")
-    as_ours = replace(timm, finetune=replace(timm.finetune, backbone=ours.finetune.backbone),
-                      run=replace(timm.run, name=ours.run.name))
+    ours, timm_row = load_recipe(experiments / "clean_scratch_lr.yaml"), load_recipe(experiments / "timm_scratch_lr.yaml")
+    assert timm_row.finetune.backbone.endswith("backbone_timm")
+    as_ours = replace(timm_row, finetune=replace(timm_row.finetune, backbone=ours.finetune.backbone),
+                      run=replace(timm_row.run, name=ours.run.name))
     assert as_ours == ours
