@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sglr_zoo.errors import UserError
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+MiB, GiB = 1 << 20, 1 << 30
 TEXT_LIMIT = 16 * MiB  # a recipe, JSON state, CSV, card or config: far above any we write
 
 

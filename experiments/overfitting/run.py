@@ -219,10 +219,6 @@ class Cost:
     wall: float
     cpu: float
 
-    def dedicated(self) -> float:
-        """Predicted wall seconds on a dedicated 2-core machine of this kind."""
-        return self.cpu / TWO_CORE_SPEEDUP
-
 
 def _time(step) -> Cost:
     clock, cpu = time.perf_counter(), time.process_time()
