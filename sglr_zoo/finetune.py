@@ -34,6 +34,7 @@ from sglr_zoo.models import (
     unwrap_timm,
 )
 from sglr_zoo.recipe import Recipe, from_dict, load_recipe
+from sglr_zoo.recipe_yaml import parse_fraction
 from sglr_zoo.results import Results, public_text
 from sglr_zoo.rundir import ModelFolder
 from sglr_zoo.zoo import locate, lookup
@@ -156,17 +157,27 @@ def backbone_record(recipe: Recipe) -> dict[str, Any] | None:
     entry = lookup(cfg.backbone)
     hub_id = name.removeprefix("hf-hub:").partition("@")[0] if name.startswith("hf-hub:") else (
         entry.repo_id if entry is not None and entry.published else None)
-    results_file = ModelFolder(located.folder).results
-    results = Results.load(results_file) if results_file.is_file() else entry.results if entry is not None else None
+    results_file, results = ModelFolder(located.folder).results, entry.results if entry is not None else None
+    if results_file.is_file():
+        try:
+            results = Results.load(results_file)
+        except UserError:
+            if not name.startswith("hf-hub:"):  # a Hub repo's results.json may be another tool's: it says nothing
+                raise
     accuracy = None if results is None else {"n": results.n_examples, "threat": results.threat, "eps": results.eps,
                                              "clean": results.clean_accuracy, **results.robust_accuracy}
-    return {"name": public_text(cfg.backbone), "hub_id": hub_id, "sha256": located.sha256, "accuracy": accuracy}
+    return {"name": public_text(cfg.backbone), "hub_id": hub_id, "sha256": located.sha256,
+            "num_classes": located.config.get("num_classes"), "accuracy": accuracy}
 
 
 def has_robust_accuracy(record: dict[str, Any] | None) -> bool:
-    """Whether a `backbone_record` holds an accuracy under attack, beside the clean one."""
+    """Whether a `backbone_record` holds an accuracy under attack at a positive eps above chance (100 % / its
+    classes): a clean model evaluated under attack (about 0 %) has robust accuracy on record, but no robustness."""
     accuracy = (record or {}).get("accuracy") or {}
-    return any(key not in ("n", "threat", "eps", "clean") for key in accuracy)
+    if not accuracy or parse_fraction(accuracy["eps"]) <= 0:
+        return False
+    chance = 100 / record["num_classes"] if record.get("num_classes") else 0.0
+    return any(value > chance for key, value in accuracy.items() if key not in ("n", "threat", "eps", "clean"))
 
 
 def build_model(recipe: Recipe, num_classes: int, class_names: list[str] | None = None) -> nn.Module:

@@ -95,15 +95,15 @@ class Callback:
 def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, *, epoch: int,
                lr: float, step: int = 0, freeze: bool = True) -> StepResult:
     """One optimiser step on a batch of uint8 `images` (indices `index` into the training data) at learning rate
-    `lr` (a fine-tuned backbone's group at its `lr_scale` of it, a `held` group at 0), in `epoch` (the objective's
-    schedule).
+    `lr` (a fine-tuned backbone's group at its `lr_scale` of it; a `held` group's gradients are dropped before the
+    update, so that it does not train), in `epoch` (the objective's schedule).
 
     `step` numbers the step in its epoch for the divergence error; `freeze` is the attack's (`attacks.pgd`).
     Raises TrainingDiverged before the update when the loss is not finite (fp16's loss scaler skips such steps).
     """
     accelerator, recipe = parts.accelerator, parts.recipe
     for group in parts.optimizer.param_groups:  # finetune.param_groups: the backbone's own rate
-        group["lr"] = 0.0 if group.get("name") in parts.held else lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     started = time.perf_counter()
     x = to_float(images, recipe.data.image_size)
     x = augment(x) if recipe.data.augment else x
@@ -122,9 +122,9 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, ind
         raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}; nothing was saved for this "
                                "epoch. Lower optim.lr or set optim.grad_clip, then resume")
     accelerator.backward(loss)
-    held = set(map(id, parts.held_parameters()))  # neither counted in the norm nor scaled: they do not train now
-    grad_norm = accelerator.clip_grad_norm_([p for p in parts.model.parameters() if id(p) not in held],
-                                            recipe.optim.grad_clip or float("inf"))
+    for parameter in parts.held_parameters():  # SGD, the clipped norm and fp16's loss scaler all skip them
+        parameter.grad = None
+    grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), recipe.optim.grad_clip or float("inf"))
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.objective.after_step(out, parts.unwrapped, accelerator.gather_for_metrics)

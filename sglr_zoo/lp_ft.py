@@ -6,11 +6,10 @@ at `finetune.backbone_lr_scale`, from the probed head: one head module throughou
 Nothing is frozen: with several processes Accelerate wraps the model in DDP at prepare time, and DDP syncs only the
 parameters that require grad then. So every parameter requires grad, and the optimizer holds them all in a `head` and
 a `backbone` group (`finetune.param_groups`). While the head probes, a loop callback holds the backbone group
-(`StepParts.held`). `loop.train_step` sets its learning rate to 0 where it sets every group's from the schedule
-(SGD's update is lr x (gradient + weight decay, with momentum), so the weights stay bit for bit) and leaves its
-gradients out of the clipped norm; its modules stay in eval mode (`finetune.set_train_mode`); after each step its
-momentum buffers are dropped, so that neither a checkpoint, a guard's snapshot nor full fine-tuning carries the
-probe's gradients. The probe's head is thus a linear probe's, bit for bit. The schedule spans the whole run: at the
+(`StepParts.held`): `loop.train_step` drops its gradients after the backward pass, so SGD leaves its weights bit for
+bit and keeps no momentum for them (neither a checkpoint, a guard's snapshot nor full fine-tuning carries the probe's
+gradients), the clipped norm and fp16's loss scaler do not see them; its modules stay in eval mode
+(`finetune.set_train_mode`). The probe's head is thus a linear probe's, bit for bit. The schedule spans the whole run: at the
 switch the backbone takes its rate from it. The phase follows from the step count (`Plans.fraction`, as the eps
 warm-up's), so a resumed run lands in the right one.
 """
@@ -38,10 +37,6 @@ class ProbeThenTune(Callback):
         return self.plans.fraction(global_step) < self.share
 
     def on_step_end(self, state: RunState, result: StepResult | None) -> None:
-        if not self.parts.held:
-            return
-        for parameter in self.parts.held_parameters():  # lr 0 moved nothing, but SGD kept the gradients
-            self.parts.optimizer.state.get(parameter, {}).pop("momentum_buffer", None)
-        if not self.probing(state.global_step):
+        if self.parts.held and not self.probing(state.global_step):
             self.parts.held = frozenset()
             finetune.set_train_mode(self.parts.model)  # the backbone's BatchNorm and dropout train from here

@@ -50,6 +50,7 @@ __all__ = ["ZOO", "HubUnavailable", "ZooEntry", "ZooRow", "bundle_folder", "chec
 
 HUB_ORG = "sglr-zoo"
 WEIGHTS_NAME, CONFIG_NAME = ModelFolder(".").weights.name, ModelFolder(".").config.name  # a Hub repo's layout
+RESULTS_NAME = ModelFolder(".").results.name  # our evaluator's results, in the repos `sglr-zoo push` uploads
 PICKLE_NAMES = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
 MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 BUNDLED = Path(__file__).resolve().parent / "bundled"  # package data: found by editable installs and wheels alike
@@ -338,13 +339,14 @@ def check_repo_id(repo_id: str, revision: str | None = None, given: str | None =
 
 def download(repo_id: str, revision: str | None = None, *, sha256: str | None = None,
              config_sha256: str | None = None) -> Path:
-    """Fetches config.json + model.safetensors of a Hub repo into the HF cache and returns their folder.
+    """Fetches config.json + model.safetensors of a Hub repo into the HF cache, and results.json where the repo
+    has one (the backbone's own accuracy for a fine-tuning: `finetune.backbone_record`); returns their folder.
 
-    Refuses repos holding only pickle weights. Both files are hashed and compared with the Hub's record of the
-    file (the LFS sha256, or the git blob id of a small file), and with `sha256` (the weights) and `config_sha256`
-    when given.
+    Refuses repos holding only pickle weights. Every file is hashed and compared with the Hub's record of the
+    file (the LFS sha256, or the git blob id of a small file), and the weights and config with `sha256` and
+    `config_sha256` when given.
     """
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -358,7 +360,8 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
     remote = None
     if not constants.HF_HUB_OFFLINE:
         try:
-            infos = HfApi().get_paths_info(repo_id, [WEIGHTS_NAME, CONFIG_NAME, *PICKLE_NAMES], revision=revision)
+            infos = HfApi().get_paths_info(repo_id, [WEIGHTS_NAME, CONFIG_NAME, RESULTS_NAME, *PICKLE_NAMES],
+                                           revision=revision)
             remote = {info.path: info for info in infos}
         except GatedRepoError:
             raise UserError(f"{where} is gated: accept its terms on the Hub and log in (`hf auth login` or "
@@ -381,8 +384,8 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
         if CONFIG_NAME not in remote:
             raise UserError(f"{where} has no {CONFIG_NAME}: not a timm model repo (see `sglr-zoo push`)")
     try:
-        files = [hf_hub_download(repo_id, name, revision=revision, local_files_only=remote is None)
-                 for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        names = (CONFIG_NAME, WEIGHTS_NAME, *([RESULTS_NAME] if remote and RESULTS_NAME in remote else []))
+        files = [hf_hub_download(repo_id, name, revision=revision, local_files_only=remote is None) for name in names]
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
         if remote is None:  # not in the cache, and the Hub was not reachable
             raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable or offline "
@@ -395,8 +398,12 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
     except network_errors() as error:
         raise HubUnavailable(f"cannot download {where}: the Hub ({constants.ENDPOINT}) is unreachable "
                              f"({error})") from None
-    weights = Path(files[1])
-    for path, pinned, limit in ((weights, sha256, WEIGHTS_LIMIT), (Path(files[0]), config_sha256, TEXT_LIMIT)):
+    if remote is None:  # offline: the results of the cached revision, where they were fetched
+        cached = try_to_load_from_cache(repo_id, RESULTS_NAME, revision=revision)
+        files += [cached] if isinstance(cached, str) else []
+    config, weights, *results = map(Path, files)
+    for path, pinned, limit in ((weights, sha256, WEIGHTS_LIMIT), (config, config_sha256, TEXT_LIMIT),
+                                *((path, None, TEXT_LIMIT) for path in results)):
         data = read_regular(path, limit, path.name)
         digest = hashlib.sha256(data).hexdigest()
         if pinned is not None and digest != pinned.lower():
@@ -408,8 +415,9 @@ def download(repo_id: str, revision: str | None = None, *, sha256: str | None = 
             if expected and got != expected:
                 raise UserError(f"{where}: downloaded {path.name} does not match the Hub's record ({got} != "
                                 f"{expected}); delete {weights.parent} and retry")
-    if Path(files[0]).parent != weights.parent:
-        raise UserError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} came from different revisions; retry")
+    if any(path.parent != weights.parent for path in (config, *results)):
+        raise UserError(f"{where}: {', '.join(path.name for path in (config, weights, *results))} came from different "
+                        "revisions; retry")
     return weights.parent
 
 

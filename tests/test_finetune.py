@@ -133,12 +133,14 @@ def test_linear_probe_keeps_backbone_weights_and_batchnorm_statistics(backbone, 
     assert tuned["fc.weight"].shape == (3, 16)
     saved = yaml.safe_load((tmp_path / "probe/recipe.yaml").read_text())["finetune"]
     assert saved["mode"] == "linear_probe" and saved["backbone_sha256"] == sha256(backbone / "model.safetensors")
-    # The backbone has no results.json: run.json and the card say it was never measured; no Hub id, no base_model.
+    # The backbone has no results.json: run.json and the card say it was never measured. No Hub id: the card's
+    # metadata names it and its weights' sha256 beside the Hub's `base_model`, which takes Hub ids only.
     record = json.loads((tmp_path / "probe/run.json").read_text())["backbone"]
     assert record == {"name": f"local-dir:{backbone.name}", "hub_id": None,
-                      "sha256": sha256(backbone / "model.safetensors"), "accuracy": None}
+                      "sha256": sha256(backbone / "model.safetensors"), "num_classes": 10, "accuracy": None}
     card = str(render_card(collect(tmp_path / "probe")))
-    assert "The backbone's own accuracy: never measured" in card and "base_model" not in card
+    assert "The backbone's own accuracy: never measured" in card and "\nbase_model:" not in card
+    assert f"\nbase_model_name: local-dir:{backbone.name}\n" in card and f"\nbase_model_sha256: {record['sha256']}\n" in card
 
 
 def test_a_fine_tuned_card_names_its_base_model_and_its_numbers(backbone, tmp_path):
@@ -149,9 +151,10 @@ def test_a_fine_tuned_card_names_its_base_model_and_its_numbers(backbone, tmp_pa
     save_recipe(from_dict(finetune_cfg(backbone)), run / "recipe.yaml")
     accuracy = {"n": 500, "threat": "linf", "eps": "8/255", "clean": 62.0, "pgd20": 34.4, "autoattack": 31.6}
     (run / "run.json").write_text(json.dumps({"backbone": {"name": "org/robust", "hub_id": "org/robust",
-                                                           "sha256": "0" * 64, "accuracy": accuracy}}))
+                                                           "sha256": "ab" * 32, "accuracy": accuracy}}))
     card = str(render_card(collect(run)))
-    assert "\nbase_model: org/robust\n" in card
+    assert "\nbase_model: org/robust\n" in card and f"\nbase_model_sha256: {'ab' * 32}\n" in card
+    assert "base_model_name" not in card
     assert "The backbone's own accuracy: clean 62.00%, PGD-20 34.40%, AutoAttack 31.60% on 500 test images" in card
 
 

@@ -374,6 +374,7 @@ def test_load_from_hub_mirror(mirrored, hub_client):
         from sglr_zoo import zoo
         from sglr_zoo.errors import UserError
         from sglr_zoo.models import create_model, load_pretrained
+        from sglr_zoo.results import Results
         from huggingface_hub import constants
 
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -390,6 +391,8 @@ def test_load_from_hub_mirror(mirrored, hub_client):
                                         sha256={mirrored['sha256']!r})  # published on the mirror only
             zoo.ZOO["prn18-sglr"] = entry
             assert torch.equal(run(sglr_zoo.load("prn18-sglr")), expected)
+        measured = zoo.download("testorg/tiny") / "results.json"  # what finetune reads of a Hub backbone
+        print("RESULTS:", sorted(Results.load(measured).robust_accuracy))
 
         def error(load, name):
             try:
@@ -404,8 +407,9 @@ def test_load_from_hub_mirror(mirrored, hub_client):
         print("MODELS PICKLE:", error(load_pretrained, "hf-hub:testorg/pickle-only"))
         print("CREATE PICKLE:", error(lambda n: create_model("{ARCH}", 10, pretrained=n), "hf-hub:testorg/pickle-only"))
         print("MISSING:", error(sglr_zoo.load, "hf-hub:testorg/absent"))
-        constants.HF_HUB_OFFLINE = True  # cached repos still load; others say they need the network
+        constants.HF_HUB_OFFLINE = True  # cached repos still load, with their results; others need the network
         assert torch.equal(run(sglr_zoo.load("hf-hub:testorg/tiny")), expected)
+        assert zoo.download("testorg/tiny") / "results.json" == measured
         print("OFFLINE:", error(sglr_zoo.load, "hf-hub:testorg/pickle-only"))
         constants.HF_HUB_OFFLINE = False
         constants.ENDPOINT = "http://127.0.0.1:9"  # unreachable
@@ -418,6 +422,7 @@ def test_load_from_hub_mirror(mirrored, hub_client):
     for key in ("PICKLE", "MODELS PICKLE", "CREATE PICKLE"):
         assert "only pickle weights (pytorch_model.bin)" in lines[key], key
     assert "not found" in lines["MISSING"]
+    assert lines["RESULTS"] == str(sorted(TEST_RESULTS.robust_accuracy))
     assert "offline" in lines["OFFLINE"] and "not in the local cache" in lines["OFFLINE"]
     assert "unreachable" in lines["UNREACHABLE"]
 

@@ -78,7 +78,7 @@ def test_lp_ft_groups_and_modes():
 def test_lp_ft_probes_then_tunes_and_resumes_across_the_switch(backbone, image_folder, tmp_path, monkeypatch,
                                                                capsys):
     """Steps 1-2 (the probe): the backbone's weights and BatchNorm statistics stay bit for bit, its modules in eval
-    mode, its learning rate 0, no momentum kept; the head trains. Steps 3-6: everything trains, the backbone at 0.1 x
+    mode, its gradients dropped, no momentum kept; the head trains. Steps 3-6: everything trains, the backbone at 0.1 x
     the head's rate, with fresh momentum, from the same head parameters. The probe's head is a linear probe's, bit
     for bit, gradient clipping included. A run stopped after step 1 (inside the probe) and after step 4 (inside full
     fine-tuning) and resumed ends bit for bit as the uninterrupted one."""
@@ -115,8 +115,8 @@ def test_lp_ft_probes_then_tunes_and_resumes_across_the_switch(backbone, image_f
     assert [step["held"] > 0 for step in seen] == [True, True, False, False, False, False]
     assert [step["modes"] for step in seen] == [{False}] * 2 + [{True}] * 4
     assert not any(step["momentum"] for step in [*probe, tune[0]]) and all(step["momentum"] for step in tune[1:])
-    assert all(head > 0 and backbone_lr == 0 for head, backbone_lr in (step["lr"] for step in probe))
-    assert all(backbone_lr == pytest.approx(0.1 * head) for head, backbone_lr in (step["lr"] for step in tune))
+    # The backbone's group has its rate from the schedule throughout: the probe's steps drop its gradients instead
+    assert all(backbone_lr == pytest.approx(0.1 * head) for head, backbone_lr in (step["lr"] for step in seen))
     tuned = load_file(str(run / "last/model.safetensors"))
     for kind in ("weight", "running_mean"):  # full fine-tuning moved the backbone and its BatchNorm statistics
         assert not all(torch.equal(tuned[k], original[k]) for k in body if k.endswith(kind)), kind
@@ -193,6 +193,31 @@ def test_a_clean_timm_backbone_gets_them_and_a_robust_one_does_not(backbone, ima
     monkeypatch.setattr(finetune, "locate", lambda name: f"local-dir:{clean}")
     recipe = finetune_recipe(entry.name, data=str(image_folder))
     assert (recipe.attack.warmup, recipe.finetune.backbone_lr_scale) == (0.0, 0.1) and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("changes", [
+    {"robust_accuracy": {"pgd20": 0.0}, "worst_case_accuracy": 0.0},  # a clean model evaluated under attack
+    {"robust_accuracy": {"pgd20": 10.0}, "worst_case_accuracy": 10.0},  # chance for its 10 classes
+    {"eps": "0"},  # "under attack" at no radius
+])
+def test_robust_accuracy_at_chance_or_at_eps_0_is_no_robustness(backbone, image_folder, tmp_path, changes, capsys):
+    folder = Path(shutil.copytree(backbone, tmp_path / "attacked_clean"))
+    replace(TEST_RESULTS, **changes).save(folder / "results.json")
+    recipe = finetune_recipe(str(folder), data=str(image_folder))
+    assert (recipe.optim.lr, recipe.finetune.backbone_lr_scale) == (0.1, 1.0)
+    assert capsys.readouterr().out.startswith(NOTE.format(name=str(folder)))
+
+
+def test_a_hub_backbones_results_of_another_tool_say_nothing(backbone, image_folder, tmp_path, monkeypatch, capsys):
+    """A Hub repo's results.json may be another tool's: read as none; beside a local folder's weights it is ours."""
+    folder = Path(shutil.copytree(backbone, tmp_path / "hub"))
+    (folder / "results.json").write_text('{"accuracy": 0.9}')
+    monkeypatch.setattr(finetune, "locate", lambda name: f"local-dir:{folder}")
+    recipe = finetune_recipe("hf-hub:someorg/other-tool", data=str(image_folder))
+    assert (recipe.optim.lr, recipe.finetune.backbone_lr_scale) == (0.1, 1.0)
+    assert capsys.readouterr().out.startswith(NOTE.format(name="hf-hub:someorg/other-tool"))
+    with pytest.raises(UserError, match="results.json"):
+        finetune_recipe(str(folder), data=str(image_folder))
 
 
 @pytest.mark.parametrize("share", ["0", "1", "1.5", "-0.1"])
