@@ -75,6 +75,8 @@ def render_card(source: ModelSource, *, repo_id: str | None = None, name: str | 
 
     model_name = name or (repo_id.split("/")[-1] if repo_id else None) or run_name(source) or source.arch
     dataset_label, dataset_id = DATASETS.get(source.dataset, (source.dataset, None))
+    # A fine-tuned model's backbone: `base_model` (the Hub's model tree) takes Hub ids only, so a backbone without one
+    # (a zoo name, a folder) is named in `base_model_name`; `base_model_sha256` pins its weights either way.
     backbone = (source.run_info or {}).get("backbone") or {}
     card_data = ModelCardData(
         library_name="timm", license=LICENSE, pipeline_tag="image-classification", model_name=model_name,
@@ -82,9 +84,8 @@ def render_card(source: ModelSource, *, repo_id: str | None = None, name: str | 
               *([source.method] if source.method else [])],
         datasets=[dataset_id] if dataset_id else None, metrics=["accuracy"] if source.results else None,
         eval_results=_eval_results(source, dataset_label, dataset_id) or None,
-        base_model=backbone.get("hub_id"),  # the Hub's model tree; it takes Hub ids only, so a backbone without one
-        base_model_name=None if backbone.get("hub_id") else backbone.get("name"),  # (a zoo name, a folder) is named
-        base_model_sha256=backbone.get("sha256"),  # here, and its weights pinned either way
+        base_model=backbone.get("hub_id"), base_model_name=None if backbone.get("hub_id") else backbone.get("name"),
+        base_model_sha256=backbone.get("sha256"),
     )
     facts = _card_facts(source, model_name=model_name, dataset_label=dataset_label, repo_id=repo_id, name=name)
     return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), card=facts, results=source.results)

@@ -8,10 +8,10 @@ parameters that require grad then. So every parameter requires grad, and the opt
 a `backbone` group (`finetune.param_groups`). While the head probes, a loop callback holds the backbone group
 (`StepParts.held`): `loop.train_step` drops its gradients after the backward pass, so SGD leaves its weights bit for
 bit and keeps no momentum for them (neither a checkpoint, a guard's snapshot nor full fine-tuning carries the probe's
-gradients), the clipped norm and fp16's loss scaler do not see them; its modules stay in eval mode
-(`finetune.set_train_mode`). The probe's head is thus a linear probe's, bit for bit. The schedule spans the whole run: at the
-switch the backbone takes its rate from it. The phase follows from the step count (`Plans.fraction`, as the eps
-warm-up's), so a resumed run lands in the right one.
+gradients), and neither the clipped norm nor fp16's loss scaler sees them; its modules stay in eval mode
+(`finetune.set_train_mode`). The probe's head is thus a linear probe's, bit for bit. The schedule spans the whole
+run: at the switch the backbone takes its rate from it. The phase follows from the step count (`Plans.fraction`, as
+the eps warm-up's), so a resumed run lands in the right one.
 """
 
 from __future__ import annotations
