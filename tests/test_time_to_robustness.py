@@ -33,7 +33,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     assert recipe.method.name == ("pgd_at" if parts[0] == "pgdat" else "sglr")
     nfgsm = "nfgsm" in parts or preset == "quickstart"
     assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if nfgsm else (1.0, True))
-    assert recipe.attack.steps == 1 and recipe.schedule.budget == "9m"
+    assert recipe.attack.steps == (2 if "pgd2" in parts else 1) and recipe.schedule.budget == "9m"
     decays = {"ema": 0.999, "ema998": 0.998, "ema993": 0.993, "quickstart": 0.998}  # the quickstart's: 10 epochs on
     assert recipe.average.decay == next((decays[part] for part in parts if part in decays), 0.0)
     if recipe.average.decay:  # the presets' averages are on at any length of run
@@ -41,6 +41,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     assert recipe.method.label_smoothing == (0.4 if "ls" in parts else 0.0)
     assert recipe.data.augment == ("auto" if preset == "quickstart" else "aug" in parts)
     slim, quarter = "preactresnet10_slim_cifar", "preactresnet10_quarter_cifar"
+    slim = "preactresnet10_slim_silu_cifar" if "silu" in parts else slim
     assert recipe.model.arch == ([slim, quarter] if preset == "quickstart" else slim if "slim" in parts else quarter)
     assert (recipe.run.batch_size, recipe.optim.lr) == ((64, 0.1) if "b64" in parts else (128, 0.2))
 
