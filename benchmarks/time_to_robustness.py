@@ -65,7 +65,6 @@ AVERAGE_SHORT = ["average.decay=0.993", "average.start=0.5", "average.min_epochs
 NO_AVERAGE = "average.decay=0"
 QUARTER = "model.arch=preactresnet10_quarter_cifar"  # 0.31M parameters
 SLIM = "model.arch=preactresnet10_slim_cifar"  # 1.23M parameters
-SLIM_SILU = "model.arch=preactresnet10_slim_silu_cifar"  # the same with SiLU (smooth adversarial training)
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
 HALF_BATCH = ["run.batch_size=64", "optim.lr=0.1"]  # twice the updates, the same lr per image (linear scaling)
 NO_AUGMENT, AUGMENT = "data.augment=false", "data.augment=true"  # the presets fix it; the quickstart's budget decides
@@ -85,7 +84,6 @@ PRESETS: dict[str, list[str]] = {
     "sglr-nfgsm-slim-ema993": [SLIM, NO_AUGMENT, *NFGSM, *AVERAGE_SHORT],  # the 9-minute run (1,400 steps) averaged
     "sglr-nfgsm-slim-b64": [SLIM, NO_AUGMENT, NO_AVERAGE, *NFGSM, *HALF_BATCH],  # 4.5 % fewer images/s, 2x the steps
     "pgdat-nfgsm-slim": [SLIM, NO_AUGMENT, NO_AVERAGE, "method.name=pgd_at", *NFGSM],  # what SGLR buys at 9 minutes
-    "sglr-nfgsm-slim-silu": [SLIM_SILU, NO_AUGMENT, NO_AVERAGE, *NFGSM],  # smooth gradients for the one-step attack
     "sglr-pgd2-slim": [SLIM, NO_AUGMENT, NO_AVERAGE, *PGD2],  # a stronger attack for about 3/4 of the steps
     "quickstart": [],  # the README's command: the budget picks the width and whether to augment and to average
 }

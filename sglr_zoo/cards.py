@@ -65,8 +65,7 @@ METHODS = {  # recipe method.name -> how a card and RobustBench describe it
 }
 ARCH_LABELS = {"wrn34_10_cifar": "WideResNet-34-10", "wrn28_10_cifar": "WideResNet-28-10",
                "preactresnet18_cifar": "PreActResNet-18", "resnet18_cifar": "ResNet-18",
-               "preactresnet10_slim_cifar": "PreActResNet-10 (half width)",
-               "preactresnet10_slim_silu_cifar": "PreActResNet-10 (half width, SiLU)"}
+               "preactresnet10_slim_cifar": "PreActResNet-10 (half width)"}
 DATASETS = {"cifar10": ("CIFAR-10", "uoft-cs/cifar10"), "cifar100": ("CIFAR-100", "uoft-cs/cifar100")}
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
-from timm.layers import get_act_fn
+import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -22,9 +21,8 @@ from sglr_zoo.models.layers import (
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, act_layer: str = "relu"):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
         super().__init__()
-        self.act = get_act_fn(act_layer)
         self.bn1 = nn.BatchNorm2d(in_chs)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
@@ -34,10 +32,10 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.bn1(x))
+        out = F.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(self.act(self.bn2(out)))
+        out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
 
 
@@ -53,22 +51,19 @@ class PreActResNet(ClassifierHead, nn.Module):
         drop_rate: float = 0.0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        act_layer: str = "relu",
     ):
         super().__init__()
         self.num_classes = num_classes
         self.head_drop_rate = drop_rate
         self.normalize = InputNormalization(mean, std)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-        block = functools.partial(PreActBlock, act_layer=act_layer)
-        self.stages, self.feature_info = cifar_stages(block, widths[0], layers, widths)
+        self.stages, self.feature_info = cifar_stages(PreActBlock, widths[0], layers, widths)
         self.num_features = self.feature_info[-1]["num_chs"]
         self.bn = nn.BatchNorm2d(self.num_features)
         self.fc = nn.Linear(self.num_features, num_classes)
-        self.act = get_act_fn(act_layer)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.stages(self.conv1(self.normalize(x)))))
+        return F.relu(self.bn(self.stages(self.conv1(self.normalize(x)))))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PreActResNet) -> dict[str, torch.Tensor]:
@@ -88,7 +83,6 @@ def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs) -> P
 default_cfgs = generate_default_cfgs({
     "preactresnet18_cifar.untrained": cifar_cfg((4, 4)),
     "preactresnet10_slim_cifar.untrained": cifar_cfg((4, 4)),
-    "preactresnet10_slim_silu_cifar.untrained": cifar_cfg((4, 4)),
     "preactresnet10_quarter_cifar.untrained": cifar_cfg((4, 4)),
     "preactresnet_tiny_cifar.untrained": cifar_cfg((4, 4)),
 })
@@ -105,14 +99,6 @@ def preactresnet10_slim_cifar(pretrained: bool = False, **kwargs) -> PreActResNe
     """PreActResNet-10 at half width (1.2M parameters): the CPU quickstart model."""
     return _create_preact_resnet(
         "preactresnet10_slim_cifar", pretrained, layers=(1, 1, 1, 1), widths=(32, 64, 128, 256), **kwargs)
-
-
-@register_model
-def preactresnet10_slim_silu_cifar(pretrained: bool = False, **kwargs) -> PreActResNet:
-    """The slim PreActResNet-10 with SiLU activations (smooth adversarial training, Xie et al. 2020): the same
-    parameters, smoother input gradients for a single-step training attack."""
-    return _create_preact_resnet("preactresnet10_slim_silu_cifar", pretrained, layers=(1, 1, 1, 1),
-                                 widths=(32, 64, 128, 256), act_layer="silu", **kwargs)
 
 
 @register_model
