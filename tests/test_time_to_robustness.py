@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sglr_zoo.budget import picked
+from sglr_zoo.guard import fallback_attack
 from sglr_zoo.recipe import load_recipe
 from sglr_zoo.schedule import Plan, Plans
 from tests.conftest import load_script
@@ -34,6 +35,8 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     nfgsm = "nfgsm" in parts or preset == "quickstart"
     assert (recipe.attack.noise, recipe.attack.project) == ((2.0, False) if nfgsm else (1.0, True))
     assert recipe.attack.steps == (2 if "pgd2" in parts else 1) and recipe.schedule.budget == "9m"
+    if "pgd2" in parts:  # the guard's fallback attack, as its comment says
+        assert recipe.attack == fallback_attack(load_recipe(ttr.RECIPE, []).attack, 2)
     decays = {"ema": 0.999, "ema998": 0.998, "ema993": 0.993, "quickstart": 0.998}  # the quickstart's: 10 epochs on
     assert recipe.average.decay == next((decays[part] for part in parts if part in decays), 0.0)
     if recipe.average.decay:  # the presets' averages are on at any length of run
