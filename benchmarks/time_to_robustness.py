@@ -66,6 +66,7 @@ NO_AVERAGE = "average.decay=0"
 QUARTER = "model.arch=preactresnet10_quarter_cifar"  # 0.31M parameters
 SLIM = "model.arch=preactresnet10_slim_cifar"  # 1.23M parameters
 LABEL_SMOOTHING = ["method.label_smoothing=0.4"]
+EPS_WARMUP = ["attack.warmup=0.3"]  # eps, step and noise ramp from 0 over the lr's rise (peak_at)
 HALF_BATCH = ["run.batch_size=64", "optim.lr=0.1"]  # twice the updates, the same lr per image (linear scaling)
 NO_AUGMENT, AUGMENT = "data.augment=false", "data.augment=true"  # the presets fix it; the quickstart's budget decides
 # Priority order: the baseline, the FastAT Benchmark's winning levers on PGD-AT and on SGLR, then one lever at a time.
@@ -85,6 +86,8 @@ PRESETS: dict[str, list[str]] = {
     "sglr-nfgsm-slim-b64": [SLIM, NO_AUGMENT, NO_AVERAGE, *NFGSM, *HALF_BATCH],  # 4.5 % fewer images/s, 2x the steps
     "pgdat-nfgsm-slim": [SLIM, NO_AUGMENT, NO_AVERAGE, "method.name=pgd_at", *NFGSM],  # what SGLR buys at 9 minutes
     "sglr-pgd2-slim": [SLIM, NO_AUGMENT, NO_AVERAGE, *PGD2],  # a stronger attack for about 3/4 of the steps
+    "sglr-nfgsm-slim-warmup": [SLIM, NO_AUGMENT, NO_AVERAGE, *NFGSM, *EPS_WARMUP],  # eps from 0 over the lr's rise
+    "sglr-nfgsm-slim-lr3": [SLIM, NO_AUGMENT, NO_AVERAGE, *NFGSM, "optim.lr=0.3"],  # 1.5x the peak lr, never tuned
     "quickstart": [],  # the README's command: the budget picks the width and whether to augment and to average
 }
 
