@@ -45,7 +45,9 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     assert recipe.data.augment == ("auto" if preset == "quickstart" else "aug" in parts)
     slim, quarter = "preactresnet10_slim_cifar", "preactresnet10_quarter_cifar"
     assert recipe.model.arch == ([slim, quarter] if preset == "quickstart" else slim if "slim" in parts else quarter)
-    assert (recipe.run.batch_size, recipe.optim.lr) == ((64, 0.1) if "b64" in parts else (128, 0.2))
+    lr = 0.1 if "b64" in parts else 0.3 if "lr3" in parts else 0.2
+    assert (recipe.run.batch_size, recipe.optim.lr) == ((64 if "b64" in parts else 128), lr)
+    assert (recipe.attack.warmup, recipe.schedule.peak_at) == ((0.3 if "warmup" in parts else 0.0), 0.3)
 
 
 @pytest.mark.parametrize("budget, steps, preset", [("9m", 1368, "sglr-nfgsm-slim"),
