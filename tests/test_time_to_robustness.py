@@ -48,6 +48,7 @@ def test_every_preset_is_a_valid_recipe_with_the_levers_its_name_says(ttr, prese
     lr = 0.1 if "b64" in parts else 0.3 if "lr3" in parts else 0.2
     assert (recipe.run.batch_size, recipe.optim.lr) == ((64 if "b64" in parts else 128), lr)
     assert (recipe.attack.warmup, recipe.schedule.peak_at) == ((0.3 if "warmup" in parts else 0.0), 0.3)
+    assert (recipe.method.alpha, recipe.method.start_epoch) == ((0.7 if "a7" in parts else 0.9), 0.6)
 
 
 @pytest.mark.parametrize("budget, steps, preset", [("9m", 1368, "sglr-nfgsm-slim"),
