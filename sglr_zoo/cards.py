@@ -105,12 +105,13 @@ def write_zoo_cards(runs_dir: str | Path = "runs", out_dir: str | Path = MODEL_C
     """Writes `<name>.md` (and `<name>.results.json` when evaluated) for each zoo entry whose run exists.
 
     A zoo entry's run is `runs_dir/<recipe file stem>` (the default run name of its recipe); its `best/` export
-    is used when the run kept a validation split, else `last/`. Bundled entries are skipped: their card and
-    results are in their bundle.
+    is used when the run kept a validation split, else `last/`. Bundled and retired entries are skipped: their card
+    and results are in their bundle, or were (a retired entry's results stay in model_cards/; a run of its recipe now
+    is another model's).
     """
     written = []
     for entry in ZOO.values():
-        if entry.bundle is not None:
+        if entry.bundle is not None or entry.superseded_by is not None:
             continue
         run = RunDir(Path(runs_dir) / Path(entry.recipe).stem)
         if not run.exports():
@@ -150,6 +151,7 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "attacks_yaml": yaml.safe_dump(results.attacks, sort_keys=False).rstrip() if results else None,
         "versions": ", ".join(f"{k} {v}" for k, v in results.versions.items()) if results else None,
         "standard_error": _standard_error(results) if results else None,
+        "autoattack_seconds_in_all": _resumed_autoattack_seconds(results) if results else None,
         "which": source.which, "epoch": source.epoch, "epochs": epochs,
         "best_epoch": run.get("best_epoch"), "last_epoch": run.get("last_epoch"),
         "selection_attack": _selection_attack(source.record("metrics")), "curves": source.record("curves") is not None,
@@ -213,6 +215,13 @@ def _standard_error(results: Results) -> float:
     n = results.n_examples
     values = [results.clean_accuracy, *results.robust_accuracy.values()]
     return max(math.sqrt(v / 100 * (1 - v / 100) / n) * 100 for v in values) if n else float("nan")
+
+
+def _resumed_autoattack_seconds(results: Results) -> float | None:
+    """AutoAttack's seconds in all when the command resumed it from a state file (its sub-attacks' seconds, which the
+    state keeps, then exceed this command's), else None: the wall time alone would hide the earlier runs."""
+    total = sum(step.seconds for step in results.autoattack_per_attack.values())
+    return total if total > results.attack_seconds.get("autoattack", total) + 1 else None
 
 
 def _selection_attack(metrics: Path | None) -> str:

@@ -30,7 +30,7 @@ from sglr_zoo.evaluate import evaluate
 from sglr_zoo.export import export_folder, export_robustbench, robustbench_entry
 from sglr_zoo.models import Normalized, create_model, load_pretrained, save_pretrained, weights_fingerprint
 from sglr_zoo.recipe import Recipe, load_recipe, save_recipe
-from sglr_zoo.results import EpsSweep, Provenance, Results, SanityCheck
+from sglr_zoo.results import AttackStep, EpsSweep, Provenance, Results, SanityCheck
 from sglr_zoo.source import collect
 from sglr_zoo.zoo import ZOO, list_models, lookup
 
@@ -225,6 +225,20 @@ def test_card_flags_failed_sanity_checks(run_dir, tmp_path):
     text = (export_folder(run_dir, tmp_path / "export", results=failed) / "README.md").read_text()
     assert "**Sanity checks failed:** large_eps (pgd20 at 64/255: 40%)" in text
     assert "- large_eps: FAILED - pgd20 at 64/255: 40%" in text
+
+
+def test_card_of_a_resumed_autoattack_states_its_time_in_all(run_dir, tmp_path):
+    """An evaluation that resumed AutoAttack from its state file ran for less than its sub-attacks' seconds (kept in
+    the state): the card gives both; a run in one go shows its wall time alone."""
+    steps = {"apgd-ce": AttackStep(50.0, 400.0), "apgd-t": AttackStep(45.0, 2300.0)}  # made-up values
+    resumed = dataclasses.replace(TEST_RESULTS, autoattack_per_attack=steps, attack_seconds={"autoattack": 2310.0},
+                                  wall_time_s=2400.0)
+    text = (export_folder(run_dir, tmp_path / "resumed", results=resumed) / "README.md").read_text()
+    assert "wall time 2400 s (this command's: it resumed AutoAttack from its state file; AutoAttack's sub-attacks " \
+           "took 2700 s in all), with:" in text
+    in_one_go = dataclasses.replace(resumed, attack_seconds={"autoattack": 2710.0}, wall_time_s=2800.0)
+    assert "wall time 2800 s, with:" in (export_folder(run_dir, tmp_path / "one", results=in_one_go) / "README.md"
+                                         ).read_text()
 
 
 def test_card_template_ships_with_the_package():
