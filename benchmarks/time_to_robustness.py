@@ -323,14 +323,21 @@ def aggregate(runs: dict[str, dict]) -> list[dict]:
                      "peak_rss_mib": max(e["peak_rss_mib"] for e in entries),
                      "sanity_passed": all(e["sanity_passed"] for e in entries),
                      "cpus": sorted({cpu_name(e["cpu"]) for e in entries}),
+                     "machines": sorted({machine_name(e["cpu"]) for e in entries}),
                      "emulated_avx2": entries[0]["cpu"].get("emulated_avx2", False),
                      "train_threads": entries[0]["cpu"].get("train_threads")})
     return rows
 
 
-def cpu_name(cpu: dict) -> str:
+def machine_name(cpu: dict) -> str:
+    """The hardware: model, CPUs and native bf16."""
     native = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if cpu.get(flag)]
-    name = f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
+    return f"{cpu['model']}, {cpu['cpus']} CPUs" + (f", {' + '.join(native)}" if native else ", no native bf16")
+
+
+def cpu_name(cpu: dict) -> str:
+    """The hardware and how a run used it: emulated AVX2-only, training threads."""
+    name = machine_name(cpu)
     name = f"emulated AVX2-only on {name}" if cpu.get("emulated_avx2") else name
     threads = cpu.get("train_threads")
     return f"{name}, training on {threads} thread{'s' * (threads > 1)}" if threads else name
@@ -354,6 +361,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label_means(axes, rows: list[dict], gap_px: float = 13.0) -> None:
+    """Names each preset's mean beside it; labels of means at about the same time are spread to at least `gap_px`
+    apart vertically, with a leader line where one moved."""
+    from matplotlib import colormaps
+
+    axes.figure.canvas.draw()  # fixes the limits, so that pixels convert to data units
+    bottom, top = axes.get_ylim()
+    gap = gap_px * (top - bottom) / axes.get_window_extent().height
+    clusters: dict[int, list[tuple[float, int]]] = {}
+    for i, row in enumerate(rows):
+        clusters.setdefault(round(row["wall_min"] / 3), []).append((row["autoattack"], i))
+    for members in clusters.values():
+        members.sort()
+        placed: list[float] = []
+        for y, _ in members:  # upwards, each at least `gap` above the one below
+            placed.append(max(y, placed[-1] + gap) if placed else y)
+        shift = max(0.0, (placed[-1] - members[-1][0]) / 2)  # then centred on the points
+        for (y, i), label_y in zip(members, placed):
+            row = rows[i]
+            axes.annotate(row["preset"], (row["wall_min"], y), xytext=(row["wall_min"] + 1.5, label_y - shift),
+                          textcoords="data", fontsize=8, color=colormaps["tab20"](i % 20), va="center",
+                          arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
+                          if abs(label_y - shift - y) > gap / 2 else None)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """AutoAttack accuracy against wall-clock minutes: a dot per run, a labelled diamond per preset's mean."""
     from matplotlib import colormaps
@@ -369,13 +401,13 @@ def plot(rows: list[dict], path: Path) -> None:
         axes.scatter([row["wall_min"]], [row["autoattack"]], color=color, marker="D", s=50,
                      label=f"{row['preset']} ({row['budget']}{', emulated AVX2' * row['emulated_avx2']}{threads}, "
                            f"{seeds} seed{'s' * (seeds > 1)})")
-        axes.annotate(row["preset"], (row["wall_min"], row["autoattack"]), xytext=(6, 4),
-                      textcoords="offset points", fontsize=8, color=color)
-    cpus = sorted({cpu for row in rows for cpu in row["cpus"]})
+    machines = sorted({machine for row in rows for machine in row["machines"]})
     n = "/".join(str(k) for k in sorted({k for row in rows for k in row["n"]}))
     axes.set(xlabel="wall clock of the training (min)", ylabel=f"AutoAttack accuracy (%, first {n} test images)",
-             title="\n".join(textwrap.wrap(f"Time to robustness on {'; '.join(cpus)}", 80)))
+             title="\n".join(textwrap.wrap(f"Time to robustness on {'; '.join(machines)} (emulation and threads: "
+                                           "see the legend)", 100)))
     axes.title.set_fontsize(9)
+    _label_means(axes, rows)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the points, never over them
     fig.tight_layout()
