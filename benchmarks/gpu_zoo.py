@@ -1,7 +1,7 @@
 """A zoo preset trained on a lent GPU within the device tool's limits: `bash benchmarks/gpu_session.sh zoo`.
 
 The limits decide the design (/work/.library/device/README.md; the arithmetic: docs/zoo.md, "GPU presets"). Per
-call at most 64 MiB travel (the repository's tracked files, 28 MB of them with the bundled zoo weights, and the
+call at most 64 MiB travel (the repository's tracked files, 51 MB of them with the zoo's weights, and the
 carried ignored paths), at most 8 files of under 16 MiB come back from $OUT (64 MiB in all), a command runs at most
 10 minutes; a warm machine keeps the ignored files of earlier calls but goes back after 30 s idle; a session has 15
 minutes of device time. Hence:
