@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from sglr_zoo.cards import render_card
 from sglr_zoo.errors import UserError
 from sglr_zoo.export import listing, weights_bytes, write_folder
-from sglr_zoo.models import sha256_of
+from sglr_zoo.models import sha256_of, weights_fingerprint
 from sglr_zoo.push import Upload, check_target, upload_folder
 from sglr_zoo.results import Results
 from sglr_zoo.rundir import ModelFolder
@@ -81,6 +81,8 @@ def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | 
     check = load_check_results(check_results, source.results)
     check_same_weights(check, source, str(check_results))
     weights = weights_bytes(source.folder.weights, half)
+    if half:
+        _check_measured_on_half(weights, {"the results": source.results, str(check_results): check}, evaluated)
     if len(weights) > MAX_BUNDLE_MB * 2**20:
         raise UserError(f"{source.folder.weights}: {len(weights) / 2**20:.1f} MiB of weights is over the "
                         f"{MAX_BUNDLE_MB} MiB a bundled entry may commit" + ("; pass --fp16 to halve it" if not half
@@ -90,6 +92,20 @@ def bundle(run_or_folder: str | Path, name: str, *, check_results: str | Path | 
     check.save(folder / CHECK_RESULTS)
     written = ModelFolder(folder)
     return Bundle(name, folder, listing(folder), sha256_of(written.weights), sha256_of(written.config))
+
+
+def _check_measured_on_half(weights: bytes, measured: dict[str, Results], evaluated: Path) -> None:
+    """Refuses results measured on other weights than the float16 ones a bundle stores: its card's numbers are the
+    stored weights'."""
+    from safetensors.torch import load
+
+    fingerprint = weights_fingerprint(load(weights))
+    for what, results in measured.items():
+        if results.weights_sha256 not in (None, fingerprint):
+            raise UserError(f"{what} were measured on other weights than the float16 ones the bundle would store; "
+                            f"export them first (`sglr-zoo export {evaluated} --fp16 --out FOLDER`), evaluate FOLDER "
+                            "(`sglr-zoo eval FOLDER ... --out FOLDER/results.json`, and the check results), then "
+                            "bundle FOLDER")
 
 
 def load_check_results(path: str | Path | None, results: Results) -> Results:

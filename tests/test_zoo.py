@@ -25,7 +25,9 @@ from sglr_zoo import bundle, cards, cli, source, zoo
 from sglr_zoo.data import load_splits, to_float
 from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate_model
+from sglr_zoo.export import export_folder
 from sglr_zoo.models import create_model, load_pretrained, save_pretrained
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import DataConfig, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results
 from sglr_zoo.zoo import CHECK_RESULTS, METHOD_TAGS, ZOO, ZooEntry, _entry
@@ -241,10 +243,21 @@ def test_malformed_hub_ids_are_one_line(name, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cache").exists()
 
 
-def test_fp16_bundle(evaluated, table, monkeypatch):
+def test_fp16_bundle(evaluated, table, tmp_path, monkeypatch):
+    """A float16 bundle holds the numbers of its float16 weights: results measured on the float32 ones are refused,
+    and the float16 export, evaluated, bundles."""
     from safetensors import safe_open
 
-    made = bundle.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
+    with pytest.raises(UserError, match=r"the results were measured on other weights than the float16 ones.*"
+                                        r"sglr-zoo export .* --fp16 --out FOLDER"):
+        bundle.bundle(evaluated.run, NAME, check_results=evaluated.check, half=True)
+    half = export_folder(evaluated.run, tmp_path / "half", half=True)
+    for attacks, out in ((["clean", "pgd5", "autoattack"], half / "results.json"),
+                         (["clean", "pgd20"], tmp_path / "check.json")):
+        evaluate_model(str(half), dataset=str(evaluated.data), n=16, attacks=attacks, autoattack_version="custom",
+                       autoattack_attacks=["apgd-ce"], device="cpu", command="test",
+                       outcomes_path=Outcomes.beside(out)).save(out)  # as `sglr-zoo eval --out` writes both
+    made = bundle.bundle(half, NAME, check_results=tmp_path / "check.json", half=True)
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, sha256=made.sha256, config_sha256=made.config_sha256))
     source = evaluated.run / "best" / "model.safetensors"
     with safe_open(str(made.folder / "model.safetensors"), framework="pt") as f:
