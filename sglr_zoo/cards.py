@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from sglr_zoo.attack_names import AttackName
+from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, read_regular
+from sglr_zoo.outcomes import Outcomes, PairedTest, paired_test
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import RunDir
 from sglr_zoo.source import ModelSource, collect
@@ -170,7 +172,24 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
         "cpu_scale": bool(recipe) and (epochs < PAPER_EPOCHS or recipe.data.n_train is not None),
         "n_train": n_train if recipe and recipe.data.n_train is not None else None, "paper_epochs": PAPER_EPOCHS,
         "citation": CITATION, "half": _stored_dtypes(source.folder.weights) == {"F16"},
+        "twin": _twin_comparison(source, name),
     }
+
+
+def _twin_comparison(source: ModelSource, name: str | None) -> dict[str, Any] | None:
+    """The zoo entry `name` against its twin (`ZooEntry.twin`), paired on the same images: each attack both ran,
+    from the two evaluations' per-example outcomes. None unless both kept them, on the same images."""
+    entry = ZOO.get(name or "")
+    twin = ZOO.get(entry.twin) if entry and entry.twin else None
+    if source.outcomes is None or twin is None or not Outcomes.beside(twin.results_path).is_file():
+        return None
+    theirs = Outcomes.load(Outcomes.beside(twin.results_path))
+    attacks = [attack for attack in ("clean", *source.results.robust_accuracy) if attack in theirs.correct]
+    try:
+        tests: list[PairedTest] = [paired_test(source.outcomes, theirs, attack) for attack in attacks]
+    except UserError:  # not the same images
+        return None
+    return {"name": twin.name, "method": METHODS[twin.method][0], "tests": tests}
 
 
 def _backbone_accuracy(backbone: dict[str, Any] | None) -> str | None:

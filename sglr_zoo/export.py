@@ -22,6 +22,7 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, MiB, WriteFailed, read_regular
 from sglr_zoo.hub_results import write_eval_results
 from sglr_zoo.models import IDENTITY_MEAN, IDENTITY_STD, WEIGHTS_LIMIT, is_sglr_arch
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.plots import eps_sweep_png
 from sglr_zoo.recipe import from_dict, save_recipe
 from sglr_zoo.results import Results, public_paths
@@ -67,6 +68,8 @@ def write_folder(source: ModelSource, out_dir: str | Path, weights: bytes, *, re
                 getattr(records, record).write_bytes(read_regular(found, limit, found.name))
         if source.results is not None:
             source.results.save(target.results)
+            if source.outcomes is not None:
+                source.outcomes.save(Outcomes.beside(target.results))
             if dataset_id := DATASETS.get(source.dataset, (None, None))[1]:  # a Hub dataset: the Hub's own format
                 write_eval_results(out, source.results, dataset_id)
             if source.results.eps_sweep is not None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, read_regular
 from sglr_zoo.models import check_model_folder, weights_fingerprint
+from sglr_zoo.outcomes import Outcomes
 from sglr_zoo.recipe import Recipe, format_fraction, load_recipe
 from sglr_zoo.results import Results
 from sglr_zoo.rundir import EXPORTS, ModelFolder, RunDir
@@ -36,6 +38,7 @@ class ModelSource:
     recipe: Recipe | None = None
     run_info: dict[str, Any] | None = None
     results: Results | None = None
+    outcomes: Outcomes | None = None  # which images each attack of `results` left correct, when kept beside them
 
     @property
     def arch(self) -> str:
@@ -114,20 +117,38 @@ def collect(run_or_folder: str | Path, *, which: str | None = None,
         source.recipe = load_recipe(recipe)
     if (run_info := source.record("run_info")) is not None:
         source.run_info = read_json(run_info)
+    results_path = Path(results) if isinstance(results, (str, Path)) else None
     if isinstance(results, Results):
         source.results = results
     elif isinstance(results, dict):
         source.results = Results.from_dict(results)
-    elif results is not None:
-        source.results = Results.load(results)
+    elif results_path is not None:
+        source.results = Results.load(results_path)
     elif folder.results.is_file():
-        source.results = Results.load(folder.results)
+        source.results, results_path = Results.load(folder.results), folder.results
     if source.results and source.results.arch not in (None, source.arch):
         raise UserError(f"results are for {source.results.arch!r} but the weights in {folder.root} are "
                         f"{source.arch!r}: pass the matching results file with --results")
     if source.results:
         check_same_weights(source.results, source, "the results")
+        if results_path is not None and (beside := Outcomes.beside(results_path)).is_file():
+            source.outcomes = _outcomes_of(source.results, beside)
     return source
+
+
+def _outcomes_of(results: Results, path: Path) -> Outcomes:
+    """The outcomes file beside `results`, refused unless it is of the same evaluation: weights, images and
+    attacks."""
+    outcomes = Outcomes.load(path)
+    accuracies = {"clean": results.clean_accuracy, **results.robust_accuracy}
+    same = (outcomes.n_examples == results.n_examples and outcomes.weights_sha256 in (None, results.weights_sha256)
+            and all(attack in outcomes.correct and math.isclose(outcomes.accuracy(attack), accuracy, abs_tol=1e-6)
+                    for attack, accuracy in accuracies.items()))
+    if not same:
+        raise UserError(f"{path}: not the per-example outcomes of the results beside it (its examples, weights, "
+                        "attacks or accuracies differ); evaluate again with `sglr-zoo eval ... --out`, which writes "
+                        "both")
+    return outcomes
 
 
 def check_same_weights(results: Results, source: ModelSource, what: str) -> None:

@@ -82,6 +82,8 @@ class ZooEntry:
     aliases: tuple[str, ...] = ()  # other names `load` accepts for this entry
     superseded_by: str | None = None  # a bundled entry of the same architecture with more AutoAttack accuracy: this
     last_bundled: str | None = None  # one's weights left the bundle after this commit, whose tree still holds them
+    twin: str | None = None  # the entry trained from the same preset, seed and steps by the other method (SGLR or
+    # its PGD-AT baseline): the two cards compare them on the same images
 
     @property
     def folder(self) -> Path | None:

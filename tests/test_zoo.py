@@ -27,7 +27,7 @@ from sglr_zoo.errors import UserError
 from sglr_zoo.evaluate import evaluate_model
 from sglr_zoo.export import export_folder
 from sglr_zoo.models import create_model, load_pretrained, save_pretrained
-from sglr_zoo.outcomes import Outcomes
+from sglr_zoo.outcomes import Outcomes, paired_test
 from sglr_zoo.recipe import DataConfig, load_recipe, save_recipe
 from sglr_zoo.results import Provenance, Results
 from sglr_zoo.zoo import CHECK_RESULTS, METHOD_TAGS, ZOO, ZooEntry, _entry
@@ -80,8 +80,8 @@ def evaluated(tmp_path_factory) -> EvaluatedRun:
         (run / "metrics.csv").write_text("epoch,val_pgd10_acc\n1,10.0\n")
         (run / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n test")
         evaluate_model(str(run / "best"), dataset=str(data), n=16, attacks=["clean", "pgd5", "autoattack"],
-                       autoattack_version="custom", autoattack_attacks=["apgd-ce"], device="cpu",
-                       command="test").save(run / "best" / "results.json")
+                       autoattack_version="custom", autoattack_attacks=["apgd-ce"], device="cpu", command="test",
+                       outcomes_path=Outcomes.beside(run / "best" / "results.json")).save(run / "best" / "results.json")
         check = evaluate_model(str(run / "best"), dataset=str(data), n=16, attacks=["clean", "pgd20"], device="cpu",
                                command="test").save(run / "check.json")
         return EvaluatedRun(run, check, data)
@@ -129,10 +129,12 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
     sha256 = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert f"entry {NAME}: bundle={NAME!r}, sha256={sha256!r}" in out
     assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "recipe.yaml",
-                                                  "results.json", CHECK_RESULTS, "metrics.csv", "curves.png",
-                                                  "run.json", ".eval_results"}
+                                                  "results.json", "results.outcomes.json", CHECK_RESULTS,
+                                                  "metrics.csv", "curves.png", "run.json", ".eval_results"}
     results = Results.load(evaluated.run / "best" / "results.json")
     assert Results.load(folder / "results.json") == results
+    assert Outcomes.load(folder / "results.outcomes.json") == Outcomes.load(Outcomes.beside(evaluated.run / "best" /
+                                                                                            "results.json"))
     assert Results.load(folder / CHECK_RESULTS) == Results.load(evaluated.check)
     assert _card_numbers(folder / "README.md") == _results_numbers(results)  # every card number is the results'
     card = (folder / "README.md").read_text()
@@ -142,6 +144,45 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
     for path in folder.iterdir():
         if path.suffix in (".md", ".json", ".yaml", ".csv"):
             assert str(evaluated.run.parent) not in path.read_text(), path.name
+
+
+def test_twins_cards_compare_them_on_the_same_images(evaluated, table, monkeypatch):
+    """Entries named each other's twin: a card shows, per attack, both accuracies and the paired counts of the two
+    evaluations' outcomes on the same images; without the twin's outcomes it shows no comparison."""
+    twin = "prnt-c10-sglr-cpu-twin"
+    monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, twin=twin))
+    monkeypatch.setitem(ZOO, twin, dataclasses.replace(ENTRY, name=twin, bundle=twin, aliases=(), twin=NAME))
+    cli.main(["export", str(evaluated.run), "--zoo-entry", twin, "--check-results", str(evaluated.check)])
+    assert "Against its twin" not in (zoo.BUNDLED / twin / "README.md").read_text()  # NAME is not bundled yet
+    theirs_path = zoo.BUNDLED / twin / "results.outcomes.json"
+    theirs = Outcomes.load(theirs_path)
+    theirs.correct = {attack: [flag != (i < 3) for i, flag in enumerate(flags)]  # three images flipped
+                      for attack, flags in theirs.correct.items()}
+    theirs.save(theirs_path)
+    cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
+    card = (zoo.BUNDLED / NAME / "README.md").read_text()
+    mine = Outcomes.load(zoo.BUNDLED / NAME / "results.outcomes.json")
+    assert f"`{twin}` is this model's twin" in card and "SGLR (Self-Guided Label Refinement)" in card
+    for attack, label in (("clean", "Clean"), ("pgd5", "PGD-5"), ("autoattack", "AutoAttack")):
+        test = paired_test(mine, theirs, attack)
+        assert test.only_a + test.only_b == 3
+        assert (f"| {label} | {test.accuracy_a:.2f} | {test.accuracy_b:.2f} | {test.only_a} | {test.only_b} | "
+                f"{test.p_value:.2g} |") in card
+    theirs_path.unlink()
+    assert "Against its twin" not in str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
+
+
+def test_outcomes_that_are_not_of_the_results_beside_them_are_refused(evaluated, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated.run, run)
+    path = Outcomes.beside(run / "best" / "results.json")
+    kept = Outcomes.load(path)
+    for change in ({"autoattack": None}, {"pgd5": [not flag for flag in kept.correct["pgd5"]]}):
+        other = dataclasses.replace(kept, correct={**kept.correct, **change})
+        other.correct = {attack: flags for attack, flags in other.correct.items() if flags is not None}
+        other.save(path)
+        with pytest.raises(UserError, match=r"results.outcomes.json: not the per-example outcomes of the results"):
+            source.collect(run)
 
 
 def test_bundled_entry_loads_offline(bundled, evaluated, tmp_path, monkeypatch):
@@ -388,7 +429,7 @@ def test_push_zoo_then_load_prefers_the_hub_copy(bundled, evaluated, hub, hub_cl
         """, hub.url, HF_TOKEN="hf_test_token", OMP_NUM_THREADS="1")
     assert out.rstrip().endswith("OK")
     dry_run, rest = out.split("dry run: nothing uploaded", 1)
-    assert f"would upload {NAME} 10 files to {repo}" in dry_run and CHECK_RESULTS in dry_run and ".eval_results/cifar10.yaml" in dry_run
+    assert f"would upload {NAME} 11 files to {repo}" in dry_run and CHECK_RESULTS in dry_run and ".eval_results/cifar10.yaml" in dry_run
     assert f"model.safetensors sha256: {bundled.sha256}" in dry_run
     assert f"{NAME}: published=True, revision='" in rest and f"repo_id={repo!r}" in rest
     lines = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith(("HUB", "CHANGED", "WARN",
