@@ -29,7 +29,7 @@ from sglr_zoo.zoo import MODEL_CARDS, ZOO
 
 __all__ = ["ARCH_LABELS", "ATTACK_LABELS", "CITATION", "METHODS", "SGLR_PAPER", "THREAT_LABELS", "attack_label",
            "attack_version",
-           "render_card", "run_name", "write_card", "write_zoo_cards"]
+           "render_card", "rewrite_bundled_card", "run_name", "write_card", "write_zoo_cards"]
 
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 ATTACK_LABELS = {name: AttackName.parse(name).label for name in ("pgd20", "cw20", "autoattack")}  # older callers
@@ -100,6 +100,19 @@ def write_card(run_or_folder: str | Path, path: str | Path, *, which: str | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     render_card(collect(run_or_folder, which=which, results=results), repo_id=repo_id, name=name).save(path)
+    return path
+
+
+def rewrite_bundled_card(name: str) -> Path:
+    """Renders the bundled zoo entry `name`'s card again in its folder, from the folder alone (after its twin is
+    bundled, say)."""
+    entry = ZOO.get(name)
+    if entry is None or entry.folder is None or not entry.folder.is_dir():
+        bundled = ", ".join(n for n, e in ZOO.items() if e.bundle is not None) or "none"
+        raise UserError(f"--zoo-entry {name}: not a bundled zoo entry (bundled: {bundled}); to bundle a run, give it: "
+                        f"sglr-zoo export RUN --zoo-entry {name} --check-results FILE")
+    path = entry.folder / "README.md"
+    render_card(collect(entry.folder), repo_id=entry.repo_id, name=name).save(path)
     return path
 
 

@@ -168,7 +168,7 @@ def _push(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from sglr_zoo.bundle import bundle
-    from sglr_zoo.cards import write_zoo_cards
+    from sglr_zoo.cards import rewrite_bundled_card, write_zoo_cards
     from sglr_zoo.export import export_folder
 
     if args.zoo_entry:
@@ -176,7 +176,8 @@ def _export(args: argparse.Namespace) -> None:
             raise UserError("--zoo-entry writes the entry's folder and card for the repo its table entry names; "
                             "drop --zoo-cards and --repo-id")
         if not args.run_or_folder:
-            raise UserError("give the run to bundle: sglr-zoo export RUN --zoo-entry NAME --check-results FILE")
+            print(f"wrote {rewrite_bundled_card(args.zoo_entry)}")
+            return
         made = bundle(args.run_or_folder, args.zoo_entry, check_results=args.check_results, which=args.which,
                       results=args.results, half=args.fp16, out=args.out)
         print(f"wrote {made.folder}:")
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repo-id", help="the Hub repo the card should point to")
     export.add_argument("--zoo-entry", metavar="NAME",
                         help="bundle the run as zoo entry NAME (in the table of sglr_zoo/zoo.py): write "
-                             "sglr_zoo/bundled/<bundle>/ (or --out) and print the sha256 line for the table")
+                             "sglr_zoo/bundled/<bundle>/ (or --out) and print the sha256 line for the table; "
+                             "without a run, render the bundled entry's card again")
     export.add_argument("--check-results", metavar="FILE",
                         help="with --zoo-entry: the evaluator's clean + PGD-20 results on the first 200 test images "
                              "(`sglr-zoo eval RUN/best --n 200 --attacks clean,pgd20 --out FILE`)")

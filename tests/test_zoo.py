@@ -146,30 +146,46 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
             assert str(evaluated.run.parent) not in path.read_text(), path.name
 
 
-def test_twins_cards_compare_them_on_the_same_images(evaluated, table, monkeypatch):
+def test_twins_cards_compare_them_on_the_same_images(evaluated, table, tmp_path, monkeypatch, capsys):
     """Entries named each other's twin: a card shows, per attack, both accuracies and the paired counts of the two
     evaluations' outcomes on the same images; without the twin's outcomes it shows no comparison."""
-    twin = "prnt-c10-sglr-cpu-twin"
+    twin, twin_run = "prnt-c10-sglr-cpu-twin", tmp_path / "twin_run"
+    shutil.copytree(evaluated.run, twin_run)
+    model = load_pretrained(f"local-dir:{twin_run / 'best'}")
+    torch.manual_seed(1)
+    with torch.no_grad():  # other weights: some images change sides
+        for parameter in model.parameters():
+            parameter.add_(0.5 * parameter.std().nan_to_num() * torch.randn_like(parameter))
+    save_pretrained(model, twin_run / "best")
+    results = twin_run / "best" / "results.json"
+    evaluate_model(str(twin_run / "best"), dataset=str(evaluated.data), n=16, attacks=["clean", "pgd5", "autoattack"],
+                   autoattack_version="custom", autoattack_attacks=["apgd-ce"], device="cpu", command="test",
+                   outcomes_path=Outcomes.beside(results)).save(results)
+    check = evaluate_model(str(twin_run / "best"), dataset=str(evaluated.data), n=16, attacks=["clean", "pgd20"],
+                           device="cpu", command="test").save(tmp_path / "twin_check.json")
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, twin=twin))
     monkeypatch.setitem(ZOO, twin, dataclasses.replace(ENTRY, name=twin, bundle=twin, aliases=(), twin=NAME))
-    cli.main(["export", str(evaluated.run), "--zoo-entry", twin, "--check-results", str(evaluated.check)])
+    cli.main(["export", str(twin_run), "--zoo-entry", twin, "--check-results", str(check)])
     assert "Against its twin" not in (zoo.BUNDLED / twin / "README.md").read_text()  # NAME is not bundled yet
-    theirs_path = zoo.BUNDLED / twin / "results.outcomes.json"
-    theirs = Outcomes.load(theirs_path)
-    theirs.correct = {attack: [flag != (i < 3) for i, flag in enumerate(flags)]  # three images flipped
-                      for attack, flags in theirs.correct.items()}
-    theirs.save(theirs_path)
     cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
     card = (zoo.BUNDLED / NAME / "README.md").read_text()
     mine = Outcomes.load(zoo.BUNDLED / NAME / "results.outcomes.json")
+    theirs = Outcomes.load(zoo.BUNDLED / twin / "results.outcomes.json")
     assert f"`{twin}` is this model's twin" in card and "SGLR (Self-Guided Label Refinement)" in card
     for attack, label in (("clean", "Clean"), ("pgd5", "PGD-5"), ("autoattack", "AutoAttack")):
         test = paired_test(mine, theirs, attack)
-        assert test.only_a + test.only_b == 3
         assert (f"| {label} | {test.accuracy_a:.2f} | {test.accuracy_b:.2f} | {test.only_a} | {test.only_b} | "
                 f"{test.p_value:.2g} |") in card
-    theirs_path.unlink()
+    assert paired_test(mine, theirs, "clean").only_a + paired_test(mine, theirs, "clean").only_b > 0
+    cli.main(["export", "--zoo-entry", twin])  # the twin's card again, now that NAME is bundled
+    twin_card = (zoo.BUNDLED / twin / "README.md").read_text()
+    test = paired_test(theirs, mine, "autoattack")
+    assert f"`{NAME}` is this model's twin" in twin_card and f"| {test.only_a} | {test.only_b} |" in twin_card
+    (zoo.BUNDLED / twin / "results.outcomes.json").unlink()
     assert "Against its twin" not in str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--zoo-entry", "no-such-entry"])
+    assert exit_info.value.code == 2 and "not a bundled zoo entry" in capsys.readouterr().err
 
 
 def test_outcomes_that_are_not_of_the_results_beside_them_are_refused(evaluated, tmp_path):
