@@ -20,7 +20,7 @@ import yaml
 from sglr_zoo.attack_names import AttackName
 from sglr_zoo.errors import UserError
 from sglr_zoo.files import TEXT_LIMIT, read_regular
-from sglr_zoo.outcomes import Outcomes, PairedTest, paired_test
+from sglr_zoo.outcomes import Outcomes, paired_test
 from sglr_zoo.results import Results, public_paths, public_text
 from sglr_zoo.rundir import RunDir
 from sglr_zoo.source import ModelSource, collect
@@ -191,18 +191,25 @@ def _card_facts(source: ModelSource, *, model_name: str, dataset_label: str, rep
 
 def _twin_comparison(source: ModelSource, name: str | None) -> dict[str, Any] | None:
     """The zoo entry `name` against its twin (`ZooEntry.twin`), paired on the same images: each attack both ran,
-    from the two evaluations' per-example outcomes. None unless both kept them, on the same images."""
+    from the two evaluations' per-example outcomes; else why not (`missing`). None when the entry has no twin."""
     entry = ZOO.get(name or "")
     twin = ZOO.get(entry.twin) if entry and entry.twin else None
-    if source.outcomes is None or twin is None or not Outcomes.beside(twin.results_path).is_file():
+    if twin is None:
         return None
-    theirs = Outcomes.load(Outcomes.beside(twin.results_path))
-    attacks = [attack for attack in ("clean", *source.results.robust_accuracy) if attack in theirs.correct]
-    try:
-        tests: list[PairedTest] = [paired_test(source.outcomes, theirs, attack) for attack in attacks]
-    except UserError:  # not the same images
-        return None
-    return {"name": twin.name, "method": METHODS[twin.method][0], "tests": tests}
+    comparison: dict[str, Any] = {"name": twin.name, "method": METHODS[twin.method][0], "tests": [], "missing": None}
+    theirs_path = Outcomes.beside(twin.results_path)
+    if source.outcomes is None:
+        comparison["missing"] = "this model's evaluation kept no per-example outcomes (results.outcomes.json)"
+    elif not theirs_path.is_file():
+        comparison["missing"] = f"`{twin.name}` has no per-example outcomes committed yet (not bundled, say)"
+    else:
+        theirs = Outcomes.load(theirs_path)
+        attacks = [attack for attack in ("clean", *source.results.robust_accuracy) if attack in theirs.correct]
+        try:
+            comparison["tests"] = [paired_test(source.outcomes, theirs, attack) for attack in attacks]
+        except UserError:
+            comparison["missing"] = "the two evaluations are not of the same images"
+    return comparison
 
 
 def _backbone_accuracy(backbone: dict[str, Any] | None) -> str | None:

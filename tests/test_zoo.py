@@ -148,7 +148,7 @@ def test_export_zoo_entry_writes_a_self_contained_bundle(evaluated, table, capsy
 
 def test_twins_cards_compare_them_on_the_same_images(evaluated, table, tmp_path, monkeypatch, capsys):
     """Entries named each other's twin: a card shows, per attack, both accuracies and the paired counts of the two
-    evaluations' outcomes on the same images; without the twin's outcomes it shows no comparison."""
+    evaluations' outcomes on the same images; without the twin's outcomes it says why there is no comparison."""
     twin, twin_run = "prnt-c10-sglr-cpu-twin", tmp_path / "twin_run"
     shutil.copytree(evaluated.run, twin_run)
     model = load_pretrained(f"local-dir:{twin_run / 'best'}")
@@ -166,7 +166,9 @@ def test_twins_cards_compare_them_on_the_same_images(evaluated, table, tmp_path,
     monkeypatch.setitem(ZOO, NAME, dataclasses.replace(ENTRY, twin=twin))
     monkeypatch.setitem(ZOO, twin, dataclasses.replace(ENTRY, name=twin, bundle=twin, aliases=(), twin=NAME))
     cli.main(["export", str(twin_run), "--zoo-entry", twin, "--check-results", str(check)])
-    assert "Against its twin" not in (zoo.BUNDLED / twin / "README.md").read_text()  # NAME is not bundled yet
+    assert (f"training steps, trained with SGLR (Self-Guided Label Refinement) on PGD adversarial training. No paired "
+            f"comparison yet: `{NAME}` has no per-example outcomes committed yet") in (
+        zoo.BUNDLED / twin / "README.md").read_text()  # NAME is not bundled yet
     cli.main(["export", str(evaluated.run), "--zoo-entry", NAME, "--check-results", str(evaluated.check)])
     card = (zoo.BUNDLED / NAME / "README.md").read_text()
     mine = Outcomes.load(zoo.BUNDLED / NAME / "results.outcomes.json")
@@ -182,7 +184,8 @@ def test_twins_cards_compare_them_on_the_same_images(evaluated, table, tmp_path,
     test = paired_test(theirs, mine, "autoattack")
     assert f"`{NAME}` is this model's twin" in twin_card and f"| {test.only_a} | {test.only_b} |" in twin_card
     (zoo.BUNDLED / twin / "results.outcomes.json").unlink()
-    assert "Against its twin" not in str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
+    card = str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
+    assert f"No paired comparison yet: `{twin}` has no per-example" in card and "McNemar p |" not in card
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", "--zoo-entry", "no-such-entry"])
     assert exit_info.value.code == 2 and "not a bundled zoo entry" in capsys.readouterr().err
