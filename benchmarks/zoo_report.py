@@ -2,7 +2,9 @@
 
 Every number of ours is read from the bundled entries (`sglr_zoo/bundled/NAME/`): the evaluator's results.json
 (clean, PGD-20, AutoAttack and their n), recipe.yaml (the preset), run.json (the data, the machine) and metrics.csv
-(the training time: the epochs' seconds, monitoring and evaluation excluded). The anchors are the published numbers
+(the training time: the epochs' seconds, monitoring and evaluation excluded). An entry trained on from another zoo
+entry (run.json's `backbone`) counts that entry's training time too, from its run.json (in its bundle, or in
+model_cards/ once it has left the bundle). The anchors are the published numbers
 that the issues compare against, each with its source; their training times are as reported (GPU hours), which is
 why the figure's axis is marked by hardware. Nothing is typed in twice: rerun this after a zoo entry changes.
 
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sglr_zoo.recipe import Recipe, load_recipe  # noqa: E402
-from sglr_zoo.zoo import ZOO  # noqa: E402
+from sglr_zoo.zoo import ZOO, ZooEntry, lookup  # noqa: E402
 
 ARCH_LABELS = {"preactresnet18_cifar": "PreActResNet-18", "preactresnet10_quarter_cifar": "PreActResNet-10 (1/4 width)",
                "preactresnet10_slim_cifar": "PreActResNet-10 (1/2 width)", "resnet18_cifar": "ResNet-18",
@@ -65,7 +67,8 @@ class Row:
     preset: str
     data: str
     machine: str
-    train_hours: float
+    train_hours: float  # every stage's
+    stages: int  # training runs: 2 when trained on from another zoo entry's weights
     gpu: bool
     clean: float
     pgd20: float | None
@@ -99,25 +102,55 @@ def trained_on_gpu(run: dict) -> bool:
     return "cuda" in json.dumps(run.get("speed", {}))
 
 
+def machine(run: dict) -> str:
+    """The machine a run.json names (its CPU's threads too), or which kind it was when it names none."""
+    gpu = trained_on_gpu(run)
+    name = run.get("machine") or ("a GPU, not recorded (see its card)" if gpu else "a CPU, not recorded")
+    threads = run.get("speed", {}).get("threads", {}).get("value")
+    return name + (f"; {threads} thread{'s' * (threads > 1)}" if threads and not gpu else "")
+
+
+def stages(entry: ZooEntry) -> list[tuple[ZooEntry, dict]]:
+    """The training runs that made `entry`'s weights, first stage first, each with its run.json: a run that trained
+    on from a zoo entry's weights (run.json's `backbone`, the same sha256) follows that entry's own stages."""
+    path = entry.record("run.json")
+    if not path.is_file():
+        raise SystemExit(f"{entry.name}: no {path}: a zoo entry that another trained on from keeps its run.json "
+                         f"(copy it from its last bundle, {entry.last_bundled})")
+    run = json.loads(path.read_text())
+    backbone = run.get("backbone") or {}
+    earlier = lookup(backbone.get("name") or "")
+    if earlier is not None and earlier.sha256 == backbone.get("sha256"):
+        return [*stages(earlier), (entry, run)]
+    return [(entry, run)]
+
+
+def training_seconds(entry: ZooEntry, run: dict) -> float:
+    """One stage's training time: run.json's `train_seconds`, else the sum of metrics.csv's epoch seconds."""
+    if run.get("train_seconds"):
+        return run["train_seconds"]
+    with open(entry.record("metrics.csv"), newline="") as file:
+        return sum(float(row["epoch_s"]) for row in csv.DictReader(file))
+
+
 def zoo_rows() -> list[Row]:
-    """The bundled entries, each read from its own files."""
+    """The bundled entries, each read from its own files (and those of the entries it trained on from)."""
     rows = []
     for entry in ZOO.values():
         if entry.folder is None:
             continue
-        folder, results = entry.folder, entry.results
-        recipe, run = load_recipe(folder / "recipe.yaml"), json.loads((folder / "run.json").read_text())
-        with open(folder / "metrics.csv", newline="") as file:
-            history = list(csv.DictReader(file))
-        seconds = run.get("train_seconds") or sum(float(row["epoch_s"]) for row in history)
-        gpu = trained_on_gpu(run)
-        machine = run.get("machine") or ("a GPU, not recorded (see its card)" if gpu else "a CPU, not recorded")
-        threads = run.get("speed", {}).get("threads", {}).get("value")
-        if threads and not gpu:
-            machine += f"; {threads} thread{'s' * (threads > 1)}"
-        rows.append(Row(entry.name, ARCH_LABELS.get(entry.arch, entry.arch), METHOD_LABELS[entry.method],
-                        preset(recipe, int(history[-1]["epoch"])), f"{run['num_examples_train']:,} train images",
-                        machine, seconds / 3600, gpu, results.clean_accuracy, results.robust_accuracy.get("pgd20"),
+        runs = stages(entry)
+        run, results = runs[-1][1], entry.results
+        with open(entry.folder / "metrics.csv", newline="") as file:
+            epochs = int(list(csv.DictReader(file))[-1]["epoch"])
+        levers = preset(load_recipe(entry.folder / "recipe.yaml"), epochs)
+        if len(runs) > 1:
+            levers += f"; trained on from `{runs[-2][0].name}`"
+        rows.append(Row(entry.name, ARCH_LABELS.get(entry.arch, entry.arch), METHOD_LABELS[entry.method], levers,
+                        f"{run['num_examples_train']:,} train images",
+                        " then ".join(dict.fromkeys(machine(stage_run) for _, stage_run in runs)),
+                        sum(training_seconds(stage, stage_run) for stage, stage_run in runs) / 3600, len(runs),
+                        trained_on_gpu(run), results.clean_accuracy, results.robust_accuracy.get("pgd20"),
                         results.robust_accuracy.get("autoattack"), results.n_examples))
     return sorted(rows, key=lambda row: -(row.autoattack or 0))
 
@@ -131,8 +164,8 @@ def table(rows: list[Row]) -> str:
     lines = ["| name | architecture | method | preset | data | training time, machine | clean % | PGD-20 % | "
              "AutoAttack % | n |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| `{row.name}` | {row.arch} | {row.method} | {row.preset} | {row.data} | "
-                     f"{row.train_hours * 60:.0f} min, {row.machine} | {_cell(row.clean)} | {_cell(row.pgd20)} | "
+        time = f"{row.train_hours * 60:.0f} min" + (f" in {row.stages} stages" if row.stages > 1 else "")
+        lines.append(f"| `{row.name}` | {row.arch} | {row.method} | {row.preset} | {row.data} | {time}, {row.machine} | {_cell(row.clean)} | {_cell(row.pgd20)} | "
                      f"**{_cell(row.autoattack)}** | {row.n} |")
     for anchor in ANCHORS:
         hours = "not reported" if anchor.gpu_hours is None else f"{anchor.gpu_hours:g} GPU h"

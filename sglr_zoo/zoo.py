@@ -90,10 +90,15 @@ class ZooEntry:
         """The bundled export folder (`sglr_zoo/bundled/<bundle>`), or None when the entry is not bundled."""
         return BUNDLED / self.bundle if self.bundle else None
 
+    def record(self, name: str) -> Path:
+        """Where one of the entry's committed records (`results.json`, `run.json`, ...) is: in its bundle, else
+        `model_cards/<entry name>.<name>` (where a retired entry's records stay)."""
+        return self.folder / name if self.folder else MODEL_CARDS / f"{self.name}.{name}"
+
     @property
     def results_path(self) -> Path:
         """Where the evaluator's results for these weights are committed: the bundle's, else model_cards/."""
-        return ModelFolder(self.folder).results if self.folder else MODEL_CARDS / f"{self.name}.results.json"
+        return self.record(RESULTS_NAME)
 
     @property
     def results(self) -> Results | None:

@@ -46,3 +46,28 @@ def test_the_preset_names_the_training_attack_and_levers(zoo_report):
     assert zoo_report.preset(long_cpu, 12) == "N-FGSM, weight averaging 0.998, onecycle 12 ep"
     quickstart.attack.noise, quickstart.attack.project, quickstart.attack.step_size = 1, True, 10 / 255
     assert zoo_report.training_attack(quickstart) == "FGSM-RS"
+
+
+def test_an_entry_trained_on_from_another_counts_both_stages(zoo_report, tmp_path, monkeypatch):
+    """A second stage's row (run.json's `backbone` names a zoo entry) counts the first stage's training time, read
+    from its record in model_cards/ once it has left the bundle; other weights of that name start no stage."""
+    import json
+
+    from sglr_zoo import zoo
+
+    monkeypatch.setattr(zoo, "MODEL_CARDS", tmp_path)
+    first, second = (zoo.ZooEntry(name, "preactresnet18_cifar", f"org/{name}", "sglr", "recipes/r.yaml",
+                                  sha256=digit * 64) for name, digit in (("first", "a"), ("second", "b")))
+    for entry in (first, second):
+        monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    (tmp_path / "second.run.json").write_text(json.dumps({"train_seconds": 50.0,
+                                                          "backbone": {"name": "first", "sha256": "a" * 64}}))
+    with pytest.raises(SystemExit, match="first: no .*first.run.json"):
+        zoo_report.stages(second)
+    (tmp_path / "first.run.json").write_text(json.dumps({"train_seconds": 100.0}))
+    runs = zoo_report.stages(second)
+    assert [entry.name for entry, _ in runs] == ["first", "second"]
+    assert sum(zoo_report.training_seconds(entry, run) for entry, run in runs) == 150.0
+    (tmp_path / "second.run.json").write_text(json.dumps({"train_seconds": 50.0,
+                                                          "backbone": {"name": "first", "sha256": "c" * 64}}))
+    assert [entry.name for entry, _ in zoo_report.stages(second)] == ["second"]
