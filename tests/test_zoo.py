@@ -186,6 +186,11 @@ def test_twins_cards_compare_them_on_the_same_images(evaluated, table, tmp_path,
     (zoo.BUNDLED / twin / "results.outcomes.json").unlink()
     card = str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
     assert f"No paired comparison yet: `{twin}` has no per-example" in card and "McNemar p |" not in card
+    evaluate_model(str(twin_run / "best"), dataset=str(evaluated.data), n=8, attacks=["clean"], device="cpu",
+                   command="test", outcomes_path=zoo.BUNDLED / twin / "results.outcomes.json")  # other images
+    card = str(cards.render_card(source.collect(zoo.BUNDLED / NAME), name=NAME))
+    assert "No paired comparison yet: the two evaluations are not of the same images" in card
+    assert "McNemar p |" not in card
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", "--zoo-entry", "no-such-entry"])
     assert exit_info.value.code == 2 and "not a bundled zoo entry" in capsys.readouterr().err
