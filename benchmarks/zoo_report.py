@@ -165,8 +165,8 @@ def table(rows: list[Row]) -> str:
              "AutoAttack % | n |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         time = f"{row.train_hours * 60:.0f} min" + (f" in {row.stages} stages" if row.stages > 1 else "")
-        lines.append(f"| `{row.name}` | {row.arch} | {row.method} | {row.preset} | {row.data} | {time}, {row.machine} | {_cell(row.clean)} | {_cell(row.pgd20)} | "
-                     f"**{_cell(row.autoattack)}** | {row.n} |")
+        lines.append(f"| `{row.name}` | {row.arch} | {row.method} | {row.preset} | {row.data} | {time}, {row.machine} "
+                     f"| {_cell(row.clean)} | {_cell(row.pgd20)} | **{_cell(row.autoattack)}** | {row.n} |")
     for anchor in ANCHORS:
         hours = "not reported" if anchor.gpu_hours is None else f"{anchor.gpu_hours:g} GPU h"
         lines.append(f"| *{anchor.name}* | {anchor.arch} | | | CIFAR-10 train | {hours} | {_cell(anchor.clean)} "
